@@ -1,0 +1,33 @@
+"""tfpool's producer side: the wire format, the Redis protocol and the clients.
+
+Never imports TensorFlow: a producer installs ``tfpool`` without the ``worker`` extra.
+"""
+
+from queueing.client import Client, RequestFuture
+from queueing.errors import (
+    DeadLettered,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelError,
+    ProtocolError,
+    QueueFull,
+    RequestError,
+    RequestTimeout,
+    TfpoolError,
+    UnknownModel,
+)
+
+__all__ = [
+    "Client",
+    "DeadLettered",
+    "DeadlineExceeded",
+    "InvalidInput",
+    "ModelError",
+    "ProtocolError",
+    "QueueFull",
+    "RequestError",
+    "RequestFuture",
+    "RequestTimeout",
+    "TfpoolError",
+    "UnknownModel",
+]

@@ -1,0 +1,334 @@
+"""The producer side: submit requests, get results back by request id.
+
+One :class:`Client` per producer process (it is thread-safe). It owns one reply list in
+Redis and one background thread that reads it and resolves futures by request id. A result
+that arrives twice (a worker died between posting it and acking its request) finds no
+future the second time and is dropped: at-least-once delivery, exactly-once results.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, cast
+
+import redis
+
+from queueing import keys, wire
+from queueing.errors import (
+    QueueFull,
+    RequestError,
+    RequestTimeout,
+    UnknownModel,
+)
+from queueing.scripts import ENQUEUE
+from queueing.wire import Inputs, Outputs
+
+log = logging.getLogger(__name__)
+
+#: Where to find Redis when no URL is given and ``TFPOOL_REDIS_URL`` is not set.
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+#: How long a reply list (and a kept result, unless told otherwise) outlives its last write.
+DEFAULT_RESULT_TTL_S = 3600
+
+#: Requests per Lua call in :meth:`Client.submit_many`: bounds how long one call holds Redis.
+_ENQUEUE_CHUNK = 512
+
+#: The reply reader's BLPOP timeout; its socket timeout is longer, as every blocking call's is.
+_READ_BLOCK_S = 1.0
+
+
+class RequestFuture(Future):  # type: ignore[type-arg]
+    """A :class:`concurrent.futures.Future` for one request; ``request_id`` names it."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__()
+        self.request_id = request_id
+
+
+def resolve_redis_url(redis_url: str | None) -> str:
+    """The URL given, else ``TFPOOL_REDIS_URL``, else :data:`DEFAULT_REDIS_URL`."""
+    return redis_url or os.environ.get("TFPOOL_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+class Client:
+    """A producer's connection to the pool.
+
+    ``Client(redis_url)`` connects lazily; create it in the process that uses it (after any
+    fork). Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+        socket_timeout_s: float = 10.0,
+    ) -> None:
+        if result_ttl_s < 1:
+            raise ValueError(f"result_ttl_s must be >= 1, got {result_ttl_s}")
+        self.redis_url = resolve_redis_url(redis_url)
+        self.result_ttl_s = result_ttl_s
+        self.client_id = uuid.uuid4().hex
+        self.reply_key = keys.reply_list(self.client_id)
+        self.duplicates_ignored = 0
+        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
+        # The reader blocks; it gets its own connection, with a timeout beyond its BLOCK.
+        self._reader_redis = redis.Redis.from_url(
+            self.redis_url, socket_timeout=_READ_BLOCK_S + socket_timeout_s
+        )
+        self._enqueue = self._redis.register_script(ENQUEUE)
+        self._pending: dict[str, RequestFuture] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._id_prefix = self.client_id[:12]
+        self._pid = os.getpid()
+        self._reader: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # --- public API ---------------------------------------------------------------------
+
+    def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        timeout: float = 30.0,
+        deadline: float | None = None,
+    ) -> Outputs:
+        """Run ``inputs`` through ``model`` and return its output (a dict for several).
+
+        ``inputs`` is an array or a dict of named arrays, with or without a leading batch
+        dimension. ``deadline`` (seconds from now): if the request has not started by then,
+        it fails with :class:`DeadlineExceeded` and is never run. ``timeout``: how long to
+        wait here before :class:`RequestTimeout`.
+        """
+        future = self.submit(model, inputs, deadline=deadline)
+        return self.wait(future, timeout=timeout)
+
+    def submit(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        deadline: float | None = None,
+        keep: bool = False,
+        keep_ttl_s: int | None = None,
+    ) -> RequestFuture:
+        """Queue one request; return its future at once.
+
+        ``keep=True`` also keeps the result in Redis under ``future.request_id`` for
+        ``keep_ttl_s`` (default: the client's ``result_ttl_s``), so that any process can
+        fetch it with :meth:`result`. Raises :class:`QueueFull` or :class:`UnknownModel` now
+        rather than through the future.
+        """
+        (future,) = self.submit_many(
+            model, [inputs], deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
+        )
+        if future.done() and future.exception() is not None:
+            self._forget(future.request_id)
+            raise future.exception()  # type: ignore[misc]
+        return future
+
+    def submit_many(
+        self,
+        model: str,
+        inputs: Iterable[Inputs],
+        *,
+        deadline: float | None = None,
+        keep: bool = False,
+        keep_ttl_s: int | None = None,
+    ) -> list[RequestFuture]:
+        """Queue many requests in one round trip; return their futures in order.
+
+        A request the queue had no room for gets a future that fails with
+        :class:`QueueFull`; the others are queued.
+        """
+        self._check_usable()
+        deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
+        keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
+        bodies = [
+            wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
+            for item in inputs
+        ]
+        futures = [RequestFuture(self._new_id()) for _ in bodies]
+        with self._lock:
+            for future in futures:
+                self._pending[future.request_id] = future
+        self._ensure_reader()
+        try:
+            self._enqueue_all(model, futures, bodies)
+        except BaseException:
+            for future in futures:
+                self._forget(future.request_id)
+            raise
+        return futures
+
+    def result(self, request_id: str, *, timeout: float = 30.0) -> Outputs:
+        """The kept result of ``request_id`` (see ``submit(..., keep=True)``), waiting up
+        to ``timeout`` seconds for it. Any process may call this, any number of times."""
+        key = keys.kept_result(request_id)
+        give_up = time.monotonic() + timeout
+        while True:
+            left = give_up - time.monotonic()
+            # BLMOVE from a list to itself waits for the element without removing it.
+            # Redis takes fractional seconds; redis-py's stubs say int.
+            wait_s: Any = min(max(left, 0.01), 5.0)
+            data = self._redis.blmove(key, key, wait_s, "LEFT", "LEFT")
+            if data is not None:
+                return self._unwrap(wire.decode_result(cast(bytes, data)))
+            if time.monotonic() >= give_up:
+                raise RequestTimeout(
+                    f"no result for request {request_id} within {timeout:g}s",
+                    request_id=request_id,
+                )
+
+    def wait(self, future: RequestFuture, *, timeout: float = 30.0) -> Outputs:
+        """The outputs of ``future``, or its error; :class:`RequestTimeout` after ``timeout``
+        seconds (the request is then forgotten: a late result is dropped)."""
+        try:
+            outputs: Outputs = future.result(timeout=timeout)
+        except FutureTimeout:
+            self._forget(future.request_id)
+            raise RequestTimeout(
+                f"no result for request {future.request_id} within {timeout:g}s",
+                request_id=future.request_id,
+            ) from None
+        return outputs
+
+    @property
+    def pending(self) -> int:
+        """How many requests this client is still waiting for."""
+        with self._lock:
+            return len(self._pending)
+
+    def close(self) -> None:
+        """Stop the reply reader and close connections. Pending futures fail."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._reader is not None:
+            try:  # wake the reader from its BLPOP now rather than at its timeout
+                self._redis.rpush(self.reply_key, b"")
+                self._redis.expire(self.reply_key, 60)
+            except redis.RedisError:
+                pass
+            self._reader.join(timeout=_READ_BLOCK_S + 5)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(RequestError("client closed", request_id=future.request_id))
+        self._redis.close()
+        self._reader_redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
+
+    def _check_usable(self) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("client is closed")
+        if os.getpid() != self._pid:
+            # A forked child would share the parent's reply list and steal its results.
+            raise RuntimeError("a Client cannot be used across fork; create one per process")
+
+    def _enqueue_all(
+        self, model: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
+    ) -> None:
+        stream, info = keys.stream(model), keys.model_info(model)
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(bodies), _ENQUEUE_CHUNK):
+            args: list[Any] = []
+            for future, body in zip(
+                futures[start : start + _ENQUEUE_CHUNK],
+                bodies[start : start + _ENQUEUE_CHUNK],
+                strict=True,
+            ):
+                args += [future.request_id, self.reply_key, body]
+            self._enqueue(keys=[stream, info], args=args, client=pipe)
+        try:
+            replies = pipe.execute()
+        except redis.ResponseError as e:
+            if "UNKNOWN_MODEL" in str(e):
+                raise UnknownModel(f"no pool serves model {model!r} on this Redis") from e
+            raise
+        entry_ids = [entry for chunk in replies for entry in chunk]
+        for future, entry_id in zip(futures, entry_ids, strict=True):
+            if entry_id == 0:
+                self._forget(future.request_id)
+                future.set_exception(
+                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
+                )
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is not None:
+            return
+        with self._lock:
+            if self._reader is None:
+                self._reader = threading.Thread(
+                    target=self._read_replies, name=f"tfpool-replies-{self._id_prefix}", daemon=True
+                )
+                self._reader.start()
+
+    def _read_replies(self) -> None:
+        backoff = 0.05
+        while not self._closed.is_set():
+            try:
+                item = self._reader_redis.blpop([self.reply_key], timeout=_READ_BLOCK_S)
+                if item is None:
+                    continue
+                batch: list[bytes] = [cast(bytes, item[1])]
+                more = cast("list[bytes] | None", self._reader_redis.lpop(self.reply_key, 1024))
+                if more:
+                    batch.extend(more)
+                backoff = 0.05
+            except redis.RedisError as e:
+                log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            for data in batch:
+                if data:  # b"" is close()'s wake-up call
+                    self._resolve(data)
+
+    def _resolve(self, data: bytes) -> None:
+        try:
+            result = wire.decode_result(data)
+        except Exception:
+            log.exception("dropping a result that cannot be decoded")
+            return
+        with self._lock:
+            future = self._pending.pop(result.request_id, None)
+        if future is None:
+            self.duplicates_ignored += 1  # a repeat after a worker crash, or a timed-out one
+            return
+        if result.error is not None:
+            future.set_exception(result.error)
+        else:
+            future.set_result(result.outputs)
+
+    @staticmethod
+    def _unwrap(result: wire.Result) -> Outputs:
+        if result.error is not None:
+            raise result.error
+        assert result.outputs is not None
+        return result.outputs

@@ -1,0 +1,56 @@
+"""Every Redis key tfpool uses, in one place.
+
+A model's keys share the hash tag ``{model}`` so that in Redis Cluster they live in one slot
+and multi-key Lua scripts (admission control) stay legal.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tfpool"
+
+#: The consumer group every worker of every host joins.
+GROUP = "workers"
+
+#: Stream entry fields. ``id`` and ``reply`` sit outside the msgpack body so that a request
+#: whose body is garbage can still be answered with an error.
+FIELD_ID = b"id"
+FIELD_REPLY = b"reply"
+FIELD_BODY = b"body"
+
+
+def stream(model: str) -> str:
+    """The request stream of ``model``."""
+    return f"{PREFIX}:{{{model}}}:q"
+
+
+def model_info(model: str) -> str:
+    """Hash written by the workers of ``model``: queue cap, input spec. Its existence says
+    that a pool has served this model on this Redis."""
+    return f"{PREFIX}:{{{model}}}:info"
+
+
+def dead_letters(model: str) -> str:
+    """Stream of requests set aside: unreadable, or delivered too many times."""
+    return f"{PREFIX}:{{{model}}}:dead"
+
+
+def kept_result(request_id: str) -> str:
+    """A result kept for fetching by id (``submit(..., keep=True)``): a one-element list."""
+    return f"{PREFIX}:result:{request_id}"
+
+
+def reply_list(client_id: str) -> str:
+    """The list a producer process reads its results from."""
+    return f"{PREFIX}:reply:{client_id}"
+
+
+def worker_heartbeat(worker_id: str) -> str:
+    """A worker's heartbeat (a hash with a TTL)."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+#: Set of the names of every model a pool has served on this Redis.
+MODELS = f"{PREFIX}:models"
+
+#: Pattern matching every heartbeat key (for SCAN).
+WORKER_PATTERN = f"{PREFIX}:worker:*"

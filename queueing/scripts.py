@@ -1,0 +1,35 @@
+"""Lua scripts: the steps that must be atomic on the Redis side.
+
+Admission control lives here: reading the queue length and appending must be one step, or
+two producers could both see room for one more entry.
+"""
+
+from __future__ import annotations
+
+#: Append requests to a model's stream unless the queue is at its cap.
+#:
+#: KEYS[1] the model's stream, KEYS[2] the model's info hash (written by its workers).
+#: ARGV    triples: request id, reply list, body.
+#: Returns one item per request: its stream entry id, or 0 when the queue was full.
+#: Fails with ``UNKNOWN_MODEL`` when no pool has ever served the model on this Redis:
+#: a typo in a model name should be an error now, not a request that waits forever.
+#: Not ``XADD MAXLEN``: trimming would delete entries that were read but not yet acked.
+ENQUEUE = """
+local cap = redis.call('HGET', KEYS[2], 'max_queue')
+if not cap then
+  return redis.error_reply('UNKNOWN_MODEL')
+end
+cap = tonumber(cap)
+local length = redis.call('XLEN', KEYS[1])
+local ids = {}
+for i = 1, #ARGV, 3 do
+  if cap > 0 and length >= cap then
+    ids[#ids + 1] = 0
+  else
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*',
+      'id', ARGV[i], 'reply', ARGV[i + 1], 'body', ARGV[i + 2])
+    length = length + 1
+  end
+end
+return ids
+"""

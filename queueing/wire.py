@@ -1,0 +1,276 @@
+"""The wire format: msgpack in, msgpack out, numpy arrays without copies. No I/O here.
+
+A request is a stream entry with three fields: ``id``, ``reply`` (the producer's reply
+list, may be empty) and ``body``, a msgpack map::
+
+    {"v": 1, "model": str, "inputs": ARRAY | {name: ARRAY}, "deadline_ms": int | None,
+     "keep_s": int}
+
+A result, pushed to the reply list (and kept under the id when asked), is a msgpack map::
+
+    {"v": 1, "id": str, "outputs": ARRAY | {name: ARRAY}}      on success
+    {"v": 1, "id": str, "error": [kind, message]}              on failure
+
+An ARRAY is ``[dtype, shape, data]``: a dtype name from :data:`ALLOWED_DTYPES`, a list of
+dimensions, and the raw little-endian C-order bytes.
+
+Nothing here unpickles, evaluates or looks up anything by a name the sender chose beyond
+the dtype allow-list: whoever can write to Redis can submit work, nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from queueing.errors import InvalidInput, ProtocolError, RequestError, error_from_wire
+
+PROTOCOL_VERSION = 1
+
+#: dtypes accepted on the wire. No object, void, string or datetime dtypes: they either
+#: carry pointers or have no fixed item size.
+ALLOWED_DTYPES: frozenset[str] = frozenset(
+    [
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    ]
+)
+
+Inputs = np.ndarray | dict[str, np.ndarray]
+Outputs = np.ndarray | dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Bounds on what a worker will decode. Every one is configurable; defaults are safe."""
+
+    max_payload_bytes: int = 64 * 2**20
+    max_rank: int = 8
+    max_elements: int = 2**26
+    max_inputs: int = 64
+    max_name_length: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_payload_bytes", "max_rank", "max_elements", "max_inputs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBody:
+    """A decoded, structurally valid request body (not yet checked against a model)."""
+
+    model: str
+    inputs: Inputs
+    deadline_ms: int | None
+    keep_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A decoded result: ``outputs`` on success, else ``error``."""
+
+    request_id: str
+    outputs: Outputs | None
+    error: RequestError | None
+
+
+# --- arrays -----------------------------------------------------------------------------
+
+
+def encode_array(array: np.ndarray) -> list[Any]:
+    """``[dtype, shape, data]`` for msgpack; the data is a view of the array, not a copy
+    (unless the array is not C-contiguous little-endian, when one copy makes it so)."""
+    if array.dtype.name not in ALLOWED_DTYPES:
+        raise InvalidInput(f"dtype {array.dtype} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+        array = array.copy(order="C")
+    return [array.dtype.name, list(array.shape), array.data]
+
+
+def decode_array(obj: object, limits: Limits, where: str) -> np.ndarray:
+    """The array that ``obj`` (``[dtype, shape, data]``) describes, as a read-only view of
+    ``data``. Raises :class:`InvalidInput` saying what is wrong and where."""
+    if not isinstance(obj, (list, tuple)) or len(obj) != 3:
+        raise InvalidInput(f"{where}: expected [dtype, shape, data], got {_describe(obj)}")
+    dtype_name, shape, data = obj
+    if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
+        raise InvalidInput(f"{where}: dtype {dtype_name!r} is not allowed")
+    if not isinstance(shape, (list, tuple)):
+        raise InvalidInput(f"{where}: shape must be a list, got {_describe(shape)}")
+    if len(shape) > limits.max_rank:
+        raise InvalidInput(f"{where}: rank {len(shape)} is over the limit {limits.max_rank}")
+    for dim in shape:
+        # bool is an int subclass; a shape of [True] is a bug on the sender's side.
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise InvalidInput(f"{where}: shape {list(shape)} must be non-negative integers")
+    elements = math.prod(shape)
+    if elements > limits.max_elements:
+        raise InvalidInput(f"{where}: {elements} elements is over the limit {limits.max_elements}")
+    if not isinstance(data, bytes):
+        raise InvalidInput(f"{where}: data must be bytes, got {_describe(data)}")
+    dtype = np.dtype(dtype_name)
+    if elements * dtype.itemsize != len(data):
+        raise InvalidInput(
+            f"{where}: {dtype_name} {list(shape)} needs {elements * dtype.itemsize} bytes,"
+            f" got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _encode_arrays(value: Inputs) -> Any:
+    if isinstance(value, Mapping):
+        return {str(name): encode_array(np.asarray(a)) for name, a in value.items()}
+    return encode_array(np.asarray(value))
+
+
+def _decode_arrays(obj: object, limits: Limits, what: str) -> Inputs:
+    if isinstance(obj, dict):
+        if not obj:
+            raise InvalidInput(f"{what}: no arrays given")
+        if len(obj) > limits.max_inputs:
+            raise InvalidInput(f"{what}: {len(obj)} arrays is over the limit {limits.max_inputs}")
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in obj.items():
+            if not isinstance(name, str) or len(name) > limits.max_name_length:
+                raise InvalidInput(f"{what}: array names must be short strings")
+            arrays[name] = decode_array(value, limits, f"{what[:-1]} {name!r}")
+        return arrays
+    return decode_array(obj, limits, what)
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+def encode_request_body(
+    model: str, inputs: Inputs, *, deadline_ms: int | None = None, keep_s: int = 0
+) -> bytes:
+    """The msgpack body of a request for ``model``."""
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {
+            "v": PROTOCOL_VERSION,
+            "model": model,
+            "inputs": _encode_arrays(inputs),
+            "deadline_ms": deadline_ms,
+            "keep_s": keep_s,
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> RequestBody:
+    """Decode and structurally validate a request body. Raises :class:`InvalidInput`."""
+    if not isinstance(body, bytes):
+        raise InvalidInput("request has no body")
+    if len(body) > limits.max_payload_bytes:
+        raise InvalidInput(
+            f"request body of {len(body)} bytes is over the limit {limits.max_payload_bytes}"
+        )
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_bin_len=limits.max_payload_bytes,
+            max_str_len=limits.max_payload_bytes,
+            max_array_len=max(limits.max_rank, 16),
+            max_map_len=max(limits.max_inputs, 16),
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise InvalidInput(f"request body is not valid msgpack: {e}") from e
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"request body must be a map, got {_describe(obj)}")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise InvalidInput(f"protocol version {version!r} is not supported (need 1)")
+    model = obj.get("model")
+    if not isinstance(model, str):
+        raise InvalidInput(f"model must be a string, got {_describe(model)}")
+    deadline_ms = obj.get("deadline_ms")
+    if deadline_ms is not None and (not _is_int(deadline_ms) or deadline_ms < 0):
+        raise InvalidInput(f"deadline_ms must be a non-negative integer, got {deadline_ms!r}")
+    keep_s = obj.get("keep_s", 0)
+    if not _is_int(keep_s) or keep_s < 0:
+        raise InvalidInput(f"keep_s must be a non-negative integer, got {keep_s!r}")
+    if "inputs" not in obj:
+        raise InvalidInput("request has no inputs")
+    inputs = _decode_arrays(obj["inputs"], limits, "inputs")
+    return RequestBody(model=model, inputs=inputs, deadline_ms=deadline_ms, keep_s=keep_s)
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+def encode_result(request_id: str, outputs: Outputs) -> bytes:
+    """A success result; the output arrays are packed from their buffers."""
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {"v": PROTOCOL_VERSION, "id": request_id, "outputs": _encode_arrays(outputs)},
+        use_bin_type=True,
+    )
+
+
+def encode_error(request_id: str, error: RequestError) -> bytes:
+    """A failure result naming the error class and its message."""
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {"v": PROTOCOL_VERSION, "id": request_id, "error": [type(error).__name__, str(error)]},
+        use_bin_type=True,
+    )
+
+
+def decode_result(data: bytes) -> Result:
+    """Decode a result. Raises :class:`ProtocolError` if it is not one."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, use_list=False)
+    except Exception as e:
+        raise ProtocolError(f"result is not valid msgpack: {e}") from e
+    if not isinstance(obj, dict) or obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("result is not a version 1 map")
+    request_id = obj.get("id")
+    if not isinstance(request_id, str):
+        raise ProtocolError("result has no id")
+    if "error" in obj:
+        kind, message = obj["error"]
+        return Result(request_id, None, error_from_wire(kind, message, request_id))
+    try:
+        outputs = _decode_arrays(obj.get("outputs"), _TRUSTED, "outputs")
+    except InvalidInput as e:
+        raise ProtocolError(f"result {request_id}: {e}") from e
+    return Result(request_id, outputs, None)
+
+
+# Results come from our own workers; the limits only keep a corrupt one from doing harm.
+_TRUSTED = Limits(max_payload_bytes=2**31, max_elements=2**31, max_rank=32)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (bytes, str)):
+        return f"{type(value).__name__} of length {len(value)}"
+    return type(value).__name__

@@ -1,0 +1,78 @@
+"""Small real models the integration tests build, and their own outputs to compare with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def build_keras_two_in_two_out(directory: Path) -> tuple[str, str]:
+    """A Keras functional model: inputs a [*, 4] and b [*, 3]; outputs y [*, 2] and
+    z [*, 1]. Saved as .keras and .h5; returns both paths."""
+    keras.utils.set_random_seed(7)
+    a = keras.Input((4,), name="a")
+    b = keras.Input((3,), name="b")
+    joined = keras.layers.Concatenate()([a, b])
+    hidden = keras.layers.Dense(8, activation="tanh")(joined)
+    y = keras.layers.Dense(2, name="y")(hidden)
+    z = keras.layers.Dense(1, name="z")(hidden)
+    model = keras.Model({"a": a, "b": b}, {"y": y, "z": z})
+    keras_path, h5_path = str(directory / "twin.keras"), str(directory / "twin.h5")
+    model.save(keras_path)
+    model.save(h5_path)
+    return keras_path, h5_path
+
+
+def build_keras_mlp(directory: Path) -> str:
+    """Dense 8 -> 16 -> 3, one input x, one output."""
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8,), name="x")
+    hidden = keras.layers.Dense(16, activation="relu")(x)
+    out = keras.layers.Dense(3)(hidden)
+    path = str(directory / "mlp.keras")
+    keras.Model(x, out).save(path)
+    return path
+
+
+class _Ragged(tf.Module):
+    """Inputs a [*, None] float32 (any width) and b [*, 3] float32; outputs
+    total = sum(a, axis 1) + sum(b, axis 1)  [*, 1] and scaled = 2 * b  [*, 3]."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.float32, name="a"),
+            tf.TensorSpec([None, 3], tf.float32, name="b"),
+        ]
+    )
+    def serve(self, a: tf.Tensor, b: tf.Tensor) -> dict[str, tf.Tensor]:
+        total = tf.reduce_sum(a, axis=1, keepdims=True) + tf.reduce_sum(b, axis=1, keepdims=True)
+        return {"total": total, "scaled": 2.0 * b}
+
+
+def build_saved_model(directory: Path) -> str:
+    """A SavedModel with two inputs (one of free width) and two outputs, signature
+    ``serving_default`` and the same under ``other``."""
+    module = _Ragged()
+    path = str(directory / "ragged")
+    tf.saved_model.save(
+        module, path, signatures={"serving_default": module.serve, "other": module.serve}
+    )
+    return path
+
+
+def ragged_outputs(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """What the SavedModel computes, in numpy."""
+    total = a.sum(axis=-1, keepdims=True) + b.sum(axis=-1, keepdims=True)
+    return {"total": total, "scaled": 2.0 * b}
+
+
+def keras_outputs(path: str, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+    """The model's own outputs, from Keras in this process."""
+    model = keras.models.load_model(path, compile=False)
+    out = model.predict_on_batch(inputs)
+    if isinstance(out, dict):
+        return {k: np.asarray(v) for k, v in out.items()}
+    return {model.output_names[0]: np.asarray(out)}

@@ -1,0 +1,79 @@
+"""Configuration: TOML, then environment, then command line; validated when built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.config import PoolConfig
+from workers.errors import ConfigError
+from workers.placement import Slot, default_cpu_workers, plan
+
+
+def test_layers_override_in_order(tmp_path: Path) -> None:
+    toml = tmp_path / "pool.toml"
+    toml.write_text(
+        '[pool]\nmodel = "/m/resnet.keras"\nmax_batch_size = 16\nmax_latency_ms = 3\n'
+        'devices = ["0", "1"]\n'
+    )
+    env = {"TFPOOL_MAX_BATCH_SIZE": "24", "TFPOOL_BUCKETS": "1,8,24", "TFPOOL_UNRELATED": "x"}
+    config = PoolConfig.load(
+        config_file=str(toml), env=env, overrides={"max_latency_ms": 7.5, "workers": None}
+    )
+    assert config.name == "resnet"
+    assert config.max_batch_size == 24
+    assert config.buckets == [1, 8, 24]
+    assert config.max_latency_ms == 7.5
+    assert config.devices == ["0", "1"]
+    assert config.workers == 0
+
+
+def test_every_option_is_documented_in_the_example_config() -> None:
+    example = (Path(__file__).parents[2] / "configs" / "example.toml").read_text()
+    for option in PoolConfig.__dataclass_fields__:
+        assert f"{option} =" in example or f"# {option} =" in example, option
+
+
+def test_example_config_loads() -> None:
+    path = Path(__file__).parents[2] / "configs" / "example.toml"
+    config = PoolConfig.load(config_file=str(path), env={})
+    assert config.name == "mlp"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({}, "model is required"),
+        ({"model": "m.keras", "max_batch_size": 0}, "max_batch_size must be >= 1"),
+        ({"model": "m.keras", "max_latency_ms": -1}, "max_latency_ms must be >= 0"),
+        ({"model": "m.keras", "workers": "two"}, "not a valid int"),
+        ({"model": "m.keras", "bogus": 1}, r"unknown options: \['bogus'\]"),
+        ({"model": "m.keras", "buckets": [1, 2]}, "must be >= 1 and reach"),
+        ({"model": "m.keras", "name": "a:b"}, "may not contain"),
+        ({"model": "m.keras", "max_rank": 0}, "max_rank"),
+    ],
+)
+def test_bad_values_are_refused_with_the_option_named(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PoolConfig.load(env={}, overrides=overrides)
+
+
+def test_cpu_placement_divides_the_cores() -> None:
+    config = PoolConfig(model="m.keras")
+    assert plan(config, gpus=[], cores=8) == [Slot(0, None, 4, 1), Slot(1, None, 4, 1)]
+    assert plan(config, gpus=[], cores=2) == [Slot(0, None, 2, 1)]
+    three = PoolConfig(model="m.keras", workers=3)
+    assert [s.intra_op_threads for s in plan(three, gpus=[], cores=8)] == [2, 2, 2]
+    assert default_cpu_workers(1) == 1
+
+
+def test_gpu_placement_one_worker_per_device_or_more() -> None:
+    config = PoolConfig(model="m.keras")
+    slots = plan(config, gpus=["0", "1", "3"], cores=12)
+    assert [s.device for s in slots] == ["0", "1", "3"]
+    assert all(s.intra_op_threads == 4 for s in slots)
+    two_each = PoolConfig(model="m.keras", workers_per_device=2, devices=["5", "6"])
+    assert [s.device for s in plan(two_each, gpus=[], cores=8)] == ["5", "6", "5", "6"]

@@ -1,0 +1,63 @@
+"""Fitting a request's arrays to a model's input spec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from queueing.errors import InvalidInput
+from workers.spec import TensorSpec, fit_inputs
+
+X = TensorSpec("x", "float32", (64,))
+IMG = TensorSpec("img", "uint8", (None, None, 3))
+
+
+def test_describe() -> None:
+    assert X.describe() == "float32 [*, 64]"
+    assert IMG.describe() == "uint8 [*, *, *, 3]"
+
+
+def test_single_array_batched_and_unbatched() -> None:
+    fitted = fit_inputs([X], np.zeros((5, 64), np.float32))
+    assert (fitted.rows, fitted.unbatched) == (5, False)
+    one = fit_inputs([X], np.zeros(64, np.float32))
+    assert (one.rows, one.unbatched) == (1, True)
+    assert one.arrays["x"].shape == (1, 64)
+    assert one.group == fitted.group
+
+
+def test_free_axes_make_separate_groups() -> None:
+    a = fit_inputs([IMG], np.zeros((2, 4, 5, 3), np.uint8))
+    b = fit_inputs([IMG], np.zeros((1, 4, 6, 3), np.uint8))
+    c = fit_inputs([IMG], np.zeros((4, 5, 3), np.uint8))
+    assert a.group != b.group
+    assert a.group == c.group
+
+
+def test_the_message_says_what_was_expected_and_what_came() -> None:
+    with pytest.raises(
+        InvalidInput, match=r"input 'x': expected float32 \[\*, 64\], got int64 \[3, 65\]"
+    ):
+        fit_inputs([X], np.zeros((3, 65), np.int64))
+    with pytest.raises(InvalidInput, match=r"expected float32 \[\*, 64\], got float32 \[3, 65\]"):
+        fit_inputs([X], np.zeros((3, 65), np.float32))
+    with pytest.raises(InvalidInput, match=r"got float32 \[1, 2, 64\]"):
+        fit_inputs([X], np.zeros((1, 2, 64), np.float32))
+
+
+def test_names_must_match() -> None:
+    y = TensorSpec("y", "float32", (2,))
+    with pytest.raises(InvalidInput, match=r"missing \['y'\]; unknown \['z'\]"):
+        fit_inputs([X, y], {"x": np.zeros((1, 64), np.float32), "z": np.zeros((1, 2), np.float32)})
+    with pytest.raises(InvalidInput, match="send a dict"):
+        fit_inputs([X, y], np.zeros((1, 64), np.float32))
+
+
+def test_inputs_must_agree_on_rows_and_batch_axis() -> None:
+    y = TensorSpec("y", "float32", (2,))
+    with pytest.raises(InvalidInput, match="number of rows"):
+        fit_inputs([X, y], {"x": np.zeros((2, 64), np.float32), "y": np.zeros((3, 2), np.float32)})
+    with pytest.raises(InvalidInput, match="some have the batch axis"):
+        fit_inputs([X, y], {"x": np.zeros((1, 64), np.float32), "y": np.zeros(2, np.float32)})
+    with pytest.raises(InvalidInput, match="no rows"):
+        fit_inputs([X], np.zeros((0, 64), np.float32))

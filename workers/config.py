@@ -1,0 +1,208 @@
+"""Pool configuration: one typed, validated object, from a TOML file, the environment
+(``TFPOOL_<OPTION>``) and the command line, each overriding the one before."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from queueing.wire import Limits
+from workers.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "TFPOOL_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """Everything a supervisor and its workers need. See ``configs/example.toml``."""
+
+    #: Model to serve: a SavedModel directory, or a Keras ``.keras`` / ``.h5`` file.
+    model: str = ""
+    #: Name producers use for the model (default: the file or directory name, no suffix).
+    name: str = ""
+    #: SavedModel signature to serve.
+    signature: str = "serving_default"
+    #: Redis URL. Empty: ``tfpool serve`` starts a private redis-server.
+    redis_url: str = ""
+    #: Worker processes. 0: one per GPU (times ``workers_per_device``), else the CPU default.
+    workers: int = 0
+    #: GPU ids to use (e.g. ``["0", "1"]``). Empty: detected with nvidia-smi; none -> CPU.
+    devices: list[str] = field(default_factory=list)
+    #: Workers per GPU.
+    workers_per_device: int = 1
+    #: Most rows in one batch.
+    max_batch_size: int = 32
+    #: Longest a request waits for company, from its arrival in the queue.
+    max_latency_ms: float = 5.0
+    #: Batch sizes to pad to and warm up (empty: powers of two up to max_batch_size).
+    buckets: list[int] = field(default_factory=list)
+    #: Most requests waiting in a model's queue before producers get QueueFull (0: no cap).
+    max_queue: int = 100_000
+    #: How long results stay in Redis for a producer that has not read them.
+    result_ttl_s: int = 3600
+    #: TensorFlow intra-op threads per worker (0: the cores divided among CPU workers).
+    intra_op_threads: int = 0
+    #: TensorFlow inter-op threads per worker (0: 1 for CPU workers, TF's default on GPU).
+    inter_op_threads: int = 0
+    #: Largest request body accepted, in bytes.
+    max_payload_bytes: int = 64 * 2**20
+    #: Highest array rank accepted.
+    max_rank: int = 8
+    #: Most elements in one array.
+    max_elements: int = 2**26
+    #: Seconds between worker heartbeats (the heartbeat lives three times as long).
+    heartbeat_s: float = 2.0
+    #: A request another worker holds this long without progress is reclaimed.
+    claim_idle_ms: int = 30_000
+    #: Deliveries before a request is dead-lettered (its workers kept dying on it).
+    max_deliveries: int = 3
+    #: Recycle a worker whose RSS passes this many MiB (0: never).
+    memory_limit_mb: int = 0
+    #: Log level of the supervisor and workers.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model is required (a SavedModel directory or a .keras/.h5 file)")
+        if not self.name:
+            object.__setattr__(self, "name", default_name(self.model))
+        positive = ("max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device")
+        for option in positive:
+            if getattr(self, option) < 1:
+                raise ConfigError(f"{option} must be >= 1, got {getattr(self, option)}")
+        non_negative = (
+            "workers",
+            "max_queue",
+            "intra_op_threads",
+            "inter_op_threads",
+            "memory_limit_mb",
+            "max_latency_ms",
+            "claim_idle_ms",
+        )
+        for option in non_negative:
+            if getattr(self, option) < 0:
+                raise ConfigError(f"{option} must be >= 0, got {getattr(self, option)}")
+        if self.heartbeat_s <= 0:
+            raise ConfigError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+        if self.buckets and (min(self.buckets) < 1 or max(self.buckets) < self.max_batch_size):
+            raise ConfigError(
+                f"buckets {self.buckets} must be >= 1 and reach max_batch_size"
+                f" {self.max_batch_size}"
+            )
+        if ":" in self.name or "{" in self.name or "}" in self.name:
+            raise ConfigError(f"model name {self.name!r} may not contain ':', '{{' or '}}'")
+        try:
+            self.limits()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def limits(self) -> Limits:
+        """The decode limits workers apply to requests."""
+        return Limits(
+            max_payload_bytes=self.max_payload_bytes,
+            max_rank=self.max_rank,
+            max_elements=self.max_elements,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        config_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> PoolConfig:
+        """Build from a TOML file, then ``TFPOOL_*`` variables, then ``overrides`` (the
+        command line; ``None`` values are skipped)."""
+        values: dict[str, Any] = {}
+        if config_file:
+            values.update(read_toml(config_file))
+        values.update(from_env(os.environ if env is None else env))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        unknown = sorted(values.keys() - option_types().keys())
+        if unknown:
+            raise ConfigError(f"unknown options: {unknown}")
+        try:
+            return cls(**{k: coerce(k, v) for k, v in values.items()})
+        except TypeError as e:
+            raise ConfigError(str(e)) from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_name(model_path: str) -> str:
+    """``/models/resnet50.keras`` -> ``resnet50``; ``/models/resnet/`` -> ``resnet``."""
+    base = Path(model_path.rstrip("/")).name
+    for suffix in (".keras", ".h5", ".hdf5"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def option_types() -> dict[str, Any]:
+    """Each option's declared type."""
+    hints = typing.get_type_hints(PoolConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(PoolConfig)}
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Options from a TOML file: top-level keys, or the ``[pool]`` table."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    table = data.get("pool", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [pool] must be a table")
+    return dict(table)
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Options set as ``TFPOOL_<OPTION>`` (upper case) in ``env``."""
+    return {
+        name: env[ENV_PREFIX + name.upper()]
+        for name in option_types()
+        if ENV_PREFIX + name.upper() in env
+    }
+
+
+def coerce(option: str, value: Any) -> Any:
+    """``value`` (from TOML, the environment or argparse) as the option's type."""
+    kind = option_types()[option]
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not a whole number")
+            return kind(value)
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            return [item(v) for v in value]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"option {option}: {value!r} is not a valid {_name(kind)}") from e
+    raise ConfigError(f"option {option}: unsupported type {kind}")  # pragma: no cover
+
+
+def _name(kind: Any) -> str:
+    if isinstance(kind, (type, types.GenericAlias)):
+        return str(kind) if isinstance(kind, types.GenericAlias) else kind.__name__
+    return str(kind)

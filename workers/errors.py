@@ -1,0 +1,19 @@
+"""Errors of the worker side (the supervisor, the workers, the CLI)."""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class of the worker side's errors."""
+
+
+class ConfigError(WorkerError):
+    """A configuration value is missing or out of range."""
+
+
+class ModelLoadError(WorkerError):
+    """The model could not be loaded, or its signature cannot be served."""
+
+
+class RedisServerError(WorkerError):
+    """The embedded redis-server could not be found or started."""

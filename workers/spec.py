@@ -1,0 +1,94 @@
+"""A model's input spec, and fitting a request's arrays to it. No TensorFlow here."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from queueing.errors import InvalidInput
+from queueing.wire import Inputs
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One model input or output: name, numpy dtype name, shape *without* the batch axis
+    (``None`` where any size goes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        """E.g. ``float32 [*, 64]``; ``*`` is the batch axis."""
+        dims = ", ".join("*" if d is None else str(d) for d in (None, *self.shape))
+        return f"{self.dtype} [{dims}]"
+
+    def example_shape(self, rows: int) -> tuple[int, ...]:
+        """A concrete shape for ``rows`` rows (free axes get size 1), for warm-up."""
+        return (rows, *(1 if d is None else d for d in self.shape))
+
+
+@dataclass(frozen=True, slots=True)
+class Fitted:
+    """A request's arrays, checked against the spec and keyed by input name, each with a
+    leading batch axis; ``unbatched`` when the sender left the batch axis out."""
+
+    arrays: dict[str, np.ndarray]
+    rows: int
+    unbatched: bool
+    group: Hashable
+
+
+def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
+    """Check ``inputs`` against ``spec``. Raises :class:`InvalidInput` saying what is wrong.
+
+    A single array is accepted for a model with one input. Each array either has the batch
+    axis (rank = spec rank + 1) or is one row without it; all arrays of a request agree.
+    """
+    if isinstance(inputs, np.ndarray):
+        if len(spec) != 1:
+            names = ", ".join(repr(s.name) for s in spec)
+            raise InvalidInput(f"model takes inputs {names}: send a dict of named arrays")
+        inputs = {spec[0].name: inputs}
+    expected = {s.name for s in spec}
+    missing = sorted(expected - inputs.keys())
+    unknown = sorted(inputs.keys() - expected)
+    if missing or unknown:
+        raise InvalidInput(
+            f"inputs {sorted(inputs)} do not match the model's {sorted(expected)}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unknown {unknown}" if unknown else "")
+        )
+
+    arrays: dict[str, np.ndarray] = {}
+    batched_flags: set[bool] = set()
+    rows_seen: set[int] = set()
+    for s in spec:
+        array = inputs[s.name]
+        got = f"got {array.dtype.name} {list(array.shape)}"
+        if array.dtype.name != s.dtype:
+            raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
+        if array.ndim == len(s.shape) + 1:
+            batched_flags.add(True)
+            body = array.shape[1:]
+        elif array.ndim == len(s.shape):
+            batched_flags.add(False)
+            body = array.shape
+            array = array[np.newaxis]
+        else:
+            raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
+        if any(want is not None and want != have for want, have in zip(s.shape, body, strict=True)):
+            raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
+        arrays[s.name] = array
+        rows_seen.add(array.shape[0])
+    if len(batched_flags) > 1:
+        raise InvalidInput("inputs disagree: some have the batch axis and some do not")
+    if len(rows_seen) > 1:
+        raise InvalidInput(f"inputs disagree on the number of rows: {sorted(rows_seen)}")
+    rows = rows_seen.pop()
+    if rows == 0:
+        raise InvalidInput("request has no rows")
+    group = tuple(arrays[s.name].shape[1:] for s in spec)
+    return Fitted(arrays=arrays, rows=rows, unbatched=not batched_flags.pop(), group=group)

@@ -1,0 +1,239 @@
+"""The supervisor: start one worker process per slot, keep them running, stop them well.
+
+It never imports TensorFlow (placement is decided before any worker starts, and a worker
+sets ``CUDA_VISIBLE_DEVICES`` before its own import). The loop, in the manner of rq's:
+reap exited workers, restart the ones that crashed (with backoff), recycle the ones whose
+memory passed the limit, and on SIGTERM/SIGINT drain: every worker stops reading,
+finishes and answers the batches in hand, acks and exits. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event
+from types import FrameType
+
+from workers.config import PoolConfig
+from workers.placement import Slot, plan
+from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, EXIT_RECYCLE, worker_main
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of ``tfpool serve``.
+EXIT_DRAINED = 0  # stopped by a signal after draining
+EXIT_WORKER_LOAD_FAILED = 3  # a worker could not load the model: nothing to serve
+EXIT_FORCED = 130  # a second signal: stopped without draining
+
+_SPAWN = multiprocessing.get_context("spawn")
+
+#: Restart backoff: first delay, cap, and the uptime after which a worker counts as healthy.
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0
+
+
+@dataclass
+class WorkerHandle:
+    """A slot and the process currently filling it."""
+
+    slot: Slot
+    worker_id: str
+    process: SpawnProcess | None = None
+    stop: Event = field(default_factory=_SPAWN.Event)
+    ready: Event = field(default_factory=_SPAWN.Event)
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+    ever_ready: bool = False
+
+
+class Supervisor:
+    """Runs the workers of one pool on this host."""
+
+    def __init__(self, config: PoolConfig, *, slots: list[Slot] | None = None) -> None:
+        if not config.redis_url:
+            raise ValueError("the supervisor needs a Redis URL (start an embedded one first)")
+        self.config = config
+        self.slots = slots if slots is not None else plan(config)
+        host = socket.gethostname()
+        self.handles = [
+            WorkerHandle(slot, f"{host}:{os.getpid()}:{slot.index}") for slot in self.slots
+        ]
+        self._draining = threading.Event()
+        self._forced = False
+        self.exit_code = EXIT_DRAINED
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn every worker (they load and warm up in parallel)."""
+        log.info(
+            "starting %d worker(s) for model %s: %s",
+            len(self.handles),
+            self.config.name,
+            ", ".join(h.slot.device or "cpu" for h in self.handles),
+        )
+        for handle in self.handles:
+            self._spawn(handle)
+
+    def wait_ready(self, timeout: float = 300.0) -> bool:
+        """Wait until every worker has loaded and warmed its model. False if one exited
+        without getting there, or on timeout."""
+        give_up = time.monotonic() + timeout
+        for handle in self.handles:
+            while not handle.ready.wait(0.1):
+                if handle.process is not None and not handle.process.is_alive():
+                    return False
+                if time.monotonic() > give_up:
+                    return False
+            handle.ever_ready = True
+        return True
+
+    def run_forever(self) -> int:
+        """Serve until a signal: the loop of ``tfpool serve``. Returns the exit code."""
+        self._install_signal_handlers()
+        self.start()
+        while not self._draining.is_set():
+            self.poll()
+            self._draining.wait(0.2)
+        self.drain()
+        return self.exit_code
+
+    def poll(self) -> None:
+        """One round: reap exited workers, restart crashed ones when their backoff is up."""
+        now = time.monotonic()
+        for handle in self.handles:
+            if handle.ready.is_set():
+                handle.ever_ready = True
+            process = handle.process
+            if process is not None and not process.is_alive():
+                self._reap(handle, now)
+            if (
+                handle.process is None
+                and handle.restart_at is not None
+                and now >= handle.restart_at
+            ):
+                handle.restarts += 1
+                self._spawn(handle)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Ask every worker to finish what it holds and exit; kill any still up after
+        ``timeout`` (their unanswered requests stay pending and are reclaimed later)."""
+        self._draining.set()
+        for handle in self.handles:
+            handle.stop.set()
+        give_up = time.monotonic() + timeout
+        for handle in self.handles:
+            if handle.process is None:
+                continue
+            handle.process.join(max(0.0, give_up - time.monotonic()))
+            if handle.process.is_alive():
+                log.warning(
+                    "worker %s did not drain in %.0fs; killing it", handle.worker_id, timeout
+                )
+                handle.process.kill()
+                handle.process.join()
+        log.info("all workers stopped")
+
+    def kill(self) -> None:
+        """Stop every worker at once, without draining."""
+        self._draining.set()
+        for handle in self.handles:
+            if handle.process is not None and handle.process.is_alive():
+                handle.process.kill()
+        for handle in self.handles:
+            if handle.process is not None:
+                handle.process.join()
+
+    def pids(self) -> list[int]:
+        """The pids of the live workers."""
+        return [
+            h.process.pid
+            for h in self.handles
+            if h.process is not None and h.process.pid is not None and h.process.is_alive()
+        ]
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _spawn(self, handle: WorkerHandle) -> None:
+        handle.stop = _SPAWN.Event()
+        handle.ready = _SPAWN.Event()
+        slot = handle.slot
+        process = _SPAWN.Process(
+            target=worker_main,
+            args=(
+                self.config,
+                handle.worker_id,
+                slot.device,
+                (slot.intra_op_threads, slot.inter_op_threads),
+                handle.stop,
+                handle.ready,
+            ),
+            name=f"tfpool-worker-{slot.index}",
+            daemon=False,
+        )
+        process.start()
+        handle.process = process
+        handle.started_at = time.monotonic()
+        handle.restart_at = None
+        log.info(
+            "worker %s started (pid %s, %s, %d intra-op threads)",
+            handle.worker_id,
+            process.pid,
+            slot.device or "cpu",
+            slot.intra_op_threads,
+        )
+
+    def _reap(self, handle: WorkerHandle, now: float) -> None:
+        assert handle.process is not None
+        code = handle.process.exitcode
+        handle.process.join()
+        handle.process = None
+        if self._draining.is_set():
+            return
+        if code == EXIT_LOAD_FAILED and not handle.ever_ready:
+            log.error("worker %s could not load the model; stopping the pool", handle.worker_id)
+            self.exit_code = EXIT_WORKER_LOAD_FAILED
+            self._draining.set()
+            return
+        if now - handle.started_at > HEALTHY_AFTER_S:
+            handle.backoff_s = BACKOFF_START_S
+        delay = 0.0 if code in (EXIT_OK, EXIT_RECYCLE) else handle.backoff_s
+        if delay:
+            handle.backoff_s = min(handle.backoff_s * 2, BACKOFF_MAX_S)
+        log.warning(
+            "worker %s exited with %s; restarting in %.1fs",
+            handle.worker_id,
+            _describe_exit(code),
+            delay,
+        )
+        handle.restart_at = now + delay
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if self._draining.is_set():
+                log.warning("second signal: stopping at once")
+                self._forced = True
+                self.exit_code = EXIT_FORCED
+                self.kill()
+                os._exit(EXIT_FORCED)
+            log.info("%s: draining (send it again to stop at once)", signal.Signals(signum).name)
+            self._draining.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

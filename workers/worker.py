@@ -1,0 +1,567 @@
+"""One worker process: load the model once, then batch, run and answer, until told to stop.
+
+Three threads, so that the model never waits on Redis (TensorFlow releases the GIL):
+
+* the reader: ``XREADGROUP`` -> decode -> check against the model's spec -> the batcher;
+* the main thread: take a due batch -> pad to its bucket -> run the model -> the writer;
+* the writer: encode results -> one pipeline of replies -> ``XACK`` + ``XDEL``.
+
+A request that cannot be decoded or does not fit the model is answered with an error by
+the reader and never reaches a batch. A batch the model fails on is re-run request by
+request so that only the request at fault gets the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import redis
+from redis.typing import EncodableT, FieldT
+
+from queueing import keys, wire
+from queueing.errors import DeadlineExceeded, InvalidInput, ModelError, RequestError
+from workers.batcher import Batch, Batcher
+from workers.config import PoolConfig
+from workers.spec import fit_inputs
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
+
+    from workers.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+#: XREADGROUP's BLOCK: how long the reader waits for work before it looks at its flags.
+READ_BLOCK_MS = 100
+
+#: Entries as XREADGROUP returns them (bytes: the clients do not decode responses).
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+#: Exit codes a worker reports to its supervisor.
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 3
+EXIT_RECYCLE = 4
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """A request in this worker's hands, from its read to its answer."""
+
+    entry_id: bytes
+    request_id: str
+    reply: str
+    keep_s: int
+    arrays: dict[str, np.ndarray]
+    rows: int
+    unbatched: bool
+    group: Hashable
+    arrival: float
+    deadline: float | None
+    parts: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
+    rows_done: int = 0
+    error: RequestError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the writer posts for one stream entry: a result for the request's reply list
+    (and its kept key), or, when not even its id could be read, a dead letter."""
+
+    entry_id: bytes
+    request_id: str | None
+    reply: str
+    keep_s: int
+    outputs: wire.Outputs | None = None
+    error: RequestError | None = None
+    dead_fields: dict[bytes, bytes] | None = None
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    requests: int = 0
+    rows: int = 0
+    errors: int = 0
+
+
+class Worker:
+    """The worker loop. ``run()`` returns the process's exit code."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        worker_id: str,
+        device: str | None = None,
+        stop: Event | None = None,
+        ready: Event | None = None,
+    ) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.device = device
+        self.stream = keys.stream(config.name)
+        self.limits = config.limits()
+        self.stats = WorkerStats()
+        self._stop_event = stop
+        self._ready_event = ready
+        self._stopping = threading.Event()
+        self._reader_done = threading.Event()
+        self._cond = threading.Condition()
+        self._answers: queue.Queue[list[Answer] | None] = queue.Queue()
+        self._clock_offset = 0.0  # Redis time minus time.monotonic(), in seconds
+        self.model: LoadedModel | None = None
+        self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
+        self.batcher: Batcher[Pending] = Batcher(
+            max_rows=config.max_batch_size,
+            max_latency_s=config.max_latency_ms / 1000,
+            buckets=config.buckets or None,
+        )
+        # The reader takes at most this many rows ahead of the model: enough to fill the
+        # next batch while this one runs, not so many that other workers go idle.
+        self._max_rows_held = 2 * config.max_batch_size
+
+    # --- the steps --------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Load, warm up, register, serve until stopped, drain. Returns the exit code."""
+        self.model = self._load()
+        self._register()
+        self._sync_clock()
+        threads = [
+            threading.Thread(target=self._read_loop, name="tfpool-reader", daemon=True),
+            threading.Thread(target=self._write_loop, name="tfpool-writer", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="tfpool-heartbeat", daemon=True),
+        ]
+        if self._stop_event is not None:
+            threads.append(
+                threading.Thread(target=self._watch_stop, name="tfpool-stop", daemon=True)
+            )
+        for thread in threads:
+            thread.start()
+        self._heartbeat("ready")
+        if self._ready_event is not None:
+            self._ready_event.set()
+        log.info(
+            "worker %s ready: model %s on %s",
+            self.worker_id,
+            self.config.name,
+            self.device or "cpu",
+        )
+        self._serve()
+        self._answers.put(None)  # the writer flushes what it has, then exits
+        threads[1].join(timeout=30)
+        self._heartbeat("stopped")
+        log.info(
+            "worker %s stopped after %d batches, %d requests",
+            self.worker_id,
+            self.stats.batches,
+            self.stats.requests,
+        )
+        return EXIT_OK
+
+    def stop(self) -> None:
+        """Stop reading; finish and answer what is in hand; then ``run()`` returns."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _load(self) -> LoadedModel:
+        from workers.model import load_model
+
+        started = time.monotonic()
+        model = load_model(self.config.model, signature=self.config.signature)
+        model.warm_up(self.batcher.buckets)
+        log.info(
+            "loaded %s in %.1fs; warmed batch sizes %s",
+            model.source,
+            time.monotonic() - started,
+            self.batcher.buckets,
+        )
+        return model
+
+    def _register(self) -> None:
+        """Create the stream and group if needed; publish the model's info, whose presence
+        tells producers that the model is served here."""
+        try:
+            self.redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        assert self.model is not None
+        info: dict[FieldT, EncodableT] = {
+            "max_queue": self.config.max_queue,
+            "inputs": ", ".join(f"{s.name}: {s.describe()}" for s in self.model.inputs),
+            "outputs": ", ".join(self.model.output_names),
+        }
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.model_info(self.config.name), mapping=info)
+        pipe.sadd(keys.MODELS, self.config.name)
+        pipe.execute()
+
+    def _sync_clock(self) -> None:
+        """Learn the offset of Redis's clock, the clock of stream entry ids, from ours."""
+        before = time.monotonic()
+        seconds, micros = self.redis.time()
+        after = time.monotonic()
+        self._clock_offset = seconds + micros / 1e6 - (before + after) / 2
+
+    def _serve(self) -> None:
+        """The main loop: wait for a due batch, run it, hand its results to the writer."""
+        while True:
+            batch, expired = self._next_batch()
+            if expired:
+                self._answers.put([self._answer_error(p, _deadline_error(p)) for p in expired])
+            if batch is None:
+                if self._stopping.is_set() and self._reader_done.is_set() and not self.batcher:
+                    return
+                continue
+            self._answers.put(self._run_batch(batch))
+
+    def _next_batch(self) -> tuple[Batch[Pending] | None, list[Pending]]:
+        with self._cond:
+            expired = self.batcher.pop_expired()
+            if self._stopping.is_set() and self._reader_done.is_set():
+                self.batcher.drained = True  # nothing more is coming: run what is here
+            batch = self.batcher.next_batch()
+            if batch is None and not expired:
+                due = self.batcher.next_due()
+                timeout = 0.1 if due is None else min(0.1, max(0.0, due - time.monotonic()))
+                self._cond.wait(timeout)
+            else:
+                self._cond.notify_all()  # room for the reader
+            return batch, expired
+
+    def _run_batch(self, batch: Batch[Pending]) -> list[Answer]:
+        """Run one batch; return the answers of the requests it completed."""
+        assert self.model is not None
+        try:
+            outputs = self.model(_assemble(batch, self.model.inputs))
+            self._store_outputs(batch, outputs)
+        except Exception as e:
+            log.warning("batch of %d failed (%s); running its requests one by one", batch.rows, e)
+            self._run_parts_alone(batch)
+        self.stats.batches += 1
+        self.stats.rows += batch.rows
+        answers = []
+        for part in batch.parts:
+            p = part.item
+            if p.rows_done == p.rows:
+                answers.append(self._finish(p))
+        return answers
+
+    def _store_outputs(self, batch: Batch[Pending], outputs: dict[str, np.ndarray]) -> None:
+        offset = 0
+        for part in batch.parts:
+            rows = part.rows
+            part.item.parts.append(
+                (part.start, {k: v[offset : offset + rows] for k, v in outputs.items()})
+            )
+            part.item.rows_done += rows
+            offset += rows
+
+    def _run_parts_alone(self, batch: Batch[Pending]) -> None:
+        assert self.model is not None
+        for part in batch.parts:
+            single = Batch(
+                parts=[part], rows=part.rows, padded_rows=self.batcher.bucket_for(part.rows)
+            )
+            try:
+                self._store_outputs(single, self.model(_assemble(single, self.model.inputs)))
+            except Exception as e:
+                part.item.error = ModelError(f"model failed: {type(e).__name__}: {e}")
+                part.item.rows_done += part.rows
+
+    def _finish(self, p: Pending) -> Answer:
+        if p.error is not None:
+            return self._answer_error(p, p.error)
+        assert self.model is not None
+        p.parts.sort(key=lambda item: item[0])
+        if len(p.parts) == 1:
+            merged = p.parts[0][1]
+        else:
+            merged = {
+                name: np.concatenate([chunk[name] for _, chunk in p.parts])
+                for name in self.model.output_names
+            }
+        if p.unbatched:
+            merged = {name: value[0] for name, value in merged.items()}
+        outputs: wire.Outputs = (
+            merged[self.model.output_names[0]] if self.model.single_output else merged
+        )
+        self.stats.requests += 1
+        return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, outputs=outputs)
+
+    def _answer_error(self, p: Pending, error: RequestError) -> Answer:
+        self.stats.requests += 1
+        self.stats.errors += 1
+        return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, error=error)
+
+    # --- reader -----------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        """Read entries while not stopping; the rest stay in the stream for other workers."""
+        conn = redis.Redis.from_url(self.config.redis_url, socket_timeout=READ_BLOCK_MS / 1000 + 10)
+        count = self.config.max_batch_size
+        backoff = 0.05
+        try:
+            while not self._stopping.is_set():
+                if not self._wait_for_room():
+                    continue
+                try:
+                    reply = conn.xreadgroup(
+                        keys.GROUP,
+                        self.worker_id,
+                        {self.stream: ">"},
+                        count=count,
+                        block=READ_BLOCK_MS,
+                    )
+                    backoff = 0.05
+                except redis.RedisError as e:
+                    log.warning("reader: %s; retrying in %.2fs", e, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                entries = cast(Entries, cast(Any, reply)[0][1]) if reply else []
+                self._accept(entries, drained=len(entries) < count)
+        finally:
+            conn.close()
+            self._reader_done.set()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _wait_for_room(self) -> bool:
+        with self._cond:
+            if self.batcher.rows_waiting < self._max_rows_held:
+                return True
+            self._cond.wait(0.1)
+            return False
+
+    def _accept(self, entries: Entries, *, drained: bool) -> None:
+        accepted: list[Pending] = []
+        rejected: list[Answer] = []
+        for entry_id, fields in entries:
+            outcome = self._decode(entry_id, fields)
+            (accepted if isinstance(outcome, Pending) else rejected).append(outcome)  # type: ignore[arg-type]
+        if rejected:
+            self._answers.put(rejected)
+        with self._cond:
+            for p in accepted:
+                self.batcher.add(p)
+            self.batcher.drained = drained
+            self._cond.notify_all()
+
+    def _decode(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Pending | Answer:
+        raw_id = fields.get(keys.FIELD_ID)
+        reply = fields.get(keys.FIELD_REPLY, b"")
+        try:
+            request_id = raw_id.decode() if isinstance(raw_id, bytes) else None
+            reply_key = reply.decode()
+        except UnicodeDecodeError:
+            request_id = None
+        if not request_id:
+            return Answer(entry_id, None, "", 0, dead_fields=fields)
+        keep_s = 0
+        try:
+            body = wire.decode_request_body(fields.get(keys.FIELD_BODY), self.limits)
+            keep_s = body.keep_s
+            if body.model != self.config.name:
+                raise InvalidInput(
+                    f"request for model {body.model!r} on the queue of {self.config.name!r}"
+                )
+            assert self.model is not None
+            fitted = fit_inputs(self.model.inputs, body.inputs)
+        except InvalidInput as e:
+            e.request_id = request_id
+            return Answer(entry_id, request_id, reply_key, keep_s, error=e)
+        arrival = int(entry_id.split(b"-", 1)[0]) / 1000 - self._clock_offset
+        deadline = None if body.deadline_ms is None else arrival + body.deadline_ms / 1000
+        return Pending(
+            entry_id=entry_id,
+            request_id=request_id,
+            reply=reply_key,
+            keep_s=keep_s,
+            arrays=fitted.arrays,
+            rows=fitted.rows,
+            unbatched=fitted.unbatched,
+            group=fitted.group,
+            arrival=arrival,
+            deadline=deadline,
+        )
+
+    # --- writer -----------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """Post answers: replies first, then XACK + XDEL, in one pipeline per round. A crash
+        between the two means a second delivery and a duplicate result, which the client
+        drops by id: never a lost one."""
+        done = False
+        while not done:
+            answers = self._answers.get()
+            if answers is None:
+                break
+            while True:  # take whatever else is ready: one round trip for all of it
+                try:
+                    more = self._answers.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                    break
+                answers.extend(more)
+            self._post(answers)
+
+    def _post(self, answers: list[Answer]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        reply_keys: set[str] = set()
+        dead = 0
+        for a in answers:
+            if a.dead_fields is not None:
+                dead += 1
+                fields: dict[Any, Any] = {**a.dead_fields, b"reason": b"unreadable request id"}
+                fields[b"entry"] = a.entry_id
+                pipe.xadd(keys.dead_letters(self.config.name), fields)
+                continue
+            assert a.request_id is not None
+            try:
+                payload = (
+                    wire.encode_error(a.request_id, a.error)
+                    if a.error is not None
+                    else wire.encode_result(a.request_id, a.outputs)  # type: ignore[arg-type]
+                )
+            except Exception as e:  # e.g. an output dtype the wire does not carry
+                payload = wire.encode_error(a.request_id, ModelError(f"cannot send result: {e}"))
+            if a.reply:
+                pipe.rpush(a.reply, payload)
+                reply_keys.add(a.reply)
+            if a.keep_s:
+                kept = keys.kept_result(a.request_id)
+                pipe.delete(kept)
+                pipe.rpush(kept, payload)
+                pipe.expire(kept, a.keep_s)
+        for key in reply_keys:
+            pipe.expire(key, self.config.result_ttl_s)
+        entry_ids = [a.entry_id for a in answers]
+        pipe.xack(self.stream, keys.GROUP, *entry_ids)
+        pipe.xdel(self.stream, *entry_ids)
+        for attempt in range(5):
+            try:
+                pipe.execute()
+                break
+            except redis.RedisError as e:
+                # Unanswered entries stay pending and are reclaimed later: nothing is lost.
+                log.warning("writer: %s (attempt %d)", e, attempt + 1)
+                self._stopping.wait(0.2 * 2**attempt)
+        if dead:
+            log.warning("dead-lettered %d entries without a readable request id", dead)
+
+    # --- heartbeat --------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_s
+        while not self._stopping.wait(interval):
+            try:
+                self._heartbeat("ready")
+                self._sync_clock()
+            except redis.RedisError as e:
+                log.warning("heartbeat: %s", e)
+
+    def _watch_stop(self) -> None:
+        assert self._stop_event is not None
+        self._stop_event.wait()
+        self.stop()
+
+    def _heartbeat(self, state: str) -> None:
+        key = keys.worker_heartbeat(self.worker_id)
+        fields: dict[FieldT, EncodableT] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.device or "cpu",
+            "model": self.config.name,
+            "state": state,
+            "batches": self.stats.batches,
+            "requests": self.stats.requests,
+            "rows": self.stats.rows,
+            "errors": self.stats.errors,
+            "updated": time.time(),
+        }
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, max(1, int(self.config.heartbeat_s * 3 + 0.999)))
+        pipe.execute()
+
+
+def _assemble(batch: Batch[Pending], spec: Any) -> dict[str, np.ndarray]:
+    """One array per input: the batch's rows in order, zero-padded to its bucket."""
+    if len(batch.parts) == 1 and batch.padded_rows == batch.rows:
+        part = batch.parts[0]
+        return {s.name: part.item.arrays[s.name][part.start : part.stop] for s in spec}
+    arrays = {}
+    for s in spec:
+        first = batch.parts[0].item.arrays[s.name]
+        out = np.empty((batch.padded_rows, *first.shape[1:]), dtype=first.dtype)
+        offset = 0
+        for part in batch.parts:
+            out[offset : offset + part.rows] = part.item.arrays[s.name][part.start : part.stop]
+            offset += part.rows
+        out[offset:] = 0
+        arrays[s.name] = out
+    return arrays
+
+
+def _deadline_error(p: Pending) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"deadline passed before the request ran ({(time.monotonic() - p.arrival) * 1000:.0f} ms"
+        " after it was queued)",
+        request_id=p.request_id,
+    )
+
+
+def worker_main(
+    config: PoolConfig,
+    worker_id: str,
+    device: str | None,
+    threads: tuple[int, int],
+    stop: Event,
+    ready: Event,
+) -> None:
+    """Entry point of a spawned worker process. Sets the device environment *before*
+    TensorFlow is imported, so that a worker sees only its own GPU."""
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab a GPU
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
+    )
+    # Ctrl-C reaches the whole process group; the supervisor decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = Worker(config, worker_id=worker_id, device=device, stop=stop, ready=ready)
+
+    def on_term(signum: int, frame: object) -> None:
+        if worker._stopping.is_set():
+            os._exit(EXIT_OK)  # a second signal: stop at once
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    from workers.model import configure_tensorflow
+
+    intra, inter = threads
+    configure_tensorflow(intra_op_threads=intra or None, inter_op_threads=inter or None)
+    try:
+        code = worker.run()
+    except Exception:
+        log.exception("worker %s failed", worker_id)
+        code = EXIT_LOAD_FAILED if worker.model is None else 1
+    raise SystemExit(code)
