@@ -34,6 +34,12 @@ def dead_letters(model: str) -> str:
     return f"{PREFIX}:{{{model}}}:dead"
 
 
+def attempts(model: str) -> str:
+    """Hash: stream entry id -> runs of a taken-over request that were under way when a
+    worker died (how poison requests are told from their innocent batch-mates)."""
+    return f"{PREFIX}:{{{model}}}:attempts"
+
+
 def kept_result(request_id: str) -> str:
     """A result kept for fetching by id (``submit(..., keep=True)``): a one-element list."""
     return f"{PREFIX}:result:{request_id}"

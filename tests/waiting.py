@@ -9,7 +9,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], *, timeout: float = 30.0, what: str = "") -> T:
+def wait_until(condition: Callable[[], T | None], *, timeout: float = 30.0, what: str = "") -> T:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
     give_up = time.monotonic() + timeout
     delay = 0.005

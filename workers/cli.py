@@ -1,4 +1,4 @@
-"""The ``tfpool`` command: serve, predict, demo.
+"""The ``tfpool`` command: serve, predict, status, demo.
 
 Every pool option can be given as ``--option-name``, as ``TFPOOL_OPTION_NAME`` in the
 environment, or in a TOML file (``--config``); later ones win. With no Redis URL anywhere,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import redis
 
 from queueing import Client, RequestError
 from queueing.client import resolve_redis_url
@@ -70,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
     predict.add_argument("--deadline", type=float, help="seconds before the request expires")
     predict.set_defaults(run=_predict)
+
+    status = commands.add_parser("status", help="workers of every host, queues, dead letters")
+    status.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(run=_status)
 
     demo = commands.add_parser("demo", help="build a demo model, serve it, send it requests")
     demo.add_argument("--redis-url", help="Redis URL (default: a private redis-server)")
@@ -138,6 +145,18 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{name}: {value.dtype} {list(value.shape)}\n{value}")
     else:
         print(f"{outputs.dtype} {list(outputs.shape)}\n{outputs}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from workers.status import collect, render
+
+    conn = redis.Redis.from_url(resolve_redis_url(args.redis_url), socket_timeout=10)
+    try:
+        status = collect(conn)
+    finally:
+        conn.close()
+    print(json.dumps(status.to_json(), indent=2) if args.json else render(status))
     return 0
 
 

@@ -70,6 +70,8 @@ class PoolConfig:
     max_deliveries: int = 3
     #: Recycle a worker whose RSS passes this many MiB (0: never).
     memory_limit_mb: int = 0
+    #: Python modules each worker imports before loading the model (custom layers, ops).
+    preload: list[str] = field(default_factory=list)
     #: Log level of the supervisor and workers.
     log_level: str = "INFO"
 

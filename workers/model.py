@@ -45,15 +45,28 @@ class LoadedModel:
             self({s.name: np.zeros(s.example_shape(rows), dtype=s.dtype) for s in self.inputs})
 
 
-def configure_tensorflow(*, intra_op_threads: int | None, inter_op_threads: int | None) -> None:
-    """Thread pools and GPU memory growth: must run before TensorFlow runs any op."""
+def configure_tensorflow(
+    *, intra_op_threads: int | None, inter_op_threads: int | None
+) -> dict[Any, Any]:
+    """Thread pools and GPU memory growth: must run before TensorFlow runs any op.
+    Returns the settings in force, as TensorFlow reports them (for the heartbeat)."""
     if intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
     if inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-    for gpu in tf.config.list_physical_devices("GPU"):
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
         # Without memory growth TensorFlow takes the whole card at start.
         tf.config.experimental.set_memory_growth(gpu, True)
+    return {
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+        "visible_gpus": len(gpus),
+        "memory_growth": "on"
+        if gpus and all(tf.config.experimental.get_memory_growth(g) for g in gpus)
+        else "n/a",
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
 
 
 def load_model(path: str, *, signature: str = "serving_default") -> LoadedModel:

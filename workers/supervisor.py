@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,9 +20,11 @@ from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
 from types import FrameType
 
+import psutil
+
 from workers.config import PoolConfig
 from workers.placement import Slot, plan
-from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, EXIT_RECYCLE, worker_main
+from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ class WorkerHandle:
     """A slot and the process currently filling it."""
 
     slot: Slot
-    worker_id: str
     process: SpawnProcess | None = None
+    worker_id: str = ""  # the live process's consumer name
+    predecessors: list[str] = field(default_factory=list)  # dead consumers to take over
     stop: Event = field(default_factory=_SPAWN.Event)
     ready: Event = field(default_factory=_SPAWN.Event)
     started_at: float = 0.0
@@ -54,6 +56,7 @@ class WorkerHandle:
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
     ever_ready: bool = False
+    recycling: bool = False
 
 
 class Supervisor:
@@ -64,10 +67,10 @@ class Supervisor:
             raise ValueError("the supervisor needs a Redis URL (start an embedded one first)")
         self.config = config
         self.slots = slots if slots is not None else plan(config)
-        host = socket.gethostname()
-        self.handles = [
-            WorkerHandle(slot, f"{host}:{os.getpid()}:{slot.index}") for slot in self.slots
-        ]
+        self.handles = [WorkerHandle(slot) for slot in self.slots]
+        #: What happened to workers, in order: (kind, slot, pid); kind is "crash",
+        #: "recycle" or "exit".
+        self.events: list[tuple[str, int, int]] = []
         self._draining = threading.Event()
         self._forced = False
         self.exit_code = EXIT_DRAINED
@@ -102,28 +105,34 @@ class Supervisor:
         """Serve until a signal: the loop of ``tfpool serve``. Returns the exit code."""
         self._install_signal_handlers()
         self.start()
-        while not self._draining.is_set():
-            self.poll()
-            self._draining.wait(0.2)
+        self.monitor()
         self.drain()
         return self.exit_code
 
+    def monitor(self, until: threading.Event | None = None) -> None:
+        """Keep the workers running (``poll`` every 0.2 s) until ``until`` is set or the
+        pool starts draining."""
+        while not self._draining.is_set() and not (until is not None and until.is_set()):
+            self.poll()
+            self._draining.wait(0.2)
+
     def poll(self) -> None:
-        """One round: reap exited workers, restart crashed ones when their backoff is up."""
+        """One round: reap exited workers, restart them when their backoff is up, and
+        recycle one whose memory is over the limit."""
         now = time.monotonic()
         for handle in self.handles:
-            if handle.ready.is_set():
+            if handle.ready.is_set() and not handle.ever_ready:
                 handle.ever_ready = True
+                log.info("worker %s (slot %d) is ready", handle.worker_id, handle.slot.index)
             process = handle.process
             if process is not None and not process.is_alive():
                 self._reap(handle, now)
-            if (
-                handle.process is None
-                and handle.restart_at is not None
-                and now >= handle.restart_at
-            ):
+            due = handle.restart_at is not None and now >= handle.restart_at
+            if handle.process is None and due:
                 handle.restarts += 1
                 self._spawn(handle)
+        if self.config.memory_limit_mb:
+            self._watch_memory()
 
     def drain(self, timeout: float = 60.0) -> None:
         """Ask every worker to finish what it holds and exit; kill any still up after
@@ -167,39 +176,38 @@ class Supervisor:
     def _spawn(self, handle: WorkerHandle) -> None:
         handle.stop = _SPAWN.Event()
         handle.ready = _SPAWN.Event()
+        handle.recycling = False
         slot = handle.slot
         process = _SPAWN.Process(
             target=worker_main,
-            args=(
-                self.config,
-                handle.worker_id,
-                slot.device,
-                (slot.intra_op_threads, slot.inter_op_threads),
-                handle.stop,
-                handle.ready,
-            ),
+            args=(self.config, slot, list(handle.predecessors), handle.stop, handle.ready),
             name=f"tfpool-worker-{slot.index}",
             daemon=False,
         )
         process.start()
+        assert process.pid is not None
         handle.process = process
+        handle.worker_id = consumer_name(process.pid)
+        handle.predecessors = []
         handle.started_at = time.monotonic()
         handle.restart_at = None
         log.info(
-            "worker %s started (pid %s, %s, %d intra-op threads)",
-            handle.worker_id,
-            process.pid,
-            slot.device or "cpu",
-            slot.intra_op_threads,
-        )
+            "worker %s started (slot %d, %s, %d intra-op threads)",
+            handle.worker_id, slot.index, slot.device or "cpu", slot.intra_op_threads,
+        )  # fmt: skip
 
     def _reap(self, handle: WorkerHandle, now: float) -> None:
         assert handle.process is not None
         code = handle.process.exitcode
+        pid = handle.process.pid or 0
         handle.process.join()
         handle.process = None
+        # Whatever it held and did not ack, its successor takes over at start.
+        handle.predecessors.append(handle.worker_id)
         if self._draining.is_set():
             return
+        kind = "recycle" if handle.recycling else "exit" if code == EXIT_OK else "crash"
+        self.events.append((kind, handle.slot.index, pid))
         if code == EXIT_LOAD_FAILED and not handle.ever_ready:
             log.error("worker %s could not load the model; stopping the pool", handle.worker_id)
             self.exit_code = EXIT_WORKER_LOAD_FAILED
@@ -207,7 +215,7 @@ class Supervisor:
             return
         if now - handle.started_at > HEALTHY_AFTER_S:
             handle.backoff_s = BACKOFF_START_S
-        delay = 0.0 if code in (EXIT_OK, EXIT_RECYCLE) else handle.backoff_s
+        delay = 0.0 if code == EXIT_OK else handle.backoff_s
         if delay:
             handle.backoff_s = min(handle.backoff_s * 2, BACKOFF_MAX_S)
         log.warning(
@@ -217,6 +225,29 @@ class Supervisor:
             delay,
         )
         handle.restart_at = now + delay
+
+    def _watch_memory(self) -> None:
+        """Drain and replace a worker whose RSS is over the limit, one at a time, so that
+        the others keep serving while it reloads."""
+        if any(h.recycling for h in self.handles):
+            return
+        limit = self.config.memory_limit_mb * 2**20
+        for handle in self.handles:
+            # Only a worker that has loaded: one still loading is small and growing.
+            if handle.process is None or handle.process.pid is None or not handle.ready.is_set():
+                continue
+            try:
+                rss = psutil.Process(handle.process.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                log.warning(
+                    "worker %s uses %.0f MiB (limit %d MiB): recycling it",
+                    handle.worker_id, rss / 2**20, self.config.memory_limit_mb,
+                )  # fmt: skip
+                handle.recycling = True
+                handle.stop.set()
+                return
 
     def _install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -13,6 +13,8 @@ request so that only the request at fault gets the error.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import queue
@@ -20,18 +22,27 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import psutil
 import redis
 from redis.typing import EncodableT, FieldT
 
 from queueing import keys, wire
-from queueing.errors import DeadlineExceeded, InvalidInput, ModelError, RequestError
+from queueing.errors import (
+    DeadLettered,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelError,
+    RequestError,
+)
 from workers.batcher import Batch, Batcher
+from workers.claims import Claims
 from workers.config import PoolConfig
+from workers.placement import Slot
 from workers.spec import fit_inputs
 
 if TYPE_CHECKING:
@@ -46,6 +57,11 @@ READ_BLOCK_MS = 100
 
 #: Entries as XREADGROUP returns them (bytes: the clients do not decode responses).
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+#: A request delivered this many times max_deliveries without an answer is set aside even
+#: if none of its own runs was under way when its workers died (a safety net: it should not
+#: happen unless workers keep dying for reasons of their own).
+SAFETY_DELIVERIES = 10
 
 #: Exit codes a worker reports to its supervisor.
 EXIT_OK = 0
@@ -67,6 +83,7 @@ class Pending:
     group: Hashable
     arrival: float
     deadline: float | None
+    suspect: bool = False  # taken over from a worker that died: runs alone, attempts counted
     parts: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
     rows_done: int = 0
     error: RequestError | None = None
@@ -75,7 +92,8 @@ class Pending:
 @dataclass(frozen=True, slots=True)
 class Answer:
     """What the writer posts for one stream entry: a result for the request's reply list
-    (and its kept key), or, when not even its id could be read, a dead letter."""
+    (and its kept key) when its id can be read, and a copy on the dead-letter stream when
+    ``dead_reason`` is set."""
 
     entry_id: bytes
     request_id: str | None
@@ -83,7 +101,9 @@ class Answer:
     keep_s: int
     outputs: wire.Outputs | None = None
     error: RequestError | None = None
+    dead_reason: str | None = None
     dead_fields: dict[bytes, bytes] | None = None
+    suspect: bool = False  # clear its attempt count once answered
 
 
 @dataclass
@@ -102,13 +122,19 @@ class Worker:
         config: PoolConfig,
         *,
         worker_id: str,
+        slot: int = 0,
         device: str | None = None,
+        inherit_from: Sequence[str] = (),
+        settings: Mapping[FieldT, EncodableT] | None = None,
         stop: Event | None = None,
         ready: Event | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
+        self.slot = slot
         self.device = device
+        self.inherit_from = list(inherit_from)
+        self.settings: dict[FieldT, EncodableT] = dict(settings or {})
         self.stream = keys.stream(config.name)
         self.limits = config.limits()
         self.stats = WorkerStats()
@@ -129,6 +155,19 @@ class Worker:
         # The reader takes at most this many rows ahead of the model: enough to fill the
         # next batch while this one runs, not so many that other workers go idle.
         self._max_rows_held = 2 * config.max_batch_size
+        self.claims = Claims(
+            stream=self.stream,
+            consumer=worker_id,
+            claim_idle_ms=config.claim_idle_ms,
+            max_deliveries=config.max_deliveries,
+            batch=config.max_batch_size,
+        )
+        # Entries read and not yet acked: renewed while held, so never taken from us.
+        self._in_hand: set[bytes] = set()
+        self._hand_lock = threading.Lock()
+        self._parent_pid = os.getppid()
+        self._started = time.time()
+        self._process = psutil.Process()
 
     # --- the steps --------------------------------------------------------------------
 
@@ -160,6 +199,8 @@ class Worker:
         self._serve()
         self._answers.put(None)  # the writer flushes what it has, then exits
         threads[1].join(timeout=30)
+        with contextlib.suppress(redis.RedisError):
+            self.claims.release_if_idle(self.redis)
         self._heartbeat("stopped")
         log.info(
             "worker %s stopped after %d batches, %d requests",
@@ -225,7 +266,13 @@ class Worker:
                 if self._stopping.is_set() and self._reader_done.is_set() and not self.batcher:
                     return
                 continue
-            self._answers.put(self._run_batch(batch))
+            answers = self._run_batch(batch)
+            if any(part.item.suspect for part in batch.parts):
+                # Post now, not through the writer: the next batch may be the request that
+                # killed the last worker, and this answer must not die with it.
+                self._post(answers)
+            else:
+                self._answers.put(answers)
 
     def _next_batch(self) -> tuple[Batch[Pending] | None, list[Pending]]:
         with self._cond:
@@ -244,6 +291,13 @@ class Worker:
     def _run_batch(self, batch: Batch[Pending]) -> list[Answer]:
         """Run one batch; return the answers of the requests it completed."""
         assert self.model is not None
+        suspects = [part.item.entry_id for part in batch.parts if part.item.suspect]
+        if suspects:
+            # Count this run before it starts: if it kills us, the count says so.
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id in suspects:
+                pipe.hincrby(keys.attempts(self.config.name), entry_id, 1)
+            pipe.execute()
         try:
             outputs = self.model(_assemble(batch, self.model.inputs))
             self._store_outputs(batch, outputs)
@@ -299,12 +353,14 @@ class Worker:
             merged[self.model.output_names[0]] if self.model.single_output else merged
         )
         self.stats.requests += 1
-        return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, outputs=outputs)
+        return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, outputs=outputs,
+                      suspect=p.suspect)  # fmt: skip
 
     def _answer_error(self, p: Pending, error: RequestError) -> Answer:
         self.stats.requests += 1
         self.stats.errors += 1
-        return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, error=error)
+        return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, error=error,
+                      suspect=p.suspect)  # fmt: skip
 
     # --- reader -----------------------------------------------------------------------
 
@@ -313,11 +369,23 @@ class Worker:
         conn = redis.Redis.from_url(self.config.redis_url, socket_timeout=READ_BLOCK_MS / 1000 + 10)
         count = self.config.max_batch_size
         backoff = 0.05
+        # Take over entries of dead workers this often (and the idle consumers now and then).
+        claim_every = max(0.1, self.config.claim_idle_ms / 2000)
+        next_claim = time.monotonic() + claim_every
+        next_prune = time.monotonic() + 60
         try:
+            self._take_over(conn, self.claims.inherit(conn, self.inherit_from))
             while not self._stopping.is_set():
                 if not self._wait_for_room():
                     continue
                 try:
+                    now = time.monotonic()
+                    if now >= next_claim:
+                        next_claim = now + claim_every
+                        self._take_over(conn, self.claims.autoclaim(conn))
+                    if now >= next_prune:
+                        next_prune = now + 60
+                        self.claims.prune_consumers(conn)
                     reply = conn.xreadgroup(
                         keys.GROUP,
                         self.worker_id,
@@ -339,6 +407,44 @@ class Worker:
             with self._cond:
                 self._cond.notify_all()
 
+    def _take_over(self, conn: redis.Redis, entries: Entries) -> None:
+        """Entries taken from dead workers: dead-letter those delivered too many times,
+        batch the rest like new ones."""
+        if not entries:
+            return
+        counts = self.claims.delivery_counts(conn, entries)
+        runs = self.claims.fatal_runs(conn, keys.attempts(self.config.name), entries)
+        limit = self.config.max_deliveries
+        fresh: Entries = []
+        dead: list[Answer] = []
+        for (entry_id, fields), count, fatal in zip(entries, counts, runs, strict=True):
+            if fatal >= limit:
+                reason = (
+                    f"delivered {count} times; {fatal} runs of it killed their worker"
+                    f" (max_deliveries={limit})"
+                )
+            elif count > SAFETY_DELIVERIES * limit:
+                reason = f"delivered {count} times without an answer (max_deliveries={limit})"
+            else:
+                fresh.append((entry_id, fields))
+                continue
+            dead.append(self._dead_letter(entry_id, fields, reason))
+        if dead:
+            log.error("dead-lettering %d requests: their workers kept dying", len(dead))
+            with self._hand_lock:
+                self._in_hand.update(a.entry_id for a in dead)
+            self._answers.put(dead)
+        self._accept(fresh, drained=None, suspect=True)
+
+    def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> Answer:
+        request_id, reply = _header(fields)
+        keep_s = 0
+        with contextlib.suppress(InvalidInput):  # only to honour keep; the body may be bad
+            keep_s = wire.decode_request_body(fields.get(keys.FIELD_BODY), self.limits).keep_s
+        error = DeadLettered(f"request set aside: {reason}", request_id=request_id)
+        return Answer(entry_id, request_id, reply, keep_s, error=error, dead_reason=reason,
+                      dead_fields=fields, suspect=True)  # fmt: skip
+
     def _wait_for_room(self) -> bool:
         with self._cond:
             if self.batcher.rows_waiting < self._max_rows_held:
@@ -346,30 +452,35 @@ class Worker:
             self._cond.wait(0.1)
             return False
 
-    def _accept(self, entries: Entries, *, drained: bool) -> None:
+    def _accept(self, entries: Entries, *, drained: bool | None, suspect: bool = False) -> None:
+        """Decode entries into the batcher (or answer them with an error). ``drained``: what
+        the read that brought them says of the queue (None: it says nothing). ``suspect``:
+        they were taken over from a worker that died, perhaps because of one of them; each
+        then runs in a batch of its own, so a request that kills its worker cannot take
+        its batch-mates to the dead-letter stream with it."""
+        with self._hand_lock:
+            self._in_hand.update(entry_id for entry_id, _ in entries)
         accepted: list[Pending] = []
         rejected: list[Answer] = []
         for entry_id, fields in entries:
-            outcome = self._decode(entry_id, fields)
+            outcome = self._decode(entry_id, fields, suspect=suspect)
             (accepted if isinstance(outcome, Pending) else rejected).append(outcome)  # type: ignore[arg-type]
         if rejected:
             self._answers.put(rejected)
         with self._cond:
             for p in accepted:
                 self.batcher.add(p)
-            self.batcher.drained = drained
+            if drained is not None:
+                self.batcher.drained = drained
             self._cond.notify_all()
 
-    def _decode(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Pending | Answer:
-        raw_id = fields.get(keys.FIELD_ID)
-        reply = fields.get(keys.FIELD_REPLY, b"")
-        try:
-            request_id = raw_id.decode() if isinstance(raw_id, bytes) else None
-            reply_key = reply.decode()
-        except UnicodeDecodeError:
-            request_id = None
+    def _decode(
+        self, entry_id: bytes, fields: dict[bytes, bytes], *, suspect: bool = False
+    ) -> Pending | Answer:
+        request_id, reply_key = _header(fields)
         if not request_id:
-            return Answer(entry_id, None, "", 0, dead_fields=fields)
+            return Answer(entry_id, None, "", 0, dead_reason="unreadable request id",
+                          dead_fields=fields)  # fmt: skip
         keep_s = 0
         try:
             body = wire.decode_request_body(fields.get(keys.FIELD_BODY), self.limits)
@@ -393,7 +504,8 @@ class Worker:
             arrays=fitted.arrays,
             rows=fitted.rows,
             unbatched=fitted.unbatched,
-            group=fitted.group,
+            group=("alone", entry_id) if suspect else fitted.group,
+            suspect=suspect,
             arrival=arrival,
             deadline=deadline,
         )
@@ -421,55 +533,70 @@ class Worker:
             self._post(answers)
 
     def _post(self, answers: list[Answer]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        reply_keys: set[str] = set()
-        dead = 0
-        for a in answers:
-            if a.dead_fields is not None:
-                dead += 1
-                fields: dict[Any, Any] = {**a.dead_fields, b"reason": b"unreadable request id"}
-                fields[b"entry"] = a.entry_id
-                pipe.xadd(keys.dead_letters(self.config.name), fields)
-                continue
-            assert a.request_id is not None
-            try:
-                payload = (
-                    wire.encode_error(a.request_id, a.error)
-                    if a.error is not None
-                    else wire.encode_result(a.request_id, a.outputs)  # type: ignore[arg-type]
-                )
-            except Exception as e:  # e.g. an output dtype the wire does not carry
-                payload = wire.encode_error(a.request_id, ModelError(f"cannot send result: {e}"))
-            if a.reply:
-                pipe.rpush(a.reply, payload)
-                reply_keys.add(a.reply)
-            if a.keep_s:
-                kept = keys.kept_result(a.request_id)
-                pipe.delete(kept)
-                pipe.rpush(kept, payload)
-                pipe.expire(kept, a.keep_s)
-        for key in reply_keys:
-            pipe.expire(key, self.config.result_ttl_s)
+        payloads = [self._encode(a) for a in answers]
+        reply_keys = {a.reply for a in answers if a.reply and a.request_id is not None}
         entry_ids = [a.entry_id for a in answers]
-        pipe.xack(self.stream, keys.GROUP, *entry_ids)
-        pipe.xdel(self.stream, *entry_ids)
-        for attempt in range(5):
+        for attempt in range(6):
+            # A pipeline is emptied by execute(), even a failed one: fill a new one each time.
+            pipe = self.redis.pipeline(transaction=False)
+            for a, payload in zip(answers, payloads, strict=True):
+                if a.dead_reason is not None:
+                    fields: dict[Any, Any] = {**(a.dead_fields or {})}
+                    fields.update({b"reason": a.dead_reason, b"entry": a.entry_id})
+                    pipe.xadd(keys.dead_letters(self.config.name), fields)
+                if payload is None:
+                    continue
+                if a.reply:
+                    pipe.rpush(a.reply, payload)
+                if a.keep_s:
+                    kept = keys.kept_result(cast(str, a.request_id))
+                    pipe.delete(kept)
+                    pipe.rpush(kept, payload)
+                    pipe.expire(kept, a.keep_s)
+            for key in reply_keys:
+                pipe.expire(key, self.config.result_ttl_s)
+            suspects = [a.entry_id for a in answers if a.suspect]
+            if suspects:
+                pipe.hdel(keys.attempts(self.config.name), *suspects)
+            pipe.xack(self.stream, keys.GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
             try:
                 pipe.execute()
                 break
             except redis.RedisError as e:
-                # Unanswered entries stay pending and are reclaimed later: nothing is lost.
+                # Unposted entries stay pending, are taken over later: nothing is lost.
                 log.warning("writer: %s (attempt %d)", e, attempt + 1)
-                self._stopping.wait(0.2 * 2**attempt)
-        if dead:
-            log.warning("dead-lettered %d entries without a readable request id", dead)
+                time.sleep(0.1 * 2**attempt)
+        with self._hand_lock:
+            self._in_hand.difference_update(entry_ids)
+
+    def _encode(self, a: Answer) -> bytes | None:
+        if a.request_id is None:
+            return None
+        if a.error is not None:
+            return wire.encode_error(a.request_id, a.error)
+        try:
+            return wire.encode_result(a.request_id, cast(wire.Outputs, a.outputs))
+        except Exception as e:  # e.g. an output dtype the wire does not carry
+            error = ModelError(f"cannot send the result: {e}", request_id=a.request_id)
+            return wire.encode_error(a.request_id, error)
 
     # --- heartbeat --------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        interval = self.config.heartbeat_s
+        """Heartbeat, renew the claims on what we hold, keep the clock offset fresh, and
+        stop if the supervisor is gone (an orphan worker would serve on unsupervised)."""
+        interval = min(self.config.heartbeat_s, self.config.claim_idle_ms / 3000 or 1.0)
+        self._process.cpu_percent(None)  # starts the CPU measurement
         while not self._stopping.wait(interval):
+            if os.getppid() != self._parent_pid:
+                log.error("supervisor (pid %d) is gone; draining", self._parent_pid)
+                self.stop()
+                return
             try:
+                with self._hand_lock:
+                    held = list(self._in_hand)
+                self.claims.renew(self.redis, held)
                 self._heartbeat("ready")
                 self._sync_clock()
             except redis.RedisError as e:
@@ -485,14 +612,19 @@ class Worker:
         fields: dict[FieldT, EncodableT] = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "slot": self.slot,
             "device": self.device or "cpu",
             "model": self.config.name,
-            "state": state,
+            "state": "draining" if self._stopping.is_set() and state == "ready" else state,
             "batches": self.stats.batches,
             "requests": self.stats.requests,
             "rows": self.stats.rows,
             "errors": self.stats.errors,
+            "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
+            "cpu_percent": self._process.cpu_percent(None),
+            "started": self._started,
             "updated": time.time(),
+            **self.settings,
         }
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)
@@ -526,28 +658,44 @@ def _deadline_error(p: Pending) -> DeadlineExceeded:
     )
 
 
+def _header(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
+    """The request id (None if unreadable) and reply list of a stream entry."""
+    try:
+        raw_id = fields.get(keys.FIELD_ID)
+        request_id = raw_id.decode() if isinstance(raw_id, bytes) else None
+        reply = fields.get(keys.FIELD_REPLY, b"").decode()
+    except UnicodeDecodeError:
+        return None, ""
+    return request_id, reply
+
+
 def worker_main(
-    config: PoolConfig,
-    worker_id: str,
-    device: str | None,
-    threads: tuple[int, int],
-    stop: Event,
-    ready: Event,
+    config: PoolConfig, slot: Slot, inherit_from: list[str], stop: Event, ready: Event
 ) -> None:
     """Entry point of a spawned worker process. Sets the device environment *before*
     TensorFlow is imported, so that a worker sees only its own GPU."""
-    if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
-    else:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab a GPU
+    # An empty CUDA_VISIBLE_DEVICES keeps a CPU worker off every GPU.
+    os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    worker_id = consumer_name(os.getpid())
     logging.basicConfig(
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
     )
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = Worker(config, worker_id=worker_id, device=device, stop=stop, ready=ready)
+    for module in config.preload:  # custom layers and ops register themselves on import
+        importlib.import_module(module)
+    from workers.model import configure_tensorflow
+
+    settings = configure_tensorflow(
+        intra_op_threads=slot.intra_op_threads or None,
+        inter_op_threads=slot.inter_op_threads or None,
+    )
+    worker = Worker(
+        config, worker_id=worker_id, slot=slot.index, device=slot.device,
+        inherit_from=inherit_from, settings=settings, stop=stop, ready=ready,
+    )  # fmt: skip
 
     def on_term(signum: int, frame: object) -> None:
         if worker._stopping.is_set():
@@ -555,13 +703,15 @@ def worker_main(
         worker.stop()
 
     signal.signal(signal.SIGTERM, on_term)
-    from workers.model import configure_tensorflow
-
-    intra, inter = threads
-    configure_tensorflow(intra_op_threads=intra or None, inter_op_threads=inter or None)
     try:
         code = worker.run()
     except Exception:
         log.exception("worker %s failed", worker_id)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
     raise SystemExit(code)
+
+
+def consumer_name(pid: int) -> str:
+    """A worker's consumer name in the group (and heartbeat id): host and pid, so that the
+    supervisor can name the consumer of a worker it saw die."""
+    return f"{socket.gethostname()}:{pid}"

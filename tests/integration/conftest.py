@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,21 +41,30 @@ PoolFactory = Callable[..., Supervisor]
 
 @pytest.fixture(scope="module")
 def start_pool(redis_url: str) -> Iterator[PoolFactory]:
-    """Start a pool (one CPU worker unless told) and wait until it is ready; every pool
-    started is drained when the module ends."""
-    started: list[Supervisor] = []
+    """Start a pool (CPU workers, one intra-op thread each, unless ``slots`` says) with a
+    supervisor loop in a thread that restarts crashed workers, and wait until it is ready.
+    Every pool started is drained when the module ends."""
+    started: list[tuple[Supervisor, threading.Event, threading.Thread]] = []
 
-    def start(model: str, *, workers: int = 1, **options: object) -> Supervisor:
-        config = PoolConfig(model=model, redis_url=redis_url, workers=workers, **options)  # type: ignore[arg-type]
-        slots = [Slot(i, None, 1, 1) for i in range(workers)]
+    def start(
+        model: str, *, workers: int = 1, slots: list[Slot] | None = None, **options: Any
+    ) -> Supervisor:
+        config = PoolConfig(model=model, redis_url=redis_url, workers=workers, **options)
+        if slots is None:
+            slots = [Slot(i, None, 1, 1) for i in range(workers)]
         supervisor = Supervisor(config, slots=slots)
         supervisor.start()
-        started.append(supervisor)
         assert supervisor.wait_ready(timeout=120), "pool did not become ready"
+        until = threading.Event()
+        monitor = threading.Thread(target=supervisor.monitor, args=(until,), daemon=True)
+        monitor.start()
+        started.append((supervisor, until, monitor))
         return supervisor
 
     yield start
-    for supervisor in started:
+    for supervisor, until, monitor in started:
+        until.set()
+        monitor.join()
         supervisor.drain(timeout=30)
 
 

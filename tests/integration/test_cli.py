@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import re
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import IO, cast
 
 import numpy as np
 import pytest
-import redis
 
 from tests.integration import models
+from tests.integration.helpers import TFPOOL, URL_LINE, heartbeats, redis_is_up
 from tests.waiting import wait_until
-
-TFPOOL = [
-    shutil.which("tfpool") or sys.executable,
-    *([] if shutil.which("tfpool") else ["-m", "workers.cli"]),
-]
-URL_LINE = re.compile(r"started a private redis-server at (redis://\S+)")
-
-
-def _redis_is_up(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-    finally:
-        client.close()
 
 
 def test_demo_prints_results_and_stops_its_private_redis() -> None:
@@ -45,18 +26,7 @@ def test_demo_prints_results_and_stops_its_private_redis() -> None:
     assert "tfpool demo: done" in done.stdout
     match = URL_LINE.search(done.stdout)
     assert match is not None, done.stdout
-    assert not _redis_is_up(match.group(1))
-
-
-def _ready_workers(url: str, model: str) -> list[dict[bytes, bytes]]:
-    client = redis.Redis.from_url(url)
-    try:
-        hashes = [
-            cast(dict[bytes, bytes], client.hgetall(k)) for k in client.scan_iter("tfpool:worker:*")
-        ]
-    finally:
-        client.close()
-    return [h for h in hashes if h.get(b"model") == model.encode() and h.get(b"state") == b"ready"]
+    assert not redis_is_up(match.group(1))
 
 
 def test_serve_on_private_redis_then_predict_then_sigterm_drains(
@@ -72,7 +42,7 @@ def test_serve_on_private_redis_then_predict_then_sigterm_drains(
         match = URL_LINE.search(line)
         assert match is not None, line
         url = match.group(1)
-        wait_until(lambda: _ready_workers(url, "cli-mlp"), timeout=120, what="a ready worker")
+        wait_until(lambda: heartbeats(url, "cli-mlp"), timeout=120, what="a ready worker")
 
         x = np.random.default_rng(5).standard_normal((6, 8)).astype(np.float32)
         np.save(tmp_path / "x.npy", x)
@@ -95,7 +65,7 @@ def test_serve_on_private_redis_then_predict_then_sigterm_drains(
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
-        assert not _redis_is_up(url)
+        assert not redis_is_up(url)
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -1,0 +1,40 @@
+"""A model that kills its worker process when it sees a marker value: the poison pill of
+the fault tests. Workers import this module (``preload``) so the layer can be loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+#: A row whose first value is this kills the worker that runs it.
+MARKER = 666.0
+
+
+@keras.saving.register_keras_serializable(package="tfpool_tests")
+class ExitOnMarker(keras.layers.Layer):
+    """Passes its input through; exits the process (code 17) if any value is MARKER."""
+
+    def call(self, x: Any) -> Any:
+        def check(values: Any) -> Any:
+            if np.any(values.numpy() == MARKER):
+                os._exit(17)
+            return values
+
+        y = tf.py_function(check, [x], x.dtype)
+        y.set_shape(x.shape)
+        return y
+
+
+def build_poison_model(directory: Path) -> str:
+    """x [*, 4] -> ExitOnMarker -> Dense(2): ordinary outputs unless a row holds MARKER."""
+    keras.utils.set_random_seed(11)
+    x = keras.Input((4,), name="x")
+    y = keras.layers.Dense(2, name="y")(ExitOnMarker()(x))
+    path = str(directory / "poison.keras")
+    keras.Model(x, y).save(path)
+    return path

@@ -1,0 +1,274 @@
+"""Fault tolerance with real processes and real signals: placement, crashes, poison
+requests, draining, several supervisors, orphans, the memory watchdog, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import redis
+
+from queueing import Client, DeadLettered, keys
+from tests.integration import models
+from tests.integration.conftest import PoolFactory
+from tests.integration.helpers import (
+    TFPOOL,
+    heartbeats,
+    start_serve,
+    stop_process,
+)
+from tests.integration.poison import MARKER, build_poison_model
+from tests.waiting import wait_until
+from workers.config import PoolConfig
+from workers.placement import plan
+from workers.supervisor import Supervisor
+
+
+def _kill_a_ready_worker(supervisor: Supervisor, killed: list[int]) -> None:
+    """SIGKILL one worker, once every slot runs a ready process not killed before (so that
+    each kill hits a serving worker, not one still loading or already dead)."""
+
+    def live_pids() -> list[int] | None:
+        pids = []
+        for h in supervisor.handles:
+            pid = h.process.pid if h.process is not None else None
+            if pid is None or pid in killed or not h.ready.is_set() or not h.process.is_alive():  # type: ignore[union-attr]
+                return None
+            pids.append(pid)
+        return pids
+
+    pids = wait_until(live_pids, timeout=120, what="every slot serving")
+    victim = pids[len(killed) % len(pids)]
+    os.kill(victim, signal.SIGKILL)
+    killed.append(victim)
+
+
+def test_one_worker_per_listed_gpu_each_seeing_only_its_device(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str
+) -> None:
+    config = PoolConfig(model=mlp_path, name="placed", devices=["0", "1"])
+    slots = plan(config, cores=2)
+    assert [(s.device, s.intra_op_threads) for s in slots] == [("0", 1), ("1", 1)]
+    start_pool(mlp_path, name="placed", devices=["0", "1"], slots=slots)
+
+    def two_beats() -> list[dict[str, str]] | None:
+        beats = heartbeats(redis_url, "placed")
+        return beats if len(beats) == 2 else None
+
+    beats = wait_until(two_beats, what="two heartbeats")
+    by_device = {b["device"]: b for b in beats}
+    assert sorted(by_device) == ["0", "1"]
+    for device, beat in by_device.items():
+        # Set in the child before TensorFlow was imported; read back from its environment.
+        assert beat["cuda_visible_devices"] == device
+        assert beat["intra_op_threads"] == "1"
+        assert beat["inter_op_threads"] == "0" or beat["inter_op_threads"] == "1"
+        # This machine has no GPU: TensorFlow sees none, and says so.
+        assert beat["visible_gpus"] == "0"
+        assert beat["memory_growth"] == "n/a"
+
+    # `tfpool status` shows what was set up, as a table and as JSON.
+    table = subprocess.run([*TFPOOL, "status", "--redis-url", redis_url], capture_output=True,
+                           text=True, timeout=60, check=True).stdout  # fmt: skip
+    placed_rows = [line.split() for line in table.splitlines() if " placed " in line]
+    assert sorted(row[3] for row in placed_rows) == ["0", "1"]
+    assert all(row[5] == "ready" for row in placed_rows)
+    status = json.loads(subprocess.run([*TFPOOL, "status", "--redis-url", redis_url, "--json"],
+                        capture_output=True, text=True, timeout=60, check=True).stdout)  # fmt: skip
+    model = next(m for m in status["models"] if m["name"] == "placed")
+    assert model["waiting"] == 0 and model["pending"] == 0 and model["dead_letters"] == 0
+    assert model["inputs"] == "x: float32 [*, 8]"
+    assert model["max_queue"] == 100_000
+
+
+def test_sigkill_workers_under_load_loses_and_repeats_nothing(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str
+) -> None:
+    supervisor = start_pool(mlp_path, name="chaos", workers=2, max_batch_size=8,
+                            claim_idle_ms=1000, max_deliveries=5)  # fmt: skip
+    total, producers = 1200, 4
+    x = np.random.default_rng(2).standard_normal((total, 8)).astype(np.float32)
+    want = next(iter(models.keras_outputs(mlp_path, x).values()))
+    results: dict[int, np.ndarray] = {}
+    duplicates: list[int] = []
+
+    def produce(index: int) -> None:
+        share = range(index * total // producers, (index + 1) * total // producers)
+        with Client(redis_url) as c:
+            for start in range(share.start, share.stop, 10):
+                rows = range(start, min(start + 10, share.stop))
+                futures = c.submit_many("chaos", [x[i] for i in rows])
+                for i, f in zip(rows, futures, strict=True):
+                    results[i] = np.asarray(c.wait(f, timeout=120))
+            duplicates.append(c.duplicates_ignored)
+
+    killed: list[int] = []
+    with ThreadPoolExecutor(producers) as pool:
+        running = [pool.submit(produce, i) for i in range(producers)]
+        for threshold in (150, 450, 750):
+            wait_until(lambda t=threshold: len(results) >= t, timeout=120, what="progress")  # type: ignore[misc]
+            _kill_a_ready_worker(supervisor, killed)
+        for r in running:
+            r.result(timeout=300)
+
+    def crashed_pids() -> list[int]:
+        return sorted(pid for kind, _, pid in supervisor.events if kind == "crash")
+
+    wait_until(lambda: crashed_pids() == sorted(killed), timeout=30, what="every kill reaped")
+    print(f"\nchaos: sent {total}, answered {len(results)}, worker kills {len(killed)},"
+          f" duplicates suppressed {sum(duplicates)}, dead-lettered 0")  # fmt: skip
+    assert sorted(results) == list(range(total))  # every request answered, none lost
+    got = np.stack([results[i] for i in range(total)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    conn = redis.Redis.from_url(redis_url)
+    assert conn.xlen(keys.stream("chaos")) == 0  # nothing left behind
+    assert conn.xlen(keys.dead_letters("chaos")) == 0
+    conn.close()
+
+
+def test_poison_request_is_dead_lettered_while_other_traffic_flows(
+    start_pool: PoolFactory, model_dir: Path, redis_url: str
+) -> None:
+    path = build_poison_model(model_dir)
+    supervisor = start_pool(path, name="poison", workers=2, max_batch_size=4, claim_idle_ms=1000,
+                            max_deliveries=2, preload=["tests.integration.poison"])  # fmt: skip
+    rng = np.random.default_rng(4)
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def steady_traffic() -> None:
+        with Client(redis_url) as c:
+            while not stop.is_set():
+                rows = rng.standard_normal((3, 4)).astype(np.float32)
+                out = c.predict("poison", rows, timeout=120)
+                assert np.asarray(out).shape == (3, 2)
+                answered.append(3)
+
+    with ThreadPoolExecutor(2) as pool:
+        traffic = [pool.submit(steady_traffic) for _ in range(2)]
+        with Client(redis_url) as c:
+            wait_until(lambda: len(answered) >= 5, timeout=60, what="traffic flowing")
+            pill = np.full(4, MARKER, np.float32)
+            future = c.submit("poison", pill, keep=True)
+            with pytest.raises(DeadLettered, match="delivered 3 times"):
+                c.wait(future, timeout=180)
+            before = len(answered)
+            wait_until(lambda: len(answered) >= before + 5, timeout=120, what="traffic after")
+        stop.set()
+        for t in traffic:
+            t.result(timeout=180)  # raises if any good request failed
+
+    crashes = [e for e in supervisor.events if e[0] == "crash"]
+    assert 2 <= len(crashes) <= 3  # one death per delivery, never a good request's
+    conn = redis.Redis.from_url(redis_url)
+    dead = cast(list[Any], conn.xrange(keys.dead_letters("poison")))
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"id"].decode() == future.request_id
+    assert b"max_deliveries=2" in fields[b"reason"]
+    with Client(redis_url) as other, pytest.raises(DeadLettered):
+        other.result(future.request_id, timeout=10)  # kept results say so too
+    conn.close()
+
+
+def test_sigterm_under_load_answers_what_was_read_and_leaves_the_rest(
+    mlp_path: str, redis_url: str, start_pool: PoolFactory
+) -> None:
+    serve = start_serve("--model", mlp_path, "--name", "drain", "--redis-url", redis_url,
+                        "--workers", "1", "--max-batch-size", "8")  # fmt: skip
+    try:
+        wait_until(lambda: heartbeats(redis_url, "drain"), timeout=120, what="ready worker")
+        x = np.random.default_rng(6).standard_normal((3000, 8)).astype(np.float32)
+        with Client(redis_url) as c:
+            futures = c.submit_many("drain", list(x))
+            wait_until(lambda: sum(f.done() for f in futures) >= 200, timeout=60, what="progress")
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(timeout=60) == 0
+            conn = redis.Redis.from_url(redis_url)
+            # Every entry a worker read was answered and acked: none is left pending.
+            groups: list[Any] = conn.xinfo_groups(keys.stream("drain"))
+            assert groups[0]["pending"] == 0
+            left: int = conn.xlen(keys.stream("drain"))
+            conn.close()
+            answered = sum(f.done() for f in futures)
+            assert all(f.exception() is None for f in futures if f.done())
+            assert left > 0 and answered + left == len(futures)
+            # The rest wait in the stream for the next pool, which answers them.
+            start_pool(mlp_path, name="drain")
+            got = np.stack([np.asarray(c.wait(f, timeout=120)) for f in futures])
+        want = next(iter(models.keras_outputs(mlp_path, x).values()))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        stop_process(serve)
+
+
+def test_two_supervisors_share_the_load_and_survive_one_dying(
+    mlp_path: str, redis_url: str
+) -> None:
+    common = ["--model", mlp_path, "--name", "shared", "--redis-url", redis_url, "--workers", "1",
+              "--max-batch-size", "8", "--claim-idle-ms", "1500"]  # fmt: skip
+    first = start_serve(*common, new_session=True)
+    second = start_serve(*common, new_session=True)
+    try:
+        wait_until(lambda: len(heartbeats(redis_url, "shared")) == 2, timeout=120, what="2 hosts")
+        x = np.random.default_rng(8).standard_normal((2000, 8)).astype(np.float32)
+        with Client(redis_url) as c:
+            futures = []
+            for start in range(0, 2000, 100):
+                futures += c.submit_many("shared", list(x[start : start + 100]))
+            wait_until(lambda: sum(f.done() for f in futures) >= 300, timeout=60, what="progress")
+            served = {b["pid"]: int(b["requests"]) for b in heartbeats(redis_url, "shared")}
+            os.killpg(first.pid, signal.SIGKILL)  # the supervisor and its worker, at once
+            got = np.stack([np.asarray(c.wait(f, timeout=120)) for f in futures])
+        want = next(iter(models.keras_outputs(mlp_path, x).values()))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert len(served) == 2
+    finally:
+        stop_process(first)
+        stop_process(second)
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(mlp_path: str, redis_url: str) -> None:
+    serve = start_serve("--model", mlp_path, "--name", "orphans", "--redis-url", redis_url,
+                        "--workers", "1", "--heartbeat-s", "0.2")  # fmt: skip
+    try:
+        beats = wait_until(lambda: heartbeats(redis_url, "orphans"), timeout=120, what="ready")
+        worker_pid = int(beats[0]["pid"])
+        serve.send_signal(signal.SIGKILL)
+        serve.wait(timeout=30)
+        wait_until(lambda: not _alive(worker_pid), timeout=30, what="the orphan to exit")
+    finally:
+        stop_process(serve)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: its parent (killed) no longer reaps it, init will.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_memory_watchdog_recycles_a_worker_and_requests_still_get_answers(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str
+) -> None:
+    # Any TensorFlow worker is over 50 MiB: it is recycled as soon as it is ready.
+    supervisor = start_pool(mlp_path, name="leaky", workers=1, memory_limit_mb=50)
+    wait_until(lambda: any(e[0] == "recycle" for e in supervisor.events), timeout=60,
+               what="a recycle")  # fmt: skip
+    x = np.ones((2, 8), np.float32)
+    with Client(redis_url) as c:
+        out = c.predict("leaky", x, timeout=120)
+    want = next(iter(models.keras_outputs(mlp_path, x).values()))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
+    assert not any(e[0] == "crash" for e in supervisor.events)

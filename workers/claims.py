@@ -1,0 +1,146 @@
+"""Who holds which request: taking over the pending entries of dead workers, keeping our
+own from being taken while we are alive, and counting deliveries.
+
+A request read with XREADGROUP stays in the group's pending entries list (PEL) under the
+reading worker's consumer name until it is acked. If that worker dies, nobody acks it:
+
+* its successor on the same slot takes the dead consumer's entries over at start
+  (:meth:`Claims.inherit`), which is fast;
+* every worker also takes over any entry idle for longer than ``claim_idle_ms``
+  (:meth:`Claims.autoclaim`), which covers a whole host dying.
+
+Taking over counts as a delivery (XCLAIM and XAUTOCLAIM increment the counter). An entry
+delivered more than ``max_deliveries`` times has killed every worker that took it: it goes
+to the dead-letter stream. A live worker renews the entries it holds with ``XCLAIM ...
+JUSTID`` (which resets their idle time without counting a delivery), so a long batch is
+never taken from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, cast
+
+import redis
+
+from queueing import keys
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+#: Consumers with nothing pending and idle this long are removed from the group (a live
+#: worker's next read recreates its consumer, so removing an idle one is always safe).
+PRUNE_IDLE_MS = 10 * 60 * 1000
+
+
+class Claims:
+    """The claim operations of one worker (consumer ``consumer``) on one stream."""
+
+    def __init__(
+        self, *, stream: str, consumer: str, claim_idle_ms: int, max_deliveries: int, batch: int
+    ) -> None:
+        self.stream = stream
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.batch = batch
+        self._autoclaim_cursor = "0-0"
+
+    def inherit(self, conn: redis.Redis, predecessors: Iterable[str]) -> list[Entry]:
+        """Take over every entry pending under ``predecessors`` (dead consumers of this
+        slot), then remove them from the group."""
+        taken: list[Entry] = []
+        for dead in predecessors:
+            while True:
+                rows = cast(
+                    list[dict[str, Any]],
+                    conn.xpending_range(
+                        self.stream, keys.GROUP, min="-", max="+", count=self.batch,
+                        consumername=dead,
+                    ),
+                )  # fmt: skip
+                if not rows:
+                    break
+                ids = [row["message_id"] for row in rows]
+                claimed: list[Any] = conn.xclaim(self.stream, keys.GROUP, self.consumer, 0, ids)
+                taken += _live(claimed)
+                self._drop_deleted(conn, ids, claimed)
+            conn.xgroup_delconsumer(self.stream, keys.GROUP, dead)
+        if taken:
+            log.warning("took over %d requests from %s", len(taken), ", ".join(predecessors))
+        return taken
+
+    def autoclaim(self, conn: redis.Redis) -> list[Entry]:
+        """Take over entries idle longer than ``claim_idle_ms``, whoever held them."""
+        reply: list[Any] = conn.xautoclaim(
+            self.stream, keys.GROUP, self.consumer, self.claim_idle_ms,
+            start_id=self._autoclaim_cursor, count=self.batch,
+        )  # fmt: skip
+        cursor, claimed = reply[0], reply[1]
+        self._autoclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        taken = _live(claimed)
+        if taken:
+            log.warning("took over %d requests idle for over %d ms", len(taken),
+                        self.claim_idle_ms)  # fmt: skip
+        return taken
+
+    def delivery_counts(self, conn: redis.Redis, entries: list[Entry]) -> list[int]:
+        """How many times each entry has been delivered, this delivery included."""
+        if not entries:
+            return []
+        pipe = conn.pipeline(transaction=False)
+        for entry_id, _ in entries:
+            pipe.xpending_range(self.stream, keys.GROUP, min=entry_id, max=entry_id, count=1)
+        return [int(rows[0]["times_delivered"]) if rows else 1 for rows in pipe.execute()]
+
+    def fatal_runs(self, conn: redis.Redis, attempts_key: str, entries: list[Entry]) -> list[int]:
+        """For entries just taken over: how many of their runs were under way when a worker
+        died, at most. The first run, in a batch with others, is counted as fatal (it may
+        have been); after that a taken-over entry runs alone and each run is recorded in
+        ``attempts_key`` before it starts."""
+        if not entries:
+            return []
+        recorded = conn.hmget(attempts_key, [entry_id for entry_id, _ in entries])
+        return [1 + int(value or 0) for value in recorded]
+
+    def renew(self, conn: redis.Redis, entry_ids: list[Any]) -> None:
+        """Reset the idle time of the entries we hold (no delivery is counted)."""
+        for start in range(0, len(entry_ids), 1000):
+            conn.xclaim(
+                self.stream, keys.GROUP, self.consumer, 0, entry_ids[start : start + 1000],
+                justid=True,
+            )  # fmt: skip
+
+    def prune_consumers(self, conn: redis.Redis) -> int:
+        """Remove consumers with nothing pending that have been idle a long time (workers
+        that exited or died and whose entries were taken over). Returns how many."""
+        removed = 0
+        consumers: list[dict[str, Any]] = conn.xinfo_consumers(self.stream, keys.GROUP)
+        for info in consumers:
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name != self.consumer and info["pending"] == 0 and info["idle"] > PRUNE_IDLE_MS:
+                conn.xgroup_delconsumer(self.stream, keys.GROUP, name)
+                removed += 1
+        return removed
+
+    def release_if_idle(self, conn: redis.Redis) -> None:
+        """At a clean exit: remove our consumer if nothing is pending under it."""
+        rows = conn.xpending_range(
+            self.stream, keys.GROUP, min="-", max="+", count=1, consumername=self.consumer
+        )
+        if not rows:
+            conn.xgroup_delconsumer(self.stream, keys.GROUP, self.consumer)
+
+    def _drop_deleted(self, conn: redis.Redis, ids: list[Any], claimed: list[Any]) -> None:
+        # An entry deleted from the stream while pending comes back without fields (or not
+        # at all): nothing to answer, so just clear it from the PEL.
+        alive = {entry[0] for entry in claimed if entry and entry[1]}
+        gone = [i for i in ids if (i.encode() if isinstance(i, str) else i) not in alive]
+        if gone:
+            conn.xack(self.stream, keys.GROUP, *gone)
+
+
+def _live(claimed: list[Any]) -> list[Entry]:
+    return [(entry[0], entry[1]) for entry in claimed if entry and entry[1]]

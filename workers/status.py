@@ -1,0 +1,139 @@
+"""``tfpool status``: every worker of every host, and each model's queue, from Redis alone.
+
+Workers publish a heartbeat hash with a TTL, so a dead worker drops out of the list within
+three heartbeats; the queue figures come from the streams themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from queueing import keys
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model's queue: ``waiting`` not yet read, ``pending`` read and not yet answered
+    (held by a worker, or by a dead one until taken over), ``dead_letters`` set aside."""
+
+    name: str
+    waiting: int
+    pending: int
+    dead_letters: int
+    consumers: int
+    max_queue: int
+    inputs: str
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    workers: list[dict[str, str]]
+    models: list[ModelStatus]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"workers": self.workers, "models": [asdict(m) for m in self.models]}
+
+
+def collect(conn: redis.Redis) -> PoolStatus:
+    """Read the status of every pool on this Redis."""
+    workers = []
+    for key in conn.scan_iter(match=keys.WORKER_PATTERN, count=500):
+        fields: dict[bytes, bytes] = conn.hgetall(key)  # type: ignore[assignment]
+        if fields:
+            workers.append({k.decode(): v.decode() for k, v in fields.items()})
+    workers.sort(key=lambda w: (w.get("model", ""), w.get("host", ""), int(w.get("slot", 0))))
+    names = sorted(n.decode() for n in conn.smembers(keys.MODELS))  # type: ignore[union-attr]
+    return PoolStatus(workers=workers, models=[_model_status(conn, n) for n in names])
+
+
+def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
+    stream = keys.stream(name)
+    pipe = conn.pipeline(transaction=False)
+    pipe.xlen(stream)
+    pipe.xlen(keys.dead_letters(name))
+    pipe.hgetall(keys.model_info(name))
+    length, dead, info = pipe.execute()
+    pending, consumers = 0, 0
+    try:
+        groups: list[dict[str, Any]] = conn.xinfo_groups(stream)
+        for group in groups:
+            if group["name"] in (keys.GROUP, keys.GROUP.encode()):
+                pending, consumers = int(group["pending"]), int(group["consumers"])
+    except redis.ResponseError:  # no stream yet
+        pass
+    return ModelStatus(
+        name=name,
+        # Answered entries are deleted: what the stream holds is waiting or pending.
+        waiting=max(0, int(length) - pending),
+        pending=pending,
+        dead_letters=int(dead),
+        consumers=consumers,
+        max_queue=int(info.get(b"max_queue", 0)),
+        inputs=info.get(b"inputs", b"").decode(),
+    )
+
+
+def render(status: PoolStatus, *, now: float | None = None) -> str:
+    """A plain-text report: a workers table, then a models table."""
+    now = time.time() if now is None else now
+    lines = []
+    header = ("HOST", "PID", "SLOT", "DEVICE", "MODEL", "STATE", "BATCHES", "REQUESTS",
+              "RSS MiB", "CPU %", "UP")  # fmt: skip
+    rows = [
+        (
+            w.get("host", "?"),
+            w.get("pid", "?"),
+            w.get("slot", "?"),
+            w.get("device", "?"),
+            w.get("model", "?"),
+            w.get("state", "?"),
+            w.get("batches", "0"),
+            w.get("requests", "0"),
+            w.get("rss_mb", "?"),
+            w.get("cpu_percent", "?"),
+            _age(now - float(w.get("started", now))),
+        )
+        for w in status.workers
+    ]
+    lines.append(f"workers: {len(status.workers)}")
+    lines += _table(header, rows)
+    lines.append("")
+    lines.append(f"models: {len(status.models)}")
+    model_rows = [
+        (
+            m.name,
+            str(m.waiting),
+            str(m.pending),
+            str(m.dead_letters),
+            str(m.consumers),
+            str(m.max_queue or "none"),
+            m.inputs,
+        )
+        for m in status.models
+    ]
+    lines += _table(
+        ("MODEL", "WAITING", "PENDING", "DEAD", "CONSUMERS", "CAP", "INPUTS"), model_rows
+    )
+    return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
