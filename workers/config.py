@@ -66,7 +66,7 @@ class PoolConfig:
     heartbeat_s: float = 2.0
     #: A request another worker holds this long without progress is reclaimed.
     claim_idle_ms: int = 30_000
-    #: Deliveries before a request is dead-lettered (its workers kept dying on it).
+    #: Runs of a request that killed their worker before it is dead-lettered.
     max_deliveries: int = 3
     #: Recycle a worker whose RSS passes this many MiB (0: never).
     memory_limit_mb: int = 0

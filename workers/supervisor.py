@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
-from multiprocessing.synchronize import Event
+from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
 
 import psutil
@@ -49,14 +49,21 @@ class WorkerHandle:
     process: SpawnProcess | None = None
     worker_id: str = ""  # the live process's consumer name
     predecessors: list[str] = field(default_factory=list)  # dead consumers to take over
-    stop: Event = field(default_factory=_SPAWN.Event)
-    ready: Event = field(default_factory=_SPAWN.Event)
+    # Set to 1 by the worker once it serves. A flag in shared memory, polled: a
+    # multiprocessing.Event would hang its setter if a waiter were killed, and workers
+    # are killed here on purpose.
+    ready: Synchronized[int] = field(default_factory=lambda: _new_flag())
     started_at: float = 0.0
     restarts: int = 0
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
     ever_ready: bool = False
     recycling: bool = False
+
+    @property
+    def is_ready(self) -> bool:
+        """The current process has loaded, warmed up and started serving."""
+        return bool(self.ready.value)
 
 
 class Supervisor:
@@ -93,7 +100,8 @@ class Supervisor:
         without getting there, or on timeout."""
         give_up = time.monotonic() + timeout
         for handle in self.handles:
-            while not handle.ready.wait(0.1):
+            while not handle.is_ready:
+                time.sleep(0.05)
                 if handle.process is not None and not handle.process.is_alive():
                     return False
                 if time.monotonic() > give_up:
@@ -121,7 +129,7 @@ class Supervisor:
         recycle one whose memory is over the limit."""
         now = time.monotonic()
         for handle in self.handles:
-            if handle.ready.is_set() and not handle.ever_ready:
+            if handle.is_ready and not handle.ever_ready:
                 handle.ever_ready = True
                 log.info("worker %s (slot %d) is ready", handle.worker_id, handle.slot.index)
             process = handle.process
@@ -139,7 +147,7 @@ class Supervisor:
         ``timeout`` (their unanswered requests stay pending and are reclaimed later)."""
         self._draining.set()
         for handle in self.handles:
-            handle.stop.set()
+            _terminate(handle)
         give_up = time.monotonic() + timeout
         for handle in self.handles:
             if handle.process is None:
@@ -163,24 +171,26 @@ class Supervisor:
             if handle.process is not None:
                 handle.process.join()
 
-    def pids(self) -> list[int]:
-        """The pids of the live workers."""
+    def serving_pids(self) -> list[int]:
+        """The pids of the workers that are up and ready (not loading, not dead)."""
         return [
             h.process.pid
             for h in self.handles
-            if h.process is not None and h.process.pid is not None and h.process.is_alive()
+            if h.process is not None
+            and h.process.pid is not None
+            and h.is_ready
+            and h.process.is_alive()
         ]
 
     # --- internals ----------------------------------------------------------------------
 
     def _spawn(self, handle: WorkerHandle) -> None:
-        handle.stop = _SPAWN.Event()
-        handle.ready = _SPAWN.Event()
+        handle.ready = _new_flag()
         handle.recycling = False
         slot = handle.slot
         process = _SPAWN.Process(
             target=worker_main,
-            args=(self.config, slot, list(handle.predecessors), handle.stop, handle.ready),
+            args=(self.config, slot, list(handle.predecessors), handle.ready),
             name=f"tfpool-worker-{slot.index}",
             daemon=False,
         )
@@ -234,7 +244,7 @@ class Supervisor:
         limit = self.config.memory_limit_mb * 2**20
         for handle in self.handles:
             # Only a worker that has loaded: one still loading is small and growing.
-            if handle.process is None or handle.process.pid is None or not handle.ready.is_set():
+            if handle.process is None or handle.process.pid is None or not handle.is_ready:
                 continue
             try:
                 rss = psutil.Process(handle.process.pid).memory_info().rss
@@ -246,7 +256,7 @@ class Supervisor:
                     handle.worker_id, rss / 2**20, self.config.memory_limit_mb,
                 )  # fmt: skip
                 handle.recycling = True
-                handle.stop.set()
+                _terminate(handle)
                 return
 
     def _install_signal_handlers(self) -> None:
@@ -262,6 +272,17 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+
+def _new_flag() -> Synchronized[int]:
+    flag: Synchronized[int] = _SPAWN.Value("b", 0, lock=False)
+    return flag
+
+
+def _terminate(handle: WorkerHandle) -> None:
+    """Ask a worker to drain: SIGTERM (its handler finishes what it holds, then exits)."""
+    if handle.process is not None and handle.process.is_alive():
+        handle.process.terminate()
 
 
 def _describe_exit(code: int | None) -> str:

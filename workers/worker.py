@@ -46,7 +46,7 @@ from workers.placement import Slot
 from workers.spec import fit_inputs
 
 if TYPE_CHECKING:
-    from multiprocessing.synchronize import Event
+    from multiprocessing.sharedctypes import Synchronized
 
     from workers.model import LoadedModel
 
@@ -126,8 +126,7 @@ class Worker:
         device: str | None = None,
         inherit_from: Sequence[str] = (),
         settings: Mapping[FieldT, EncodableT] | None = None,
-        stop: Event | None = None,
-        ready: Event | None = None,
+        ready: Synchronized[int] | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -138,8 +137,7 @@ class Worker:
         self.stream = keys.stream(config.name)
         self.limits = config.limits()
         self.stats = WorkerStats()
-        self._stop_event = stop
-        self._ready_event = ready
+        self._ready_flag = ready
         self._stopping = threading.Event()
         self._reader_done = threading.Event()
         self._cond = threading.Condition()
@@ -181,15 +179,11 @@ class Worker:
             threading.Thread(target=self._write_loop, name="tfpool-writer", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="tfpool-heartbeat", daemon=True),
         ]
-        if self._stop_event is not None:
-            threads.append(
-                threading.Thread(target=self._watch_stop, name="tfpool-stop", daemon=True)
-            )
         for thread in threads:
             thread.start()
         self._heartbeat("ready")
-        if self._ready_event is not None:
-            self._ready_event.set()
+        if self._ready_flag is not None:
+            self._ready_flag.value = 1
         log.info(
             "worker %s ready: model %s on %s",
             self.worker_id,
@@ -209,6 +203,10 @@ class Worker:
             self.stats.requests,
         )
         return EXIT_OK
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def stop(self) -> None:
         """Stop reading; finish and answer what is in hand; then ``run()`` returns."""
@@ -602,11 +600,6 @@ class Worker:
             except redis.RedisError as e:
                 log.warning("heartbeat: %s", e)
 
-    def _watch_stop(self) -> None:
-        assert self._stop_event is not None
-        self._stop_event.wait()
-        self.stop()
-
     def _heartbeat(self, state: str) -> None:
         key = keys.worker_heartbeat(self.worker_id)
         fields: dict[FieldT, EncodableT] = {
@@ -670,10 +663,11 @@ def _header(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
 
 
 def worker_main(
-    config: PoolConfig, slot: Slot, inherit_from: list[str], stop: Event, ready: Event
+    config: PoolConfig, slot: Slot, inherit_from: list[str], ready: Synchronized[int]
 ) -> None:
     """Entry point of a spawned worker process. Sets the device environment *before*
-    TensorFlow is imported, so that a worker sees only its own GPU."""
+    TensorFlow is imported, so that a worker sees only its own GPU. SIGTERM drains (the
+    supervisor's way to stop or recycle it); a second SIGTERM exits at once."""
     # An empty CUDA_VISIBLE_DEVICES keeps a CPU worker off every GPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -682,27 +676,29 @@ def worker_main(
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
     )
+    worker = Worker(
+        config, worker_id=worker_id, slot=slot.index, device=slot.device,
+        inherit_from=inherit_from, ready=ready,
+    )  # fmt: skip
+
+    def on_term(signum: int, frame: object) -> None:
+        if worker.stopping:
+            os._exit(EXIT_OK)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in config.preload:  # custom layers and ops register themselves on import
         importlib.import_module(module)
     from workers.model import configure_tensorflow
 
-    settings = configure_tensorflow(
-        intra_op_threads=slot.intra_op_threads or None,
-        inter_op_threads=slot.inter_op_threads or None,
+    worker.settings.update(
+        configure_tensorflow(
+            intra_op_threads=slot.intra_op_threads or None,
+            inter_op_threads=slot.inter_op_threads or None,
+        )
     )
-    worker = Worker(
-        config, worker_id=worker_id, slot=slot.index, device=slot.device,
-        inherit_from=inherit_from, settings=settings, stop=stop, ready=ready,
-    )  # fmt: skip
-
-    def on_term(signum: int, frame: object) -> None:
-        if worker._stopping.is_set():
-            os._exit(EXIT_OK)  # a second signal: stop at once
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_term)
     try:
         code = worker.run()
     except Exception:

@@ -36,16 +36,12 @@ def _kill_a_ready_worker(supervisor: Supervisor, killed: list[int]) -> None:
     """SIGKILL one worker, once every slot runs a ready process not killed before (so that
     each kill hits a serving worker, not one still loading or already dead)."""
 
-    def live_pids() -> list[int] | None:
-        pids = []
-        for h in supervisor.handles:
-            pid = h.process.pid if h.process is not None else None
-            if pid is None or pid in killed or not h.ready.is_set() or not h.process.is_alive():  # type: ignore[union-attr]
-                return None
-            pids.append(pid)
-        return pids
+    def fresh_pids() -> list[int] | None:
+        pids = supervisor.serving_pids()
+        fresh = len(pids) == len(supervisor.handles) and not set(pids) & set(killed)
+        return pids if fresh else None
 
-    pids = wait_until(live_pids, timeout=120, what="every slot serving")
+    pids = wait_until(fresh_pids, timeout=120, what="every slot serving")
     victim = pids[len(killed) % len(pids)]
     os.kill(victim, signal.SIGKILL)
     killed.append(victim)
