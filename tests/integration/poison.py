@@ -4,6 +4,7 @@ the fault tests. Workers import this module (``preload``) so the layer can be lo
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +12,25 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-#: A row whose first value is this kills the worker that runs it.
+#: A value that kills the worker that runs it.
 MARKER = 666.0
+
+#: A value that makes its batch take SLOW_S seconds.
+SLOW = 777.0
+SLOW_S = 1.5
 
 
 @keras.saving.register_keras_serializable(package="tfpool_tests")
 class ExitOnMarker(keras.layers.Layer):
-    """Passes its input through; exits the process (code 17) if any value is MARKER."""
+    """Passes its input through; exits the process (code 17) if any value is MARKER, and
+    sleeps SLOW_S seconds if any value is SLOW."""
 
     def call(self, x: Any) -> Any:
         def check(values: Any) -> Any:
             if np.any(values.numpy() == MARKER):
                 os._exit(17)
+            if np.any(values.numpy() == SLOW):
+                time.sleep(SLOW_S)
             return values
 
         y = tf.py_function(check, [x], x.dtype)

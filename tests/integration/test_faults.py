@@ -25,7 +25,7 @@ from tests.integration.helpers import (
     start_serve,
     stop_process,
 )
-from tests.integration.poison import MARKER, build_poison_model
+from tests.integration.poison import MARKER, SLOW, build_poison_model
 from tests.waiting import wait_until
 from workers.config import PoolConfig
 from workers.placement import plan
@@ -172,6 +172,30 @@ def test_poison_request_is_dead_lettered_while_other_traffic_flows(
     assert b"max_deliveries=2" in fields[b"reason"]
     with Client(redis_url) as other, pytest.raises(DeadLettered):
         other.result(future.request_id, timeout=10)  # kept results say so too
+    conn.close()
+
+
+def test_a_long_batch_keeps_its_claim_while_its_worker_lives(
+    start_pool: PoolFactory, model_dir: Path, redis_url: str
+) -> None:
+    path = build_poison_model(model_dir)
+    # Claims go stale after 300 ms; the batch takes 1.5 s; the other worker looks for stale
+    # claims every 150 ms. Only the renewals keep it from taking the request over.
+    start_pool(path, name="slow", workers=2, claim_idle_ms=300,
+               preload=["tests.integration.poison"])  # fmt: skip
+    conn = redis.Redis.from_url(redis_url)
+    with Client(redis_url) as c:
+        future = c.submit("slow", np.full(4, SLOW, np.float32))
+        seen: list[int] = []
+        while not future.done():
+            rows = cast(
+                list[Any], conn.xpending_range(keys.stream("slow"), keys.GROUP, "-", "+", 10)
+            )
+            seen += [int(r["times_delivered"]) for r in rows]
+        assert np.asarray(c.wait(future, timeout=30)).shape == (2,)
+        # The batch ran in one worker, held (and renewed) by it alone; never taken over.
+        assert seen and max(seen) == 1, seen
+        assert c.duplicates_ignored == 0
     conn.close()
 
 
