@@ -28,7 +28,7 @@ from queueing.errors import (
     RequestTimeout,
     UnknownModel,
 )
-from queueing.scripts import ENQUEUE
+from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ DEFAULT_RESULT_TTL_S = 3600
 
 #: Requests per Lua call in :meth:`Client.submit_many`: bounds how long one call holds Redis.
 _ENQUEUE_CHUNK = 512
+
+#: Requests with a body at least this large are appended with plain XADDs after a room
+#: check, rather than through the atomic enqueue script (see queueing.scripts.ROOM).
+LARGE_BODY = 64 * 1024
 
 #: The reply reader's BLPOP timeout; its socket timeout is longer, as every blocking call's is.
 _READ_BLOCK_S = 1.0
@@ -83,9 +87,12 @@ class Client:
         self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
         # The reader blocks; it gets its own connection, with a timeout beyond its BLOCK.
         self._reader_redis = redis.Redis.from_url(
-            self.redis_url, socket_timeout=_READ_BLOCK_S + socket_timeout_s
+            self.redis_url,
+            socket_timeout=_READ_BLOCK_S + socket_timeout_s,
+            single_connection_client=True,
         )
         self._enqueue = self._redis.register_script(ENQUEUE)
+        self._room = self._redis.register_script(ROOM)
         self._pending: dict[str, RequestFuture] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -251,7 +258,27 @@ class Client:
         self, model: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
     ) -> None:
         stream, info = keys.stream(model), keys.model_info(model)
-        pipe = self._redis.pipeline(transaction=False)
+        try:
+            if max(len(body) for body in bodies) < LARGE_BODY:
+                entry_ids = self._enqueue_small(stream, info, futures, bodies)
+            else:
+                entry_ids = self._enqueue_large(stream, info, futures, bodies)
+        except redis.ResponseError as e:
+            if "UNKNOWN_MODEL" in str(e):
+                raise UnknownModel(f"no pool serves model {model!r} on this Redis") from e
+            raise
+        for future, entry_id in zip(futures, entry_ids, strict=True):
+            if entry_id == 0:
+                self._forget(future.request_id)
+                future.set_exception(
+                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
+                )
+
+    def _enqueue_small(
+        self, stream: str, info: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
+    ) -> list[Any]:
+        """Check and append in one atomic script call per chunk, one round trip in all."""
+        calls: list[list[Any]] = []
         for start in range(0, len(bodies), _ENQUEUE_CHUNK):
             args: list[Any] = []
             for future, body in zip(
@@ -260,20 +287,41 @@ class Client:
                 strict=True,
             ):
                 args += [future.request_id, self.reply_key, body]
-            self._enqueue(keys=[stream, info], args=args, client=pipe)
-        try:
-            replies = pipe.execute()
-        except redis.ResponseError as e:
-            if "UNKNOWN_MODEL" in str(e):
-                raise UnknownModel(f"no pool serves model {model!r} on this Redis") from e
-            raise
-        entry_ids = [entry for chunk in replies for entry in chunk]
-        for future, entry_id in zip(futures, entry_ids, strict=True):
-            if entry_id == 0:
-                self._forget(future.request_id)
-                future.set_exception(
-                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
-                )
+            calls.append(args)
+        replies = self._evalsha_all(self._enqueue.sha, ENQUEUE, [[stream, info, *c] for c in calls])
+        return [entry for chunk in replies for entry in chunk]
+
+    def _enqueue_large(
+        self, stream: str, info: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
+    ) -> list[Any]:
+        """Ask for room, then append with plain XADDs: two round trips, and no body passes
+        through Lua. Producers racing between the two steps can overshoot the cap by what
+        each of them appends at once; the queue stays bounded."""
+        (room,) = self._evalsha_all(self._room.sha, ROOM, [[stream, info, len(bodies)]])
+        pipe = self._redis.pipeline(transaction=False)
+        for future, body in zip(futures[:room], bodies[:room], strict=True):
+            fields = {keys.FIELD_ID: future.request_id, keys.FIELD_REPLY: self.reply_key,
+                      keys.FIELD_BODY: body}  # fmt: skip
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        added: list[Any] = pipe.execute() if room else []
+        return added + [0] * (len(bodies) - room)
+
+    def _evalsha_all(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
+        """Run a two-key script once per call (``[key1, key2, *args]``), in one round trip.
+        EVALSHA directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second
+        round trip each time. The script is loaded only when Redis says it lacks it."""
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for call in calls:
+                pipe.evalsha(sha, 2, *call)
+            try:
+                replies: list[Any] = pipe.execute()
+                return replies
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                self._redis.script_load(script)
+        raise AssertionError("unreachable")
 
     def _forget(self, request_id: str) -> None:
         with self._lock:

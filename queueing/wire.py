@@ -75,6 +75,10 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# Looked up per array on the hot path: dtype objects hash fast, dtype.name is computed.
+_NATIVE_NAMES: dict[np.dtype[Any], str] = {np.dtype(n): n for n in ALLOWED_DTYPES}
+_DTYPES: dict[str, np.dtype[Any]] = {n: np.dtype(n) for n in ALLOWED_DTYPES}
+
 
 @dataclass(frozen=True, slots=True)
 class RequestBody:
@@ -101,13 +105,17 @@ class Result:
 def encode_array(array: np.ndarray) -> list[Any]:
     """``[dtype, shape, data]`` for msgpack; the data is a view of the array, not a copy
     (unless the array is not C-contiguous little-endian, when one copy makes it so)."""
-    if array.dtype.name not in ALLOWED_DTYPES:
-        raise InvalidInput(f"dtype {array.dtype} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}")
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
+    name = _NATIVE_NAMES.get(array.dtype)
+    if name is None:
+        if array.dtype.name not in ALLOWED_DTYPES:
+            raise InvalidInput(
+                f"dtype {array.dtype} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}"
+            )
+        name = array.dtype.name
+        array = array.astype(array.dtype.newbyteorder("<"))  # big-endian: swap once
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
         array = array.copy(order="C")
-    return [array.dtype.name, list(array.shape), array.data]
+    return [name, array.shape, array.data]
 
 
 def decode_array(obj: object, limits: Limits, where: str) -> np.ndarray:
@@ -116,7 +124,8 @@ def decode_array(obj: object, limits: Limits, where: str) -> np.ndarray:
     if not isinstance(obj, (list, tuple)) or len(obj) != 3:
         raise InvalidInput(f"{where}: expected [dtype, shape, data], got {_describe(obj)}")
     dtype_name, shape, data = obj
-    if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
+    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
         raise InvalidInput(f"{where}: dtype {dtype_name!r} is not allowed")
     if not isinstance(shape, (list, tuple)):
         raise InvalidInput(f"{where}: shape must be a list, got {_describe(shape)}")
@@ -131,7 +140,6 @@ def decode_array(obj: object, limits: Limits, where: str) -> np.ndarray:
         raise InvalidInput(f"{where}: {elements} elements is over the limit {limits.max_elements}")
     if not isinstance(data, bytes):
         raise InvalidInput(f"{where}: data must be bytes, got {_describe(data)}")
-    dtype = np.dtype(dtype_name)
     if elements * dtype.itemsize != len(data):
         raise InvalidInput(
             f"{where}: {dtype_name} {list(shape)} needs {elements * dtype.itemsize} bytes,"
@@ -141,6 +149,8 @@ def decode_array(obj: object, limits: Limits, where: str) -> np.ndarray:
 
 
 def _encode_arrays(value: Inputs) -> Any:
+    if isinstance(value, np.ndarray):
+        return encode_array(value)
     if isinstance(value, Mapping):
         return {str(name): encode_array(np.asarray(a)) for name, a in value.items()}
     return encode_array(np.asarray(value))

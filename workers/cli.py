@@ -1,4 +1,4 @@
-"""The ``tfpool`` command: serve, predict, status, demo.
+"""The ``tfpool`` command: serve, predict, status, bench, demo.
 
 Every pool option can be given as ``--option-name``, as ``TFPOOL_OPTION_NAME`` in the
 environment, or in a TOML file (``--config``); later ones win. With no Redis URL anywhere,
@@ -14,6 +14,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,26 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(run=_status)
+
+    bench = commands.add_parser(
+        "bench", help="measure throughput, latency and CPU vs the bare model"
+    )
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        help="scenario to run (repeatable; default: all). One of: " + ", ".join(_bench_scenarios()),
+    )
+    bench.add_argument("--runs", type=int, default=3, help="runs per scenario (median shown)")
+    bench.add_argument("--workers", type=int, default=1, help="worker processes")
+    bench.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="TensorFlow intra-op threads per worker (default: cores / workers)",
+    )
+    bench.add_argument("--redis-url", help="Redis URL (default: a private redis-server)")
+    bench.add_argument("--json", metavar="FILE", help="also write the figures here")
+    bench.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="build a demo model, serve it, send it requests")
     demo.add_argument("--redis-url", help="Redis URL (default: a private redis-server)")
@@ -157,6 +178,36 @@ def _status(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(json.dumps(status.to_json(), indent=2) if args.json else render(status))
+    return 0
+
+
+def _bench_scenarios() -> list[str]:
+    from workers.bench import SCENARIOS
+
+    return list(SCENARIOS)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from workers import bench
+
+    names = args.scenario or list(bench.SCENARIOS)
+    unknown = sorted(set(names) - set(bench.SCENARIOS))
+    if unknown:
+        print(f"tfpool bench: unknown scenarios {unknown}", file=sys.stderr)
+        return 2
+    with redis_url_or_embedded(args.redis_url) as url:
+        figures = bench.run(
+            names,
+            redis_url=url,
+            runs=args.runs,
+            workers=args.workers,
+            intra_op_threads=args.intra_op_threads,
+        )
+    print()
+    print(bench.render(figures))
+    if args.json:
+        Path(args.json).write_text(bench.to_json(figures))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -134,4 +134,7 @@ def _load_keras(path: str) -> LoadedModel:
             return dict(zip(output_names, out, strict=True))
         return {output_names[0]: out}
 
-    return LoadedModel(inputs=inputs, output_names=output_names, function=run, source=path)
+    # The traced function itself: calling it skips tf.function's per-call argument
+    # canonicalisation (the signature is fixed, so there is nothing to choose).
+    concrete = run.get_concrete_function()
+    return LoadedModel(inputs=inputs, output_names=output_names, function=concrete, source=path)

@@ -41,6 +41,35 @@ class Fitted:
     group: Hashable
 
 
+class InputFitter:
+    """:func:`fit_inputs` with a memory: requests nearly always come in a few layouts
+    (dtypes and shapes), so the full check runs once per layout and later requests of
+    that layout only get their arrays keyed and, if needed, given a batch axis."""
+
+    def __init__(self, spec: Sequence[TensorSpec], *, cache_size: int = 4096) -> None:
+        self.spec = list(spec)
+        self._names = [s.name for s in self.spec]
+        self._cache: dict[Hashable, tuple[int, bool, Hashable]] = {}
+        self._cache_size = cache_size
+
+    def __call__(self, inputs: Inputs) -> Fitted:
+        if isinstance(inputs, np.ndarray):
+            key: Hashable = (inputs.dtype.str, inputs.shape)
+        else:
+            key = tuple((name, a.dtype.str, a.shape) for name, a in inputs.items())
+        known = self._cache.get(key)
+        if known is None:
+            fitted = fit_inputs(self.spec, inputs)  # raises InvalidInput for a bad layout
+            if len(self._cache) < self._cache_size:
+                self._cache[key] = (fitted.rows, fitted.unbatched, fitted.group)
+            return fitted
+        rows, unbatched, group = known
+        if isinstance(inputs, np.ndarray):
+            inputs = {self._names[0]: inputs}
+        arrays = {n: inputs[n][np.newaxis] if unbatched else inputs[n] for n in self._names}
+        return Fitted(arrays=arrays, rows=rows, unbatched=unbatched, group=group)
+
+
 def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
     """Check ``inputs`` against ``spec``. Raises :class:`InvalidInput` saying what is wrong.
 

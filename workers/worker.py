@@ -14,6 +14,7 @@ request so that only the request at fault gets the error.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import logging
 import os
@@ -43,7 +44,7 @@ from workers.batcher import Batch, Batcher
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.placement import Slot
-from workers.spec import fit_inputs
+from workers.spec import InputFitter
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 
 #: XREADGROUP's BLOCK: how long the reader waits for work before it looks at its flags.
 READ_BLOCK_MS = 100
+
+#: recv() size of the reader's connection (redis-py's default is 64 KiB).
+READ_BUFFER_BYTES = 1 << 20
 
 #: Entries as XREADGROUP returns them (bytes: the clients do not decode responses).
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -144,6 +148,7 @@ class Worker:
         self._answers: queue.Queue[list[Answer] | None] = queue.Queue()
         self._clock_offset = 0.0  # Redis time minus time.monotonic(), in seconds
         self.model: LoadedModel | None = None
+        self._fitter: InputFitter | None = None
         self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
         self.batcher: Batcher[Pending] = Batcher(
             max_rows=config.max_batch_size,
@@ -227,6 +232,13 @@ class Worker:
             self.batcher.buckets,
         )
         return model
+
+    @property
+    def _fit(self) -> InputFitter:
+        if self._fitter is None:
+            assert self.model is not None
+            self._fitter = InputFitter(self.model.inputs)
+        return self._fitter
 
     def _register(self) -> None:
         """Create the stream and group if needed; publish the model's info, whose presence
@@ -364,7 +376,14 @@ class Worker:
 
     def _read_loop(self) -> None:
         """Read entries while not stopping; the rest stay in the stream for other workers."""
-        conn = redis.Redis.from_url(self.config.redis_url, socket_timeout=READ_BLOCK_MS / 1000 + 10)
+        # Its own connection (it blocks), held rather than checked out of a pool per call.
+        conn = redis.Redis.from_url(
+            self.config.redis_url,
+            socket_timeout=READ_BLOCK_MS / 1000 + 10,
+            single_connection_client=True,
+            # A read of many image requests is megabytes: take it in large gulps.
+            socket_read_size=READ_BUFFER_BYTES,
+        )
         count = self.config.max_batch_size
         backoff = 0.05
         # Take over entries of dead workers this often (and the idle consumers now and then).
@@ -488,7 +507,7 @@ class Worker:
                     f"request for model {body.model!r} on the queue of {self.config.name!r}"
                 )
             assert self.model is not None
-            fitted = fit_inputs(self.model.inputs, body.inputs)
+            fitted = self._fit(body.inputs)
         except InvalidInput as e:
             e.request_id = request_id
             return Answer(entry_id, request_id, reply_key, keep_s, error=e)
@@ -514,6 +533,9 @@ class Worker:
         """Post answers: replies first, then XACK + XDEL, in one pipeline per round. A crash
         between the two means a second delivery and a duplicate result, which the client
         drops by id: never a lost one."""
+        conn = redis.Redis.from_url(
+            self.config.redis_url, socket_timeout=10, single_connection_client=True
+        )
         done = False
         while not done:
             answers = self._answers.get()
@@ -528,30 +550,34 @@ class Worker:
                     done = True
                     break
                 answers.extend(more)
-            self._post(answers)
+            self._post(answers, conn)
+        conn.close()
 
-    def _post(self, answers: list[Answer]) -> None:
+    def _post(self, answers: list[Answer], conn: redis.Redis | None = None) -> None:
+        """Post answers on ``conn`` (the writer's own connection; default: the shared
+        client, for the main thread's rare direct posts)."""
+        conn = conn or self.redis
         payloads = [self._encode(a) for a in answers]
-        reply_keys = {a.reply for a in answers if a.reply and a.request_id is not None}
+        replies: dict[str, list[bytes]] = {}  # one RPUSH per reply list, not per result
+        for a, payload in zip(answers, payloads, strict=True):
+            if a.reply and payload is not None:
+                replies.setdefault(a.reply, []).append(payload)
         entry_ids = [a.entry_id for a in answers]
         for attempt in range(6):
             # A pipeline is emptied by execute(), even a failed one: fill a new one each time.
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = conn.pipeline(transaction=False)
             for a, payload in zip(answers, payloads, strict=True):
                 if a.dead_reason is not None:
                     fields: dict[Any, Any] = {**(a.dead_fields or {})}
                     fields.update({b"reason": a.dead_reason, b"entry": a.entry_id})
                     pipe.xadd(keys.dead_letters(self.config.name), fields)
-                if payload is None:
-                    continue
-                if a.reply:
-                    pipe.rpush(a.reply, payload)
-                if a.keep_s:
+                if payload is not None and a.keep_s:
                     kept = keys.kept_result(cast(str, a.request_id))
                     pipe.delete(kept)
                     pipe.rpush(kept, payload)
                     pipe.expire(kept, a.keep_s)
-            for key in reply_keys:
+            for key, results in replies.items():
+                pipe.rpush(key, *results)
                 pipe.expire(key, self.config.result_ttl_s)
             suspects = [a.entry_id for a in answers if a.suspect]
             if suspects:
@@ -672,6 +698,7 @@ def worker_main(
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     worker_id = consumer_name(os.getpid())
+    keep_large_buffers()
     logging.basicConfig(
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
@@ -705,6 +732,20 @@ def worker_main(
         log.exception("worker %s failed", worker_id)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
     raise SystemExit(code)
+
+
+def keep_large_buffers() -> None:
+    """Have glibc serve large allocations from the heap and keep freed memory: every
+    request of an image model allocates several buffers of its size (received bytes,
+    batch arrays, packed replies), and by default glibc maps each one fresh from the kernel
+    and unmaps it when freed, paying a page fault per 4 KiB every time. (No-op off glibc.)"""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 512 * 2**20)
 
 
 def consumer_name(pid: int) -> str:

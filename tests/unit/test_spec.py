@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from queueing.errors import InvalidInput
-from workers.spec import TensorSpec, fit_inputs
+from workers.spec import InputFitter, TensorSpec, fit_inputs
 
 X = TensorSpec("x", "float32", (64,))
 IMG = TensorSpec("img", "uint8", (None, None, 3))
@@ -61,3 +61,23 @@ def test_inputs_must_agree_on_rows_and_batch_axis() -> None:
         fit_inputs([X, y], {"x": np.zeros((1, 64), np.float32), "y": np.zeros(2, np.float32)})
     with pytest.raises(InvalidInput, match="no rows"):
         fit_inputs([X], np.zeros((0, 64), np.float32))
+
+
+def test_fitter_gives_what_fit_inputs_gives_and_still_refuses_bad_layouts() -> None:
+    y = TensorSpec("y", "int32", (2,))
+    fitter = InputFitter([X, y])
+    cases: list[dict[str, np.ndarray]] = [
+        {"x": np.ones((3, 64), np.float32), "y": np.ones((3, 2), np.int32)},
+        {"x": np.ones(64, np.float32), "y": np.ones(2, np.int32)},
+    ]
+    for inputs in cases * 2:  # the second time round comes from the cache
+        got, want = fitter(inputs), fit_inputs([X, y], inputs)
+        assert (got.rows, got.unbatched, got.group) == (want.rows, want.unbatched, want.group)
+        for name in ("x", "y"):
+            np.testing.assert_array_equal(got.arrays[name], want.arrays[name])
+    for _ in range(2):
+        with pytest.raises(InvalidInput, match="input 'y'"):
+            fitter({"x": np.ones((3, 64), np.float32), "y": np.ones((3, 2), np.int64)})
+    single = InputFitter([X])
+    for _ in range(2):
+        assert single(np.ones((5, 64), np.float32)).arrays["x"].shape == (5, 64)

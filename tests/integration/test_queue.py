@@ -1,0 +1,46 @@
+"""Admission control against a real Redis: the queue cap, for small and large requests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from queueing import Client, QueueFull, UnknownModel, keys
+from queueing.client import LARGE_BODY
+
+SMALL = np.zeros(16, np.float32)
+LARGE = np.zeros(LARGE_BODY // 4 + 16, np.float32)  # just over the large-body threshold
+
+
+@pytest.mark.parametrize("row", [SMALL, LARGE], ids=["small", "large"])
+def test_queue_full_at_the_cap_and_nothing_beyond(
+    row: np.ndarray, redis_client: redis.Redis, client: Client
+) -> None:
+    name = f"capped-{row.size}"
+    # A model whose pool is down: registered, capped at 5, nobody reading.
+    redis_client.delete(keys.stream(name))
+    redis_client.hset(keys.model_info(name), mapping={"max_queue": 5})
+    futures = client.submit_many(name, [row] * 8)
+    full = [f for f in futures if f.done() and isinstance(f.exception(), QueueFull)]
+    assert len(full) == 3
+    assert all(not f.done() for f in futures[:5])  # the first five wait in the queue
+    with pytest.raises(QueueFull, match=f"queue of model '{name}' is full"):
+        client.submit(name, row)
+    assert redis_client.xlen(keys.stream(name)) == 5
+    assert client.pending == 5
+
+
+@pytest.mark.parametrize("row", [SMALL, LARGE], ids=["small", "large"])
+def test_unknown_model_for_small_and_large_requests(row: np.ndarray, client: Client) -> None:
+    with pytest.raises(UnknownModel):
+        client.submit("never-served", row)
+    assert client.pending == 0
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Client]:
+    with Client(redis_url) as c:
+        yield c
