@@ -12,8 +12,10 @@ from queueing.errors import (
     ProtocolError,
     QueueFull,
     RequestError,
+    RequestLost,
     RequestTimeout,
     TfpoolError,
+    Unavailable,
     UnknownModel,
 )
 
@@ -27,7 +29,9 @@ __all__ = [
     "QueueFull",
     "RequestError",
     "RequestFuture",
+    "RequestLost",
     "RequestTimeout",
     "TfpoolError",
+    "Unavailable",
     "UnknownModel",
 ]

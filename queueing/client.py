@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -25,7 +26,9 @@ from queueing import keys, wire
 from queueing.errors import (
     QueueFull,
     RequestError,
+    RequestLost,
     RequestTimeout,
+    Unavailable,
     UnknownModel,
 )
 from queueing.scripts import ENQUEUE, ROOM
@@ -81,15 +84,15 @@ class Client:
             raise ValueError(f"result_ttl_s must be >= 1, got {result_ttl_s}")
         self.redis_url = resolve_redis_url(redis_url)
         self.result_ttl_s = result_ttl_s
+        self._safe_url = _without_password(self.redis_url)
         self.client_id = uuid.uuid4().hex
         self.reply_key = keys.reply_list(self.client_id)
         self.duplicates_ignored = 0
         self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
         # The reader blocks; it gets its own connection, with a timeout beyond its BLOCK.
+        # (Pooled, so it connects lazily and reconnects after an outage.)
         self._reader_redis = redis.Redis.from_url(
-            self.redis_url,
-            socket_timeout=_READ_BLOCK_S + socket_timeout_s,
-            single_connection_client=True,
+            self.redis_url, socket_timeout=_READ_BLOCK_S + socket_timeout_s
         )
         self._enqueue = self._redis.register_script(ENQUEUE)
         self._room = self._redis.register_script(ROOM)
@@ -189,7 +192,10 @@ class Client:
             # BLMOVE from a list to itself waits for the element without removing it.
             # Redis takes fractional seconds; redis-py's stubs say int.
             wait_s: Any = min(max(left, 0.01), 5.0)
-            data = self._redis.blmove(key, key, wait_s, "LEFT", "LEFT")
+            try:
+                data = self._redis.blmove(key, key, wait_s, "LEFT", "LEFT")
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                raise Unavailable(f"cannot reach Redis at {self._safe_url}: {e}") from e
             if data is not None:
                 return self._unwrap(wire.decode_result(cast(bytes, data)))
             if time.monotonic() >= give_up:
@@ -267,6 +273,8 @@ class Client:
             if "UNKNOWN_MODEL" in str(e):
                 raise UnknownModel(f"no pool serves model {model!r} on this Redis") from e
             raise
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise Unavailable(f"cannot reach Redis at {self._safe_url}: {e}") from e
         for future, entry_id in zip(futures, entry_ids, strict=True):
             if entry_id == 0:
                 self._forget(future.request_id)
@@ -339,8 +347,13 @@ class Client:
 
     def _read_replies(self) -> None:
         backoff = 0.05
+        run_id: str | None = None
+        failed = True  # check which Redis this is before the first read
         while not self._closed.is_set():
             try:
+                if failed:
+                    run_id = self._check_same_redis(run_id)
+                    failed = False
                 item = self._reader_redis.blpop([self.reply_key], timeout=_READ_BLOCK_S)
                 if item is None:
                     continue
@@ -351,12 +364,38 @@ class Client:
                 backoff = 0.05
             except redis.RedisError as e:
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
+                failed = True
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             for data in batch:
                 if data:  # b"" is close()'s wake-up call
                     self._resolve(data)
+
+    def _check_same_redis(self, known: str | None) -> str | None:
+        """Redis's run id; if it changed since ``known``, Redis restarted: without
+        persistence (AOF) every queued request is gone, so fail the futures waiting for
+        them (with RequestLost) rather than let them wait forever. A user whose ACL forbids
+        INFO skips the check (its futures then end at their own timeouts)."""
+        try:
+            server = self._reader_redis.info("server")
+            persistence = self._reader_redis.info("persistence")
+        except redis.ResponseError:
+            return known
+        run_id = str(server["run_id"])
+        if known is not None and run_id != known and not int(persistence["aof_enabled"]):
+            with self._lock:
+                lost, self._pending = self._pending, {}
+            if lost:
+                log.warning("Redis restarted: %d waiting requests were lost", len(lost))
+            for future in lost.values():
+                future.set_exception(
+                    RequestLost(
+                        "Redis restarted while the request waited; submit it again",
+                        request_id=future.request_id,
+                    )
+                )
+        return run_id
 
     def _resolve(self, data: bytes) -> None:
         try:
@@ -380,3 +419,15 @@ class Client:
             raise result.error
         assert result.outputs is not None
         return result.outputs
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may appear in a message: no password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -43,6 +43,15 @@ class DeadLettered(RequestError):
     """The request was delivered too many times (its workers kept dying) and was set aside."""
 
 
+class Unavailable(RequestError):
+    """Redis could not be reached; the request was not queued."""
+
+
+class RequestLost(RequestError):
+    """Redis restarted and lost its data while the request was waiting: it will not be
+    answered. Submit it again."""
+
+
 class RequestTimeout(RequestError, TimeoutError):
     """The client stopped waiting. The request may still run; its result is then dropped."""
 

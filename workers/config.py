@@ -62,6 +62,8 @@ class PoolConfig:
     max_rank: int = 8
     #: Most elements in one array.
     max_elements: int = 2**26
+    #: Most rows in one request.
+    max_rows: int = 65536
     #: Seconds between worker heartbeats (the heartbeat lives three times as long).
     heartbeat_s: float = 2.0
     #: A request another worker holds this long without progress is reclaimed.
@@ -80,7 +82,9 @@ class PoolConfig:
             raise ConfigError("model is required (a SavedModel directory or a .keras/.h5 file)")
         if not self.name:
             object.__setattr__(self, "name", default_name(self.model))
-        positive = ("max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device")
+        positive = (
+            "max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device", "max_rows",
+        )  # fmt: skip
         for option in positive:
             if getattr(self, option) < 1:
                 raise ConfigError(f"{option} must be >= 1, got {getattr(self, option)}")

@@ -6,13 +6,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -42,32 +45,76 @@ def find_redis_server() -> str:
     )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(*, outside_ephemeral: bool = False) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    ``outside_ephemeral``: one below the kernel's ephemeral range, for a server that will
+    be stopped and started again on the same port. While nothing listens on a port in that
+    range, a client's reconnect can be given it as its own source port and connect to
+    itself, holding the port so the server cannot bind it again.
+    """
+    if not outside_ephemeral:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RedisServerError("no free port between 20000 and 30000")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS server: its certificate and key, and the CA that signed it."""
+
+    cert: str
+    key: str
+    ca: str
 
 
 class RedisServer:
-    """A redis-server child process. ``start()`` returns once it answers PING."""
+    """A redis-server child process. ``start()`` returns once it answers PING.
+
+    ``password`` turns on AUTH for the default user; ``users`` adds ACL users (name,
+    password) with full access; ``tls`` serves TLS only, on ``port``.
+    """
 
     def __init__(
         self,
         *,
         port: int | None = None,
         binary: str | None = None,
+        password: str | None = None,
+        users: Sequence[tuple[str, str]] = (),
+        tls: TlsFiles | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
+        self.password = password
+        self.users = list(users)
+        self.tls = tls
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL for the default user."""
+        return self.url_for(None, self.password)
+
+    def url_for(self, user: str | None, password: str | None) -> str:
+        """The URL for ``user`` (None: the default user) with ``password``."""
+        auth = ""
+        if password is not None:
+            auth = f"{quote(user or '', safe='')}:{quote(password, safe='')}@"
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(self.tls.ca)}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="tfpool-redis-")
@@ -85,16 +132,19 @@ class RedisServer:
             self._dir.name,
             "--logfile",
             os.path.join(self._dir.name, "redis.log"),
+            *self._security_args(),  # after --port: a TLS server moves its port
             *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         give_up = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
         try:
             while True:
                 if self.process.poll() is not None:
                     err = self.process.stderr.read().decode() if self.process.stderr else ""
-                    raise RedisServerError(f"redis-server exited at start: {err.strip()}")
+                    raise RedisServerError(
+                        f"redis-server exited at start: {err.strip()} {self._log_tail()}"
+                    )
                 with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
                     if client.ping():
                         break
@@ -106,6 +156,29 @@ class RedisServer:
             client.close()
         log.info("started redis-server %s at %s", self.binary, self.url)
         return self
+
+    def _log_tail(self) -> str:
+        if self._dir is None:
+            return ""
+        try:
+            lines = Path(self._dir.name, "redis.log").read_text().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-3:])
+
+    def _security_args(self) -> list[str]:
+        args: list[str] = []
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        for name, password in self.users:
+            args += ["--user", name, "on", f">{password}", "~*", "&*", "+@all"]
+        if self.tls is not None:
+            args += [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key,
+                "--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        return args
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

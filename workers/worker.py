@@ -411,10 +411,18 @@ class Worker:
                         block=READ_BLOCK_MS,
                     )
                     backoff = 0.05
+                except redis.ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    # Redis lost our stream and group (restarted without persistence, or
+                    # flushed): register again and go on reading.
+                    log.warning("reader: %s; registering the model again", e)
+                    self._register_quietly()
+                    continue
                 except redis.RedisError as e:
                     log.warning("reader: %s; retrying in %.2fs", e, backoff)
                     self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    backoff = min(backoff * 2, 1.0)
                     continue
                 entries = cast(Entries, cast(Any, reply)[0][1]) if reply else []
                 self._accept(entries, drained=len(entries) < count)
@@ -508,6 +516,10 @@ class Worker:
                 )
             assert self.model is not None
             fitted = self._fit(body.inputs)
+            if fitted.rows > self.config.max_rows:
+                raise InvalidInput(
+                    f"{fitted.rows} rows is over the limit of {self.config.max_rows} per request"
+                )
         except InvalidInput as e:
             e.request_id = request_id
             return Answer(entry_id, request_id, reply_key, keep_s, error=e)
@@ -623,8 +635,18 @@ class Worker:
                 self.claims.renew(self.redis, held)
                 self._heartbeat("ready")
                 self._sync_clock()
+                if not self.redis.exists(keys.model_info(self.config.name)):
+                    log.warning("the model's registration is gone from Redis; registering again")
+                    self._register()
             except redis.RedisError as e:
                 log.warning("heartbeat: %s", e)
+
+    def _register_quietly(self) -> None:
+        try:
+            self._register()
+        except redis.RedisError as e:
+            log.warning("registering: %s", e)
+            self._stopping.wait(0.5)
 
     def _heartbeat(self, state: str) -> None:
         key = keys.worker_heartbeat(self.worker_id)

@@ -47,9 +47,14 @@ def start_pool(redis_url: str) -> Iterator[PoolFactory]:
     started: list[tuple[Supervisor, threading.Event, threading.Thread]] = []
 
     def start(
-        model: str, *, workers: int = 1, slots: list[Slot] | None = None, **options: Any
+        model: str,
+        *,
+        workers: int = 1,
+        slots: list[Slot] | None = None,
+        url: str | None = None,
+        **options: Any,
     ) -> Supervisor:
-        config = PoolConfig(model=model, redis_url=redis_url, workers=workers, **options)
+        config = PoolConfig(model=model, redis_url=url or redis_url, workers=workers, **options)
         if slots is None:
             slots = [Slot(i, None, 1, 1) for i in range(workers)]
         supervisor = Supervisor(config, slots=slots)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import redis
 
-from queueing import Client, QueueFull, UnknownModel, keys
+from queueing import Client, QueueFull, UnknownModel, keys, wire
 from queueing.client import LARGE_BODY
+from tests.waiting import wait_until
 
 SMALL = np.zeros(16, np.float32)
 LARGE = np.zeros(LARGE_BODY // 4 + 16, np.float32)  # just over the large-body threshold
@@ -44,3 +45,17 @@ def test_unknown_model_for_small_and_large_requests(row: np.ndarray, client: Cli
 def client(redis_url: str) -> Iterator[Client]:
     with Client(redis_url) as c:
         yield c
+
+
+def test_a_result_posted_twice_resolves_its_future_once(
+    redis_client: redis.Redis, client: Client
+) -> None:
+    # What a worker that died between posting a result and acking its request leaves
+    # behind: the request runs again and its result arrives a second time.
+    redis_client.hset(keys.model_info("twice"), mapping={"max_queue": 0})
+    future = client.submit("twice", SMALL)
+    result = wire.encode_result(future.request_id, np.arange(3, dtype=np.float32))
+    redis_client.rpush(client.reply_key, result, result)
+    np.testing.assert_array_equal(np.asarray(client.wait(future, timeout=10)), [0, 1, 2])
+    wait_until(lambda: client.duplicates_ignored == 1, what="the repeat to be dropped")
+    assert client.pending == 0
