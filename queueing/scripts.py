@@ -6,16 +6,21 @@ two producers could both see room for one more entry.
 
 from __future__ import annotations
 
-#: How much room a model's queue has for ``ARGV[1]`` more requests: the first step of
-#: enqueueing large requests, whose bodies should not pass through Lua (Redis copies every
-#: script argument into a Lua string: for a 600 KB image that costs it ~4x the XADD).
-#: KEYS and the UNKNOWN_MODEL error as for ENQUEUE. Returns how many of them fit.
-ROOM = """
+#: The model's queue cap into ``cap`` (0: none); fails with ``UNKNOWN_MODEL`` when no pool
+#: has ever served the model on this Redis. KEYS[2] is the model's info hash.
+_CAP = """
 local cap = redis.call('HGET', KEYS[2], 'max_queue')
 if not cap then
   return redis.error_reply('UNKNOWN_MODEL')
 end
 cap = tonumber(cap)
+"""
+
+#: How much room a model's queue has for ``ARGV[1]`` more requests: the first step of
+#: enqueueing large requests, whose bodies should not pass through Lua (Redis copies every
+#: script argument into a Lua string: for a 600 KB image that costs it ~4x the XADD).
+#: KEYS and the UNKNOWN_MODEL error as for ENQUEUE. Returns how many of them fit.
+ROOM = _CAP + """
 local wanted = tonumber(ARGV[1])
 if cap == 0 then
   return wanted
@@ -35,12 +40,7 @@ return math.min(room, wanted)
 #: Fails with ``UNKNOWN_MODEL`` when no pool has ever served the model on this Redis:
 #: a typo in a model name should be an error now, not a request that waits forever.
 #: Not ``XADD MAXLEN``: trimming would delete entries that were read but not yet acked.
-ENQUEUE = """
-local cap = redis.call('HGET', KEYS[2], 'max_queue')
-if not cap then
-  return redis.error_reply('UNKNOWN_MODEL')
-end
-cap = tonumber(cap)
+ENQUEUE = _CAP + """
 local length = redis.call('XLEN', KEYS[1])
 local ids = {}
 for i = 1, #ARGV, 3 do
