@@ -14,7 +14,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
@@ -181,6 +182,42 @@ class Client:
                 self._forget(future.request_id)
             raise
         return futures
+
+    def stream(
+        self,
+        model: str,
+        frames: Iterable[Inputs],
+        *,
+        window: int = 8,
+        deadline_ms: float | None = None,
+        timeout: float = 30.0,
+    ) -> Iterator[Outputs | RequestError]:
+        """Run every frame of ``frames`` (any iterable: a generator over a camera is fine)
+        through ``model``; yield the results in input order, with at most ``window``
+        frames in flight.
+
+        A frame that fails yields its error *in its place* instead of raising, so a stream
+        never stalls on one frame: :class:`DeadlineExceeded` for a frame not started
+        within ``deadline_ms`` of being sent (it is never run), :class:`QueueFull` when
+        the queue had no room, :class:`RequestTimeout` after ``timeout`` seconds.
+        """
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        deadline = None if deadline_ms is None else deadline_ms / 1000
+        in_flight: deque[RequestFuture] = deque()
+        for frame in frames:
+            (future,) = self.submit_many(model, [frame], deadline=deadline)
+            in_flight.append(future)
+            if len(in_flight) >= window:
+                yield self._outcome(in_flight.popleft(), timeout)
+        while in_flight:
+            yield self._outcome(in_flight.popleft(), timeout)
+
+    def _outcome(self, future: RequestFuture, timeout: float) -> Outputs | RequestError:
+        try:
+            return self.wait(future, timeout=timeout)
+        except RequestError as e:
+            return e
 
     def result(self, request_id: str, *, timeout: float = 30.0) -> Outputs:
         """The kept result of ``request_id`` (see ``submit(..., keep=True)``), waiting up

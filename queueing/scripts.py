@@ -20,7 +20,9 @@ cap = tonumber(cap)
 #: enqueueing large requests, whose bodies should not pass through Lua (Redis copies every
 #: script argument into a Lua string: for a 600 KB image that costs it ~4x the XADD).
 #: KEYS and the UNKNOWN_MODEL error as for ENQUEUE. Returns how many of them fit.
-ROOM = _CAP + """
+ROOM = (
+    _CAP
+    + """
 local wanted = tonumber(ARGV[1])
 if cap == 0 then
   return wanted
@@ -31,6 +33,7 @@ if room < 0 then
 end
 return math.min(room, wanted)
 """
+)
 
 #: Append requests to a model's stream unless the queue is at its cap.
 #:
@@ -40,7 +43,9 @@ return math.min(room, wanted)
 #: Fails with ``UNKNOWN_MODEL`` when no pool has ever served the model on this Redis:
 #: a typo in a model name should be an error now, not a request that waits forever.
 #: Not ``XADD MAXLEN``: trimming would delete entries that were read but not yet acked.
-ENQUEUE = _CAP + """
+ENQUEUE = (
+    _CAP
+    + """
 local length = redis.call('XLEN', KEYS[1])
 local ids = {}
 for i = 1, #ARGV, 3 do
@@ -54,3 +59,4 @@ for i = 1, #ARGV, 3 do
 end
 return ids
 """
+)

@@ -15,6 +15,9 @@ import tensorflow as tf
 #: A value that kills the worker that runs it.
 MARKER = 666.0
 
+#: A value that makes the model raise (a ModelError for its request).
+FAIL = 555.0
+
 #: A value that makes its batch take SLOW_S seconds.
 SLOW = 777.0
 SLOW_S = 1.5
@@ -22,8 +25,8 @@ SLOW_S = 1.5
 
 @keras.saving.register_keras_serializable(package="tfpool_tests")
 class ExitOnMarker(keras.layers.Layer):
-    """Passes its input through; exits the process (code 17) if any value is MARKER, and
-    sleeps SLOW_S seconds if any value is SLOW."""
+    """Passes its input through; exits the process (code 17) if any value is MARKER,
+    sleeps SLOW_S seconds if any value is SLOW, raises if any value is FAIL."""
 
     def call(self, x: Any) -> Any:
         def check(values: Any) -> Any:
@@ -31,6 +34,8 @@ class ExitOnMarker(keras.layers.Layer):
                 os._exit(17)
             if np.any(values.numpy() == SLOW):
                 time.sleep(SLOW_S)
+            if np.any(values.numpy() == FAIL):
+                raise ValueError("a FAIL marker in the input")
             return values
 
         y = tf.py_function(check, [x], x.dtype)
