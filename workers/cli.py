@@ -1,4 +1,4 @@
-"""The ``tfpool`` command: serve, predict, status, bench, demo.
+"""The ``tfpool`` command: serve, predict, score, status, bench, demo.
 
 Every pool option can be given as ``--option-name``, as ``TFPOOL_OPTION_NAME`` in the
 environment, or in a TOML file (``--config``); later ones win. With no Redis URL anywhere,
@@ -73,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
     predict.add_argument("--deadline", type=float, help="seconds before the request expires")
     predict.set_defaults(run=_predict)
+
+    score = commands.add_parser("score", help="score a dataset file into a file, resumably")
+    score.add_argument("--model", required=True, help="model name")
+    score.add_argument("input", help=".npy (memory-mapped) or .npz (one array per input)")
+    score.add_argument("output", help=".npy (one output) or .npz (several)")
+    score.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
+    score.add_argument("--chunk-rows", type=int, default=1024, help="rows per request")
+    score.add_argument("--window", type=int, default=8, help="chunks in flight")
+    score.set_defaults(run=_score)
 
     status = commands.add_parser("status", help="workers of every host, queues, dead letters")
     status.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
@@ -166,6 +175,24 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{name}: {value.dtype} {list(value.shape)}\n{value}")
     else:
         print(f"{outputs.dtype} {list(outputs.shape)}\n{outputs}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from queueing.score import score
+
+    with Client(resolve_redis_url(args.redis_url)) as client:
+        try:
+            summary = score(client, args.model, args.input, args.output,
+                            chunk_rows=args.chunk_rows, window=args.window)  # fmt: skip
+        except KeyboardInterrupt:
+            print("tfpool score: interrupted; run the same command again to continue",
+                  file=sys.stderr)  # fmt: skip
+            return 130
+    print(f"scored {summary.scored:,} of {summary.rows:,} rows in {summary.seconds:.1f}s"
+          f" ({summary.scored / max(summary.seconds, 1e-9):,.0f} rows/s);"
+          f" {summary.failed_rows} failed rows" + (f", see {args.output}.errors.tsv"
+                                                   if summary.failed_rows else ""))  # fmt: skip
     return 0
 
 

@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import threading
@@ -277,6 +278,8 @@ class Worker:
                     return
                 continue
             answers = self._run_batch(batch)
+            if not answers:
+                continue
             if any(part.item.suspect for part in batch.parts):
                 # Post now, not through the writer: the next batch may be the request that
                 # killed the last worker, and this answer must not die with it.
@@ -342,7 +345,7 @@ class Worker:
             try:
                 self._store_outputs(single, self.model(_assemble(single, self.model.inputs)))
             except Exception as e:
-                part.item.error = ModelError(f"model failed: {type(e).__name__}: {e}")
+                part.item.error = ModelError(f"model failed: {describe_model_error(e)}")
                 part.item.rows_done += part.rows
 
     def _finish(self, p: Pending) -> Answer:
@@ -569,6 +572,8 @@ class Worker:
         """Post answers on ``conn`` (the writer's own connection; default: the shared
         client, for the main thread's rare direct posts)."""
         conn = conn or self.redis
+        if not answers:  # a batch that only started a split request completes nothing
+            return
         payloads = [self._encode(a) for a in answers]
         replies: dict[str, list[bytes]] = {}  # one RPUSH per reply list, not per result
         for a, payload in zip(answers, payloads, strict=True):
@@ -599,10 +604,14 @@ class Worker:
             try:
                 pipe.execute()
                 break
-            except redis.RedisError as e:
+            except (redis.ConnectionError, redis.TimeoutError) as e:
                 # Unposted entries stay pending, are taken over later: nothing is lost.
                 log.warning("writer: %s (attempt %d)", e, attempt + 1)
                 time.sleep(0.1 * 2**attempt)
+            except redis.RedisError:
+                # Not a passing fault: retrying the same commands cannot help.
+                log.exception("writer: Redis refused a round of %d answers", len(answers))
+                break
         with self._hand_lock:
             self._in_hand.difference_update(entry_ids)
 
@@ -697,6 +706,20 @@ def _deadline_error(p: Pending) -> DeadlineExceeded:
         " after it was queued)",
         request_id=p.request_id,
     )
+
+
+def describe_model_error(error: BaseException) -> str:
+    """One line for a model's exception. TensorFlow's messages run to a page of graph
+    trace; keep their first line and the Python exception underneath, if one is named."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    summary = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    cause = next((line for line in reversed(lines) if _PYTHON_ERROR.match(line)), None)
+    if cause is not None and cause not in summary:
+        summary += f" ({cause})"
+    return summary[:500]
+
+
+_PYTHON_ERROR = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")
 
 
 def _header(fields: dict[bytes, bytes]) -> tuple[str | None, str]:

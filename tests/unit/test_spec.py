@@ -81,3 +81,17 @@ def test_fitter_gives_what_fit_inputs_gives_and_still_refuses_bad_layouts() -> N
     single = InputFitter([X])
     for _ in range(2):
         assert single(np.ones((5, 64), np.float32)).arrays["x"].shape == (5, 64)
+
+
+def test_model_errors_are_one_readable_line() -> None:
+    from workers.worker import describe_model_error
+
+    tf_like = RuntimeError(
+        "Graph execution error:\n\nDetected at node x defined at (most recent call last):\n"
+        '  File "a.py", line 1\n\nValueError: a FAIL marker in the input\n\t [[{{node x}}]]"'
+    )
+    assert describe_model_error(tf_like) == (
+        "RuntimeError: Graph execution error: (ValueError: a FAIL marker in the input)"
+    )
+    assert describe_model_error(ValueError("x" * 900)).startswith("ValueError: xxx")
+    assert len(describe_model_error(ValueError("x" * 900))) == 500

@@ -1,0 +1,297 @@
+"""Offline dataset scoring: rows from a file, through the pool, into a file, resumably.
+
+The input is read a chunk at a time (``.npy`` memory-mapped, never loaded whole), a fixed
+window of chunks is in flight, and outputs are written into memory-mapped ``.npy`` files
+as the results arrive, so memory stays flat however many rows there are. A sidecar file
+(``OUTPUT.progress.json``) records the chunks done; the output's data is flushed before a
+chunk is recorded, so a run interrupted at any point continues where it stopped when run
+again with the same arguments. A chunk that fails is re-run row by row; the rows that fail
+alone go to ``OUTPUT.errors.tsv`` (row, error) and their output rows are left NaN (zero
+for integer outputs). The run never aborts on a bad row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from queueing.client import Client, RequestFuture
+from queueing.errors import RequestError, RequestLost, RequestTimeout
+
+#: Seconds between progress records (and log lines when not on a terminal).
+SAVE_EVERY_S = 2.0
+LOG_EVERY_S = 5.0
+
+
+@dataclass
+class ScoreSummary:
+    rows: int
+    scored: int  # this run
+    failed_rows: int
+    seconds: float
+
+
+class Progress:
+    """A progress bar on a terminal (rows, rows/s, ETA); a log line every few seconds
+    otherwise."""
+
+    def __init__(self, total: int, done: int, stream: TextIO = sys.stderr) -> None:
+        self.total, self.done, self.stream = total, done, stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self.start_done = done
+        self._shown = 0.0
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if now - self._shown < (0.1 if self.tty else LOG_EVERY_S) and self.done < self.total:
+            return
+        self._shown = now
+        rate = (self.done - self.start_done) / max(now - self.started, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 1e7 else "?"
+        text = f"{self.done:,}/{self.total:,} rows  {rate:,.0f} rows/s  ETA {eta_text}"
+        if self.tty:
+            filled = int(30 * self.done / max(self.total, 1))
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text}", end="", file=self.stream)
+        else:
+            print(f"scored {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream)
+
+
+def open_input(path: str) -> tuple[dict[str, np.ndarray] | np.ndarray, int]:
+    """The input arrays (``.npy`` memory-mapped; ``.npz`` one array per model input) and
+    the number of rows."""
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as archive:
+            # An archive member cannot be memory-mapped: each is read once, here.
+            arrays = {name: archive[name] for name in archive.files}
+        rows = {len(a) for a in arrays.values()}
+        if len(rows) != 1:
+            raise ValueError(f"{path}: arrays disagree on the number of rows: {sorted(rows)}")
+        return arrays, rows.pop()
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array, len(array)
+
+
+class _Output:
+    """The output files and the progress record of one run."""
+
+    def __init__(self, path: str, fingerprint: dict[str, Any]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.sidecar = path + ".progress.json"
+        self.errors_path = path + ".errors.tsv"
+        self.parts_dir = path + ".parts"
+        self.done: set[int] = set()
+        self.layout: dict[str, list[Any]] | None = None  # name -> [dtype, shape tail]
+        self.single = True
+        self.arrays: dict[str, np.memmap[Any, Any]] = {}
+        self._errors: TextIO | None = None
+
+    def resume(self) -> bool:
+        """Pick up an interrupted run of the same job, if there is one."""
+        if not os.path.exists(self.sidecar):
+            return False
+        record = json.loads(Path(self.sidecar).read_text())
+        if record.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{self.sidecar} is from a different run (other input, model or chunk size);"
+                " delete it (and the partial output) to start over"
+            )
+        self.done = set(record["done"])
+        self.single = record["single"]
+        if record["layout"] is not None:
+            self._open(record["layout"], mode="r+")
+        return True
+
+    def write(self, start: int, outputs: Any) -> None:
+        named = outputs if isinstance(outputs, dict) else {"": outputs}
+        if self.layout is None:
+            self.single = not isinstance(outputs, dict)
+            layout = {n: [a.dtype.str, list(a.shape[1:])] for n, a in named.items()}
+            self._open(layout, mode="w+")
+        for name, values in named.items():
+            self.arrays[name][start : start + len(values)] = values
+
+    def _open(self, layout: dict[str, list[Any]], mode: str) -> None:
+        self.layout = layout
+        rows = self.fingerprint["rows"]
+        if not self.single:
+            os.makedirs(self.parts_dir, exist_ok=True)
+        for name, (dtype, tail) in layout.items():
+            file = self.path if self.single else os.path.join(self.parts_dir, f"{name}.npy")
+            if mode == "w+":
+                array = np.lib.format.open_memmap(
+                    file, mode="w+", dtype=np.dtype(dtype), shape=(rows, *tail)
+                )
+                if array.dtype.kind in "fc":
+                    array[:] = np.nan  # rows that fail stay NaN
+            else:
+                array = np.load(file, mmap_mode="r+")
+            self.arrays[name] = array
+
+    def fail_rows(self, rows: range, error: RequestError) -> None:
+        if self._errors is None:
+            self._errors = open(self.errors_path, "a")  # noqa: SIM115 - kept open for the run
+        message = " ".join(f"{type(error).__name__}: {error}".split())  # one line, no tabs
+        for row in rows:
+            self._errors.write(f"{row}\t{message}\n")
+
+    def save(self) -> None:
+        """Flush the data, then record the chunks done (in that order: a chunk recorded as
+        done is on disk)."""
+        for array in self.arrays.values():
+            array.flush()
+        if self._errors is not None:
+            self._errors.flush()
+            os.fsync(self._errors.fileno())
+        record = {
+            "fingerprint": self.fingerprint,
+            "done": sorted(self.done),
+            "layout": self.layout,
+            "single": self.single,
+        }
+        tmp = self.sidecar + ".tmp"
+        Path(tmp).write_text(json.dumps(record))
+        os.replace(tmp, self.sidecar)
+
+    def finish(self) -> None:
+        self.save()
+        if not self.single:
+            np.savez(self.path, **self.arrays)  # type: ignore[arg-type]
+        self.arrays.clear()
+        if not self.single:
+            shutil.rmtree(self.parts_dir)
+        if self._errors is not None:
+            self._errors.close()
+        os.remove(self.sidecar)
+
+
+def score(
+    client: Client,
+    model: str,
+    input_path: str,
+    output_path: str,
+    *,
+    chunk_rows: int = 1024,
+    window: int = 8,
+    timeout: float = 300.0,
+    progress: Callable[[int, int], Progress] = Progress,
+) -> ScoreSummary:
+    """Score every row of ``input_path`` with ``model`` into ``output_path``; continue an
+    interrupted run of the same job. See the module docstring."""
+    if chunk_rows < 1 or window < 1:
+        raise ValueError("chunk_rows and window must be >= 1")
+    inputs, rows = open_input(input_path)
+    stat = os.stat(input_path)
+    fingerprint = {
+        "input": os.path.abspath(input_path),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime_ns,
+        "model": model,
+        "rows": rows,
+        "chunk_rows": chunk_rows,
+    }
+    output = _Output(output_path, fingerprint)
+    output.resume()
+    chunks = [c for c in range(-(-rows // chunk_rows)) if c not in output.done]
+    bar = progress(rows, rows - sum(_chunk_rows(c, chunk_rows, rows) for c in chunks))
+    started = time.monotonic()
+    scored = failed = 0
+    last_save = started
+    in_flight: deque[tuple[int, RequestFuture]] = deque()
+    pending = iter(chunks)
+    try:
+        while True:
+            while len(in_flight) < window:
+                chunk = next(pending, None)
+                if chunk is None:
+                    break
+                in_flight.append((chunk, _submit(client, model, inputs, chunk, chunk_rows, rows)))
+            if not in_flight:
+                break
+            chunk, future = in_flight.popleft()
+            span = range(
+                chunk * chunk_rows, chunk * chunk_rows + _chunk_rows(chunk, chunk_rows, rows)
+            )
+            failed += _collect(client, model, inputs, span, future, output, timeout)
+            output.done.add(chunk)
+            scored += len(span)
+            bar.update(len(span))
+            if time.monotonic() - last_save > SAVE_EVERY_S:
+                output.save()
+                last_save = time.monotonic()
+    except BaseException:
+        output.save()  # what is done stays done: the next run starts from here
+        raise
+    finally:
+        bar.close()
+    output.finish()
+    return ScoreSummary(
+        rows=rows, scored=scored, failed_rows=failed, seconds=time.monotonic() - started
+    )
+
+
+def _chunk_rows(chunk: int, chunk_rows: int, rows: int) -> int:
+    return min(chunk_rows, rows - chunk * chunk_rows)
+
+
+def _rows(inputs: dict[str, np.ndarray] | np.ndarray, span: range) -> Any:
+    if isinstance(inputs, dict):
+        return {k: np.ascontiguousarray(v[span.start : span.stop]) for k, v in inputs.items()}
+    return np.ascontiguousarray(inputs[span.start : span.stop])  # reads just these rows
+
+
+def _submit(
+    client: Client, model: str, inputs: Any, chunk: int, chunk_rows: int, rows: int
+) -> RequestFuture:
+    span = range(chunk * chunk_rows, chunk * chunk_rows + _chunk_rows(chunk, chunk_rows, rows))
+    (future,) = client.submit_many(model, [_rows(inputs, span)])
+    return future
+
+
+def _collect(
+    client: Client,
+    model: str,
+    inputs: Any,
+    span: range,
+    future: RequestFuture,
+    output: _Output,
+    timeout: float,
+) -> int:
+    """Write a chunk's outputs; if it failed, score its rows one by one. Returns how many
+    rows failed."""
+    for attempt in range(3):
+        try:
+            output.write(span.start, client.wait(future, timeout=timeout))
+            return 0
+        except (RequestLost, RequestTimeout):
+            if attempt == 2:
+                break
+            (future,) = client.submit_many(model, [_rows(inputs, span)])  # lost: send again
+        except RequestError:
+            break
+    failed = 0
+    singles = client.submit_many(model, [_rows(inputs, range(r, r + 1)) for r in span])
+    for row, single in zip(span, singles, strict=True):
+        try:
+            output.write(row, client.wait(single, timeout=timeout))
+        except RequestError as e:
+            output.fail_rows(range(row, row + 1), e)
+            failed += 1
+    return failed

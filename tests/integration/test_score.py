@@ -1,0 +1,110 @@
+"""Offline scoring: file to file, row for row, resumable, bad rows set aside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from queueing import Client
+from queueing.score import score
+from tests.integration import models
+from tests.integration.conftest import PoolFactory
+from tests.integration.helpers import TFPOOL
+from tests.integration.poison import FAIL, build_poison_model
+from tests.waiting import wait_until
+
+
+def test_scores_equal_the_model_row_for_row(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str, tmp_path: Path
+) -> None:
+    start_pool(mlp_path, name="scoring", max_batch_size=64)
+    x = np.random.default_rng(1).standard_normal((5000, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with Client(redis_url) as client:
+        summary = score(client, "scoring", str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                        chunk_rows=128, window=4)  # fmt: skip
+    assert (summary.rows, summary.scored, summary.failed_rows) == (5000, 5000, 0)
+    want = next(iter(models.keras_outputs(mlp_path, x).values()))
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
+    assert sorted(os.listdir(tmp_path)) == ["x.npy", "y.npy"]  # no sidecar, no errors file
+
+
+def test_an_interrupted_run_continues_and_ends_as_an_uninterrupted_one(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str, tmp_path: Path
+) -> None:
+    start_pool(mlp_path, name="scoring-resume", max_batch_size=64)
+    x = np.random.default_rng(2).standard_normal((30000, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    command = [*TFPOOL, "score", "--model", "scoring-resume", str(tmp_path / "x.npy"),
+               str(tmp_path / "y.npy"), "--redis-url", redis_url, "--chunk-rows", "10",
+               "--window", "2"]  # fmt: skip
+    sidecar = tmp_path / "y.npy.progress.json"
+
+    def chunks_done() -> int:
+        try:
+            return len(json.loads(sidecar.read_text())["done"])
+        except (OSError, ValueError):
+            return 0
+
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: chunks_done() >= 50, timeout=120, what="some chunks done")
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err
+    assert "run the same command again to continue" in err
+    done_before = chunks_done()
+    assert 50 <= done_before < 3000
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"scored {30000 - done_before * 10:,} of 30,000 rows" in second.stdout
+    want = next(iter(models.keras_outputs(mlp_path, x).values()))
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
+    assert not sidecar.exists()
+
+
+def test_a_bad_row_goes_to_the_errors_file_and_its_neighbours_are_scored(
+    start_pool: PoolFactory, model_dir: Path, redis_url: str, tmp_path: Path
+) -> None:
+    path = build_poison_model(model_dir)
+    start_pool(path, name="scoring-bad", max_batch_size=32, preload=["tests.integration.poison"])
+    x = np.random.default_rng(3).standard_normal((400, 4)).astype(np.float32)
+    x[123, 2] = FAIL
+    np.save(tmp_path / "x.npy", x)
+    with Client(redis_url) as client:
+        summary = score(client, "scoring-bad", str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                        chunk_rows=50)  # fmt: skip
+    assert summary.failed_rows == 1
+    errors = (tmp_path / "y.npy.errors.tsv").read_text().splitlines()
+    assert len(errors) == 1
+    assert errors[0].startswith("123\tModelError: model failed: InvalidArgumentError")
+    assert "ValueError: a FAIL marker in the input" in errors[0]
+    got = np.load(tmp_path / "y.npy")
+    assert np.isnan(got[123]).all()
+    good = np.delete(np.arange(400), 123)
+    want = next(iter(models.keras_outputs(path, x[good]).values()))
+    np.testing.assert_allclose(got[good], want, rtol=1e-5, atol=1e-6)
+
+
+def test_named_inputs_from_npz_give_named_outputs_in_npz(
+    start_pool: PoolFactory, twin_paths: tuple[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    start_pool(twin_paths[0], name="scoring-twin")
+    rng = np.random.default_rng(4)
+    inputs = {"a": rng.standard_normal((700, 4)).astype(np.float32),
+              "b": rng.standard_normal((700, 3)).astype(np.float32)}  # fmt: skip
+    np.savez(tmp_path / "in.npz", a=inputs["a"], b=inputs["b"])
+    with Client(redis_url) as client:
+        score(client, "scoring-twin", str(tmp_path / "in.npz"), str(tmp_path / "out.npz"),
+              chunk_rows=100)  # fmt: skip
+    want = models.keras_outputs(twin_paths[0], inputs)
+    with np.load(tmp_path / "out.npz") as got:
+        assert sorted(got.files) == ["y", "z"]
+        for name in ("y", "z"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "out.npz.parts").exists()
