@@ -3,6 +3,7 @@
 Never imports TensorFlow: a producer installs ``tfpool`` without the ``worker`` extra.
 """
 
+from queueing.aio import AsyncClient, AsyncRequestFuture
 from queueing.client import Client, RequestFuture
 from queueing.errors import (
     DeadLettered,
@@ -20,6 +21,8 @@ from queueing.errors import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AsyncRequestFuture",
     "Client",
     "DeadLettered",
     "DeadlineExceeded",

@@ -23,14 +23,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from queueing import keys, wire
+from queueing import enqueue, keys, wire
 from queueing.errors import (
     QueueFull,
     RequestError,
     RequestLost,
     RequestTimeout,
     Unavailable,
-    UnknownModel,
 )
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Inputs, Outputs
@@ -42,13 +41,6 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
 #: How long a reply list (and a kept result, unless told otherwise) outlives its last write.
 DEFAULT_RESULT_TTL_S = 3600
-
-#: Requests per Lua call in :meth:`Client.submit_many`: bounds how long one call holds Redis.
-_ENQUEUE_CHUNK = 512
-
-#: Requests with a body at least this large are appended with plain XADDs after a room
-#: check, rather than through the atomic enqueue script (see queueing.scripts.ROOM).
-LARGE_BODY = 64 * 1024
 
 #: The reply reader's BLPOP timeout; its socket timeout is longer, as every blocking call's is.
 _READ_BLOCK_S = 1.0
@@ -300,18 +292,19 @@ class Client:
     def _enqueue_all(
         self, model: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
     ) -> None:
-        stream, info = keys.stream(model), keys.model_info(model)
+        ids = [f.request_id for f in futures]
         try:
-            if max(len(body) for body in bodies) < LARGE_BODY:
-                entry_ids = self._enqueue_small(stream, info, futures, bodies)
+            if enqueue.is_large(bodies):
+                entry_ids = self._enqueue_large(model, ids, bodies)
             else:
-                entry_ids = self._enqueue_large(stream, info, futures, bodies)
-        except redis.ResponseError as e:
-            if "UNKNOWN_MODEL" in str(e):
-                raise UnknownModel(f"no pool serves model {model!r} on this Redis") from e
-            raise
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise Unavailable(f"cannot reach Redis at {self._safe_url}: {e}") from e
+                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
+                replies = self._evalsha_all(self._enqueue.sha, ENQUEUE, calls)
+                entry_ids = [entry for chunk in replies for entry in chunk]
+        except redis.RedisError as e:
+            typed = enqueue.as_request_error(e, model, self._safe_url)
+            if typed is None:
+                raise
+            raise typed from e
         for future, entry_id in zip(futures, entry_ids, strict=True):
             if entry_id == 0:
                 self._forget(future.request_id)
@@ -319,35 +312,14 @@ class Client:
                     QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
                 )
 
-    def _enqueue_small(
-        self, stream: str, info: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
-    ) -> list[Any]:
-        """Check and append in one atomic script call per chunk, one round trip in all."""
-        calls: list[list[Any]] = []
-        for start in range(0, len(bodies), _ENQUEUE_CHUNK):
-            args: list[Any] = []
-            for future, body in zip(
-                futures[start : start + _ENQUEUE_CHUNK],
-                bodies[start : start + _ENQUEUE_CHUNK],
-                strict=True,
-            ):
-                args += [future.request_id, self.reply_key, body]
-            calls.append(args)
-        replies = self._evalsha_all(self._enqueue.sha, ENQUEUE, [[stream, info, *c] for c in calls])
-        return [entry for chunk in replies for entry in chunk]
-
-    def _enqueue_large(
-        self, stream: str, info: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
-    ) -> list[Any]:
+    def _enqueue_large(self, model: str, ids: list[str], bodies: Sequence[bytes]) -> list[Any]:
         """Ask for room, then append with plain XADDs: two round trips, and no body passes
         through Lua. Producers racing between the two steps can overshoot the cap by what
         each of them appends at once; the queue stays bounded."""
-        (room,) = self._evalsha_all(self._room.sha, ROOM, [[stream, info, len(bodies)]])
+        (room,) = self._evalsha_all(self._room.sha, ROOM, [enqueue.room_call(model, len(bodies))])
         pipe = self._redis.pipeline(transaction=False)
-        for future, body in zip(futures[:room], bodies[:room], strict=True):
-            fields = {keys.FIELD_ID: future.request_id, keys.FIELD_REPLY: self.reply_key,
-                      keys.FIELD_BODY: body}  # fmt: skip
-            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        for request_id, body in zip(ids[:room], bodies[:room], strict=True):
+            pipe.xadd(keys.stream(model), enqueue.entry_fields(request_id, self.reply_key, body))
         added: list[Any] = pipe.execute() if room else []
         return added + [0] * (len(bodies) - room)
 

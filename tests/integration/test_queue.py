@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from queueing import Client, QueueFull, UnknownModel, keys, wire
-from queueing.client import LARGE_BODY
+from queueing.enqueue import LARGE_BODY
 from tests.waiting import wait_until
 
 SMALL = np.zeros(16, np.float32)

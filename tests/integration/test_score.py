@@ -9,9 +9,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from queueing import Client
-from queueing.score import score
+from queueing.score import Progress, score
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
 from tests.integration.helpers import TFPOOL
@@ -34,38 +35,56 @@ def test_scores_equal_the_model_row_for_row(
     assert sorted(os.listdir(tmp_path)) == ["x.npy", "y.npy"]  # no sidecar, no errors file
 
 
+class _CtrlCAfter(Progress):
+    """A progress reporter that raises KeyboardInterrupt once ``limit`` rows are done:
+    Ctrl-C at a known point of the run."""
+
+    limit = 0
+
+    def update(self, rows: int) -> None:
+        super().update(rows)
+        if self.done >= self.limit:
+            raise KeyboardInterrupt
+
+
 def test_an_interrupted_run_continues_and_ends_as_an_uninterrupted_one(
     start_pool: PoolFactory, mlp_path: str, redis_url: str, tmp_path: Path
 ) -> None:
     start_pool(mlp_path, name="scoring-resume", max_batch_size=64)
-    x = np.random.default_rng(2).standard_normal((30000, 8)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((3000, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    command = [*TFPOOL, "score", "--model", "scoring-resume", str(tmp_path / "x.npy"),
-               str(tmp_path / "y.npy"), "--redis-url", redis_url, "--chunk-rows", "10",
-               "--window", "2"]  # fmt: skip
-    sidecar = tmp_path / "y.npy.progress.json"
-
-    def chunks_done() -> int:
-        try:
-            return len(json.loads(sidecar.read_text())["done"])
-        except (OSError, ValueError):
-            return 0
-
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: chunks_done() >= 50, timeout=120, what="some chunks done")
-    first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=60)
-    assert first.returncode == 130, err
-    assert "run the same command again to continue" in err
-    done_before = chunks_done()
-    assert 50 <= done_before < 3000
-
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr
-    assert f"scored {30000 - done_before * 10:,} of 30,000 rows" in second.stdout
+    paths = (str(tmp_path / "x.npy"), str(tmp_path / "y.npy"))
+    _CtrlCAfter.limit = 1200
+    with Client(redis_url) as client:
+        with pytest.raises(KeyboardInterrupt):
+            score(client, "scoring-resume", *paths, chunk_rows=100, progress=_CtrlCAfter)
+        record = json.loads((tmp_path / "y.npy.progress.json").read_text())
+        assert sorted(record["done"]) == list(range(12))  # recorded as it stopped
+        summary = score(client, "scoring-resume", *paths, chunk_rows=100)
+    assert summary.scored == 1800  # only what was left
     want = next(iter(models.keras_outputs(mlp_path, x).values()))
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
-    assert not sidecar.exists()
+    assert not (tmp_path / "y.npy.progress.json").exists()
+
+
+def test_ctrl_c_on_the_command_line_saves_progress_and_says_how_to_continue(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str, tmp_path: Path
+) -> None:
+    start_pool(mlp_path, name="scoring-sigint")
+    np.save(tmp_path / "x.npy", np.zeros((100_000, 8), np.float32))
+    # One row per request, one in flight: slow on purpose, so there is time to interrupt.
+    command = [*TFPOOL, "score", "--model", "scoring-sigint", str(tmp_path / "x.npy"),
+               str(tmp_path / "y.npy"), "--redis-url", redis_url, "--chunk-rows", "1",
+               "--window", "1"]  # fmt: skip
+    sidecar = tmp_path / "y.npy.progress.json"
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(sidecar.exists, timeout=120, what="the first progress record")
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "interrupted; run the same command again to continue" in err
+    done = json.loads(sidecar.read_text())["done"]
+    assert 0 < len(done) < 100_000
 
 
 def test_a_bad_row_goes_to_the_errors_file_and_its_neighbours_are_scored(

@@ -1,0 +1,316 @@
+"""The asyncio producer: :class:`AsyncClient`, for services (redis.asyncio underneath).
+
+Same requests, results and errors as :class:`queueing.Client`. One reply reader task per
+client resolves futures by request id. A caller cancelled while it awaits a result takes
+its future out of the client's table with it: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, cast
+
+import redis
+import redis.asyncio as aioredis
+
+from queueing import enqueue, keys, wire
+from queueing.client import DEFAULT_RESULT_TTL_S, _without_password, resolve_redis_url
+from queueing.errors import QueueFull, RequestError, RequestTimeout, Unavailable
+from queueing.scripts import ENQUEUE, ROOM
+from queueing.wire import Inputs, Outputs
+
+log = logging.getLogger(__name__)
+
+_READ_BLOCK_S = 1.0
+
+
+class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
+    """An :class:`asyncio.Future` for one request; ``request_id`` names it."""
+
+    request_id: str
+
+
+class AsyncClient:
+    """A producer's asyncio connection to the pool. Create it inside the running loop;
+    use ``async with AsyncClient(url) as client:`` or ``await client.close()``."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+        socket_timeout_s: float = 10.0,
+    ) -> None:
+        if result_ttl_s < 1:
+            raise ValueError(f"result_ttl_s must be >= 1, got {result_ttl_s}")
+        self.redis_url = resolve_redis_url(redis_url)
+        self.result_ttl_s = result_ttl_s
+        self.client_id = uuid.uuid4().hex
+        self.reply_key = keys.reply_list(self.client_id)
+        self.duplicates_ignored = 0
+        self._safe_url = _without_password(self.redis_url)
+        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
+        self._reader_redis = aioredis.Redis.from_url(
+            self.redis_url, socket_timeout=_READ_BLOCK_S + socket_timeout_s
+        )
+        # Scripts are named by their SHA1, as EVALSHA wants.
+        self._enqueue_sha = hashlib.sha1(ENQUEUE.encode()).hexdigest()
+        self._room_sha = hashlib.sha1(ROOM.encode()).hexdigest()
+        self._pending: dict[str, AsyncRequestFuture] = {}
+        self._ids = itertools.count()
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """How many requests this client is waiting for."""
+        return len(self._pending)
+
+    async def predict(
+        self, model: str, inputs: Inputs, *, timeout: float = 30.0, deadline: float | None = None
+    ) -> Outputs:
+        """As :meth:`queueing.Client.predict`."""
+        future = await self.submit(model, inputs, deadline=deadline)
+        return await self.wait(future, timeout=timeout)
+
+    async def submit(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        deadline: float | None = None,
+        keep: bool = False,
+        keep_ttl_s: int | None = None,
+    ) -> AsyncRequestFuture:
+        """Queue one request; raises QueueFull / UnknownModel / Unavailable at once."""
+        (future,) = await self.submit_many(
+            model, [inputs], deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
+        )
+        if future.done() and future.exception() is not None:
+            raise cast(BaseException, future.exception())
+        return future
+
+    async def submit_many(
+        self,
+        model: str,
+        inputs: Iterable[Inputs],
+        *,
+        deadline: float | None = None,
+        keep: bool = False,
+        keep_ttl_s: int | None = None,
+    ) -> list[AsyncRequestFuture]:
+        """Queue many requests in one round trip; QueueFull lands on the futures."""
+        if self._closed:
+            raise RuntimeError("client is closed")
+        deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
+        keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
+        bodies = [
+            wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
+            for item in inputs
+        ]
+        loop = asyncio.get_running_loop()
+        futures = []
+        for _ in bodies:
+            future = AsyncRequestFuture(loop=loop)
+            future.request_id = f"{self.client_id[:12]}-{next(self._ids)}"
+            # A future cancelled by its owner leaves the table at once.
+            future.add_done_callback(self._forget_if_cancelled)
+            self._pending[future.request_id] = future
+            futures.append(future)
+        self._ensure_reader()
+        try:
+            entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
+        except BaseException:
+            for future in futures:
+                self._pending.pop(future.request_id, None)
+            raise
+        for future, entry_id in zip(futures, entry_ids, strict=True):
+            if entry_id == 0:
+                self._pending.pop(future.request_id, None)
+                future.set_exception(
+                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
+                )
+        return futures
+
+    async def wait(self, future: AsyncRequestFuture, *, timeout: float = 30.0) -> Outputs:
+        """The outputs of ``future`` or its error; RequestTimeout after ``timeout``. If the
+        caller is cancelled, so is the future, and it leaves the client's table."""
+        try:
+            outputs: Outputs = await asyncio.wait_for(asyncio.shield(future), timeout)
+            return outputs
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"no result for request {future.request_id} within {timeout:g}s",
+                request_id=future.request_id,
+            ) from None
+        finally:
+            if not future.done():
+                # Timed out or cancelled: nobody will read it now. Out of the table at once
+                # (the future's own callback would only run on the loop's next turn).
+                self._pending.pop(future.request_id, None)
+                future.cancel()
+
+    async def result(self, request_id: str, *, timeout: float = 30.0) -> Outputs:
+        """As :meth:`queueing.Client.result`: a kept result, from any process."""
+        key = keys.kept_result(request_id)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while True:
+            wait_s: Any = min(max(give_up - loop.time(), 0.01), 5.0)
+            try:
+                data = await self._reader_redis.blmove(key, key, wait_s, "LEFT", "LEFT")
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                raise Unavailable(f"cannot reach Redis at {self._safe_url}: {e}") from e
+            if data is not None:
+                result = wire.decode_result(cast(bytes, data))
+                if result.error is not None:
+                    raise result.error
+                return cast(Outputs, result.outputs)
+            if loop.time() >= give_up:
+                raise RequestTimeout(
+                    f"no result for request {request_id} within {timeout:g}s",
+                    request_id=request_id,
+                )
+
+    async def stream(
+        self,
+        model: str,
+        frames: Iterable[Inputs],
+        *,
+        window: int = 8,
+        deadline_ms: float | None = None,
+        timeout: float = 30.0,
+    ) -> AsyncIterator[Outputs | RequestError]:
+        """As :meth:`queueing.Client.stream`: results in order, failed frames as errors."""
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        deadline = None if deadline_ms is None else deadline_ms / 1000
+        in_flight: deque[AsyncRequestFuture] = deque()
+        for frame in frames:
+            (future,) = await self.submit_many(model, [frame], deadline=deadline)
+            in_flight.append(future)
+            if len(in_flight) >= window:
+                yield await self._outcome(in_flight.popleft(), timeout)
+        while in_flight:
+            yield await self._outcome(in_flight.popleft(), timeout)
+
+    async def close(self) -> None:
+        """Stop the reply reader, fail what is pending, close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            # The reader sees the flag within one BLPOP timeout. It is also cancelled; but
+            # redis-py may turn the cancellation of a blocking read into a connection
+            # error, so the flag is what ends it, and the wait here is bounded either way.
+            self._reader.cancel()
+            await asyncio.wait({self._reader}, timeout=_READ_BLOCK_S + 1)
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(RequestError("client closed", request_id=future.request_id))
+        await self._redis.aclose()
+        await self._reader_redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- internals ----------------------------------------------------------------------
+
+    async def _outcome(self, future: AsyncRequestFuture, timeout: float) -> Outputs | RequestError:
+        try:
+            return await self.wait(future, timeout=timeout)
+        except RequestError as e:
+            return e
+
+    def _forget_if_cancelled(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self._pending.pop(cast(AsyncRequestFuture, future).request_id, None)
+
+    async def _enqueue(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
+        try:
+            if enqueue.is_large(bodies):
+                (room,) = await self._evalsha_all(
+                    self._room_sha, ROOM, [enqueue.room_call(model, len(bodies))]
+                )
+                pipe = self._redis.pipeline(transaction=False)
+                for request_id, body in zip(ids[:room], bodies[:room], strict=True):
+                    pipe.xadd(
+                        keys.stream(model), enqueue.entry_fields(request_id, self.reply_key, body)
+                    )
+                added: list[Any] = await pipe.execute() if room else []
+                return added + [0] * (len(bodies) - room)
+            calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
+            replies = await self._evalsha_all(self._enqueue_sha, ENQUEUE, calls)
+            return [entry for chunk in replies for entry in chunk]
+        except redis.RedisError as e:
+            typed = enqueue.as_request_error(e, model, self._safe_url)
+            if typed is None:
+                raise
+            raise typed from e
+
+    async def _evalsha_all(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for call in calls:
+                pipe.evalsha(sha, 2, *call)
+            try:
+                replies: list[Any] = await pipe.execute()
+                return replies
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._redis.script_load(script)
+        raise AssertionError("unreachable")
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read_replies(), name=f"tfpool-replies-{self.client_id[:12]}"
+            )
+
+    async def _read_replies(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            try:
+                item = await self._reader_redis.blpop([self.reply_key], timeout=_READ_BLOCK_S)
+                if item is None:
+                    continue
+                batch: list[bytes] = [cast(bytes, item[1])]
+                more = await self._reader_redis.lpop(self.reply_key, 1024)
+                if more:
+                    batch.extend(cast(list[bytes], more))
+                backoff = 0.05
+            except redis.RedisError as e:
+                if self._closed:
+                    return
+                log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            for data in batch:
+                self._resolve(data)
+
+    def _resolve(self, data: bytes) -> None:
+        try:
+            result = wire.decode_result(data)
+        except Exception:
+            log.exception("dropping a result that cannot be decoded")
+            return
+        future = self._pending.pop(result.request_id, None)
+        if future is None or future.done():
+            self.duplicates_ignored += 1
+            return
+        if result.error is not None:
+            future.set_exception(result.error)
+        else:
+            future.set_result(result.outputs)
