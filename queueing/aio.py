@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import logging
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
@@ -20,14 +18,12 @@ import redis
 import redis.asyncio as aioredis
 
 from queueing import enqueue, keys, wire
-from queueing.client import DEFAULT_RESULT_TTL_S, _without_password, resolve_redis_url
-from queueing.errors import QueueFull, RequestError, RequestTimeout, Unavailable
+from queueing.base import DEFAULT_RESULT_TTL_S, READ_BLOCK_S, ClientBase
+from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Inputs, Outputs
 
 log = logging.getLogger(__name__)
-
-_READ_BLOCK_S = 1.0
 
 
 class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
@@ -36,7 +32,7 @@ class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
     request_id: str
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """A producer's asyncio connection to the pool. Create it inside the running loop;
     use ``async with AsyncClient(url) as client:`` or ``await client.close()``."""
 
@@ -47,23 +43,15 @@ class AsyncClient:
         result_ttl_s: int = DEFAULT_RESULT_TTL_S,
         socket_timeout_s: float = 10.0,
     ) -> None:
-        if result_ttl_s < 1:
-            raise ValueError(f"result_ttl_s must be >= 1, got {result_ttl_s}")
-        self.redis_url = resolve_redis_url(redis_url)
-        self.result_ttl_s = result_ttl_s
-        self.client_id = uuid.uuid4().hex
-        self.reply_key = keys.reply_list(self.client_id)
-        self.duplicates_ignored = 0
-        self._safe_url = _without_password(self.redis_url)
+        super().__init__(redis_url, result_ttl_s=result_ttl_s)
         self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
         self._reader_redis = aioredis.Redis.from_url(
-            self.redis_url, socket_timeout=_READ_BLOCK_S + socket_timeout_s
+            self.redis_url, socket_timeout=READ_BLOCK_S + socket_timeout_s
         )
         # Scripts are named by their SHA1, as EVALSHA wants.
         self._enqueue_sha = hashlib.sha1(ENQUEUE.encode()).hexdigest()
         self._room_sha = hashlib.sha1(ROOM.encode()).hexdigest()
         self._pending: dict[str, AsyncRequestFuture] = {}
-        self._ids = itertools.count()
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -108,17 +96,12 @@ class AsyncClient:
         """Queue many requests in one round trip; QueueFull lands on the futures."""
         if self._closed:
             raise RuntimeError("client is closed")
-        deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
-        keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
-        bodies = [
-            wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
-            for item in inputs
-        ]
+        bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
         loop = asyncio.get_running_loop()
         futures = []
         for _ in bodies:
             future = AsyncRequestFuture(loop=loop)
-            future.request_id = f"{self.client_id[:12]}-{next(self._ids)}"
+            future.request_id = self._new_id()
             # A future cancelled by its owner leaves the table at once.
             future.add_done_callback(self._forget_if_cancelled)
             self._pending[future.request_id] = future
@@ -133,9 +116,7 @@ class AsyncClient:
         for future, entry_id in zip(futures, entry_ids, strict=True):
             if entry_id == 0:
                 self._pending.pop(future.request_id, None)
-                future.set_exception(
-                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
-                )
+                future.set_exception(self._queue_full(model, future.request_id))
         return futures
 
     async def wait(self, future: AsyncRequestFuture, *, timeout: float = 30.0) -> Outputs:
@@ -145,10 +126,7 @@ class AsyncClient:
             outputs: Outputs = await asyncio.wait_for(asyncio.shield(future), timeout)
             return outputs
         except asyncio.TimeoutError:
-            raise RequestTimeout(
-                f"no result for request {future.request_id} within {timeout:g}s",
-                request_id=future.request_id,
-            ) from None
+            raise self._timeout(future.request_id, timeout) from None
         finally:
             if not future.done():
                 # Timed out or cancelled: nobody will read it now. Out of the table at once
@@ -166,17 +144,11 @@ class AsyncClient:
             try:
                 data = await self._reader_redis.blmove(key, key, wait_s, "LEFT", "LEFT")
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                raise Unavailable(f"cannot reach Redis at {self._safe_url}: {e}") from e
+                raise self._unavailable(e) from e
             if data is not None:
-                result = wire.decode_result(cast(bytes, data))
-                if result.error is not None:
-                    raise result.error
-                return cast(Outputs, result.outputs)
+                return self._unwrap(wire.decode_result(cast(bytes, data)))
             if loop.time() >= give_up:
-                raise RequestTimeout(
-                    f"no result for request {request_id} within {timeout:g}s",
-                    request_id=request_id,
-                )
+                raise self._timeout(request_id, timeout)
 
     async def stream(
         self,
@@ -210,7 +182,7 @@ class AsyncClient:
             # redis-py may turn the cancellation of a blocking read into a connection
             # error, so the flag is what ends it, and the wait here is bounded either way.
             self._reader.cancel()
-            await asyncio.wait({self._reader}, timeout=_READ_BLOCK_S + 1)
+            await asyncio.wait({self._reader}, timeout=READ_BLOCK_S + 1)
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
@@ -282,7 +254,7 @@ class AsyncClient:
         backoff = 0.05
         while not self._closed:
             try:
-                item = await self._reader_redis.blpop([self.reply_key], timeout=_READ_BLOCK_S)
+                item = await self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
                 if item is None:
                     continue
                 batch: list[bytes] = [cast(bytes, item[1])]
@@ -301,10 +273,8 @@ class AsyncClient:
                 self._resolve(data)
 
     def _resolve(self, data: bytes) -> None:
-        try:
-            result = wire.decode_result(data)
-        except Exception:
-            log.exception("dropping a result that cannot be decoded")
+        result = self._decode(data)
+        if result is None:
             return
         future = self._pending.pop(result.request_id, None)
         if future is None or future.done():

@@ -8,42 +8,37 @@ future the second time and is dropped: at-least-once delivery, exactly-once resu
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from queueing import enqueue, keys, wire
+from queueing.base import (
+    DEFAULT_REDIS_URL,
+    DEFAULT_RESULT_TTL_S,
+    READ_BLOCK_S,
+    ClientBase,
+    resolve_redis_url,
+)
 from queueing.errors import (
-    QueueFull,
     RequestError,
     RequestLost,
-    RequestTimeout,
-    Unavailable,
 )
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Inputs, Outputs
 
 log = logging.getLogger(__name__)
 
-#: Where to find Redis when no URL is given and ``TFPOOL_REDIS_URL`` is not set.
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
-
-#: How long a reply list (and a kept result, unless told otherwise) outlives its last write.
-DEFAULT_RESULT_TTL_S = 3600
-
-#: The reply reader's BLPOP timeout; its socket timeout is longer, as every blocking call's is.
-_READ_BLOCK_S = 1.0
+__all__ = ["DEFAULT_REDIS_URL", "DEFAULT_RESULT_TTL_S", "Client", "RequestFuture",
+           "resolve_redis_url"]  # fmt: skip
 
 
 class RequestFuture(Future):  # type: ignore[type-arg]
@@ -54,12 +49,7 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         self.request_id = request_id
 
 
-def resolve_redis_url(redis_url: str | None) -> str:
-    """The URL given, else ``TFPOOL_REDIS_URL``, else :data:`DEFAULT_REDIS_URL`."""
-    return redis_url or os.environ.get("TFPOOL_REDIS_URL") or DEFAULT_REDIS_URL
-
-
-class Client:
+class Client(ClientBase):
     """A producer's connection to the pool.
 
     ``Client(redis_url)`` connects lazily; create it in the process that uses it (after any
@@ -73,26 +63,17 @@ class Client:
         result_ttl_s: int = DEFAULT_RESULT_TTL_S,
         socket_timeout_s: float = 10.0,
     ) -> None:
-        if result_ttl_s < 1:
-            raise ValueError(f"result_ttl_s must be >= 1, got {result_ttl_s}")
-        self.redis_url = resolve_redis_url(redis_url)
-        self.result_ttl_s = result_ttl_s
-        self._safe_url = _without_password(self.redis_url)
-        self.client_id = uuid.uuid4().hex
-        self.reply_key = keys.reply_list(self.client_id)
-        self.duplicates_ignored = 0
+        super().__init__(redis_url, result_ttl_s=result_ttl_s)
         self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
         # The reader blocks; it gets its own connection, with a timeout beyond its BLOCK.
         # (Pooled, so it connects lazily and reconnects after an outage.)
         self._reader_redis = redis.Redis.from_url(
-            self.redis_url, socket_timeout=_READ_BLOCK_S + socket_timeout_s
+            self.redis_url, socket_timeout=READ_BLOCK_S + socket_timeout_s
         )
         self._enqueue = self._redis.register_script(ENQUEUE)
         self._room = self._redis.register_script(ROOM)
         self._pending: dict[str, RequestFuture] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count()
-        self._id_prefix = self.client_id[:12]
         self._pid = os.getpid()
         self._reader: threading.Thread | None = None
         self._closed = threading.Event()
@@ -156,12 +137,7 @@ class Client:
         :class:`QueueFull`; the others are queued.
         """
         self._check_usable()
-        deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
-        keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
-        bodies = [
-            wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
-            for item in inputs
-        ]
+        bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
         futures = [RequestFuture(self._new_id()) for _ in bodies]
         with self._lock:
             for future in futures:
@@ -224,14 +200,11 @@ class Client:
             try:
                 data = self._redis.blmove(key, key, wait_s, "LEFT", "LEFT")
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                raise Unavailable(f"cannot reach Redis at {self._safe_url}: {e}") from e
+                raise self._unavailable(e) from e
             if data is not None:
                 return self._unwrap(wire.decode_result(cast(bytes, data)))
             if time.monotonic() >= give_up:
-                raise RequestTimeout(
-                    f"no result for request {request_id} within {timeout:g}s",
-                    request_id=request_id,
-                )
+                raise self._timeout(request_id, timeout)
 
     def wait(self, future: RequestFuture, *, timeout: float = 30.0) -> Outputs:
         """The outputs of ``future``, or its error; :class:`RequestTimeout` after ``timeout``
@@ -240,10 +213,7 @@ class Client:
             outputs: Outputs = future.result(timeout=timeout)
         except FutureTimeout:
             self._forget(future.request_id)
-            raise RequestTimeout(
-                f"no result for request {future.request_id} within {timeout:g}s",
-                request_id=future.request_id,
-            ) from None
+            raise self._timeout(future.request_id, timeout) from None
         return outputs
 
     @property
@@ -263,7 +233,7 @@ class Client:
                 self._redis.expire(self.reply_key, 60)
             except redis.RedisError:
                 pass
-            self._reader.join(timeout=_READ_BLOCK_S + 5)
+            self._reader.join(timeout=READ_BLOCK_S + 5)
         with self._lock:
             pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -278,9 +248,6 @@ class Client:
         self.close()
 
     # --- internals ----------------------------------------------------------------------
-
-    def _new_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids)}"
 
     def _check_usable(self) -> None:
         if self._closed.is_set():
@@ -308,9 +275,7 @@ class Client:
         for future, entry_id in zip(futures, entry_ids, strict=True):
             if entry_id == 0:
                 self._forget(future.request_id)
-                future.set_exception(
-                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
-                )
+                future.set_exception(self._queue_full(model, future.request_id))
 
     def _enqueue_large(self, model: str, ids: list[str], bodies: Sequence[bytes]) -> list[Any]:
         """Ask for room, then append with plain XADDs: two round trips, and no body passes
@@ -363,7 +328,7 @@ class Client:
                 if failed:
                     run_id = self._check_same_redis(run_id)
                     failed = False
-                item = self._reader_redis.blpop([self.reply_key], timeout=_READ_BLOCK_S)
+                item = self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
                 if item is None:
                     continue
                 batch: list[bytes] = [cast(bytes, item[1])]
@@ -407,10 +372,8 @@ class Client:
         return run_id
 
     def _resolve(self, data: bytes) -> None:
-        try:
-            result = wire.decode_result(data)
-        except Exception:
-            log.exception("dropping a result that cannot be decoded")
+        result = self._decode(data)
+        if result is None:
             return
         with self._lock:
             future = self._pending.pop(result.request_id, None)
@@ -421,22 +384,3 @@ class Client:
             future.set_exception(result.error)
         else:
             future.set_result(result.outputs)
-
-    @staticmethod
-    def _unwrap(result: wire.Result) -> Outputs:
-        if result.error is not None:
-            raise result.error
-        assert result.outputs is not None
-        return result.outputs
-
-
-def _without_password(url: str) -> str:
-    """The URL as it may appear in a message: no password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
