@@ -62,6 +62,7 @@ class Batch(Generic[T]):
 
 @dataclass(slots=True)
 class _Queue(Generic[T]):
+    group: Hashable
     items: deque[T] = field(default_factory=deque)
     rows: int = 0
     head_taken: int = 0  # rows of items[0] already handed out in earlier batches
@@ -100,6 +101,9 @@ class Batcher(Generic[T]):
         self.clock = clock
         self.drained = False
         self._queues: dict[Hashable, _Queue[T]] = {}
+        # No request can have expired before this time: pop_expired scans only after it.
+        # (It may be stale-early once its request has been taken; a scan then corrects it.)
+        self._earliest_deadline = float("inf")
 
     @property
     def rows_waiting(self) -> int:
@@ -113,13 +117,18 @@ class Batcher(Generic[T]):
         """Take a request. Its ``rows`` must be >= 1."""
         queue = self._queues.get(item.group)
         if queue is None:
-            queue = self._queues[item.group] = _Queue()
+            queue = self._queues[item.group] = _Queue(item.group)
         queue.items.append(item)
+        if item.deadline is not None and item.deadline < self._earliest_deadline:
+            self._earliest_deadline = item.deadline
         queue.rows += item.rows
 
     def pop_expired(self) -> list[T]:
         """Remove and return requests whose deadline has passed and of which nothing ran."""
         now = self.clock()
+        if now < self._earliest_deadline:
+            return []  # the common case, on every turn of the worker's loop: nothing to scan
+        self._earliest_deadline = float("inf")
         expired: list[T] = []
         for group, queue in list(self._queues.items()):
             keep: deque[T] = deque()
@@ -130,6 +139,8 @@ class Batcher(Generic[T]):
                     queue.rows -= item.rows
                 else:
                     keep.append(item)
+                    if item.deadline is not None:
+                        self._earliest_deadline = min(self._earliest_deadline, item.deadline)
             queue.items = keep
             if not keep:
                 del self._queues[group]
@@ -177,7 +188,7 @@ class Batcher(Generic[T]):
             else:
                 queue.head_taken = stop
         if not queue.items:
-            self._queues = {g: q for g, q in self._queues.items() if q is not queue}
+            del self._queues[queue.group]
         rows = self.max_rows - room
         return Batch(parts=parts, rows=rows, padded_rows=self.bucket_for(rows))
 

@@ -35,6 +35,7 @@ import psutil
 import redis
 
 from queueing import Client
+from workers.batcher import default_buckets
 from workers.config import PoolConfig
 from workers.placement import Slot, cpu_count
 from workers.supervisor import Supervisor
@@ -468,8 +469,6 @@ def run(
         for model, group in by_model.items():
             path = build_model(model, directory)
             max_batch = max(s.max_batch_size for s in group)
-            from workers.batcher import default_buckets
-
             log(
                 f"[{model}] measuring the bare model ({len(slots)} process(es),"
                 f" {slots[0].intra_op_threads} intra-op threads each)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -143,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in option_types() if hasattr(args, k)}
     config = PoolConfig.load(config_file=args.config, overrides=overrides)
     with redis_url_or_embedded(config.redis_url) as url:
-        config = PoolConfig.load(config_file=args.config, overrides={**overrides, "redis_url": url})
+        config = dataclasses.replace(config, redis_url=url)
         supervisor = Supervisor(config)
         print(
             f"tfpool: serving model {config.name!r} from {config.model} on {url}"

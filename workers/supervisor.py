@@ -54,7 +54,6 @@ class WorkerHandle:
     # are killed here on purpose.
     ready: Synchronized[int] = field(default_factory=lambda: _new_flag())
     started_at: float = 0.0
-    restarts: int = 0
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
     ever_ready: bool = False
@@ -79,7 +78,6 @@ class Supervisor:
         #: "recycle" or "exit".
         self.events: list[tuple[str, int, int]] = []
         self._draining = threading.Event()
-        self._forced = False
         self.exit_code = EXIT_DRAINED
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -137,7 +135,6 @@ class Supervisor:
                 self._reap(handle, now)
             due = handle.restart_at is not None and now >= handle.restart_at
             if handle.process is None and due:
-                handle.restarts += 1
                 self._spawn(handle)
         if self.config.memory_limit_mb:
             self._watch_memory()
@@ -263,7 +260,6 @@ class Supervisor:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             if self._draining.is_set():
                 log.warning("second signal: stopping at once")
-                self._forced = True
                 self.exit_code = EXIT_FORCED
                 self.kill()
                 os._exit(EXIT_FORCED)

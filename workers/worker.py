@@ -45,7 +45,7 @@ from workers.batcher import Batch, Batcher
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.placement import Slot
-from workers.spec import InputFitter
+from workers.spec import InputFitter, TensorSpec
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -682,7 +682,7 @@ class Worker:
         pipe.execute()
 
 
-def _assemble(batch: Batch[Pending], spec: Any) -> dict[str, np.ndarray]:
+def _assemble(batch: Batch[Pending], spec: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     """One array per input: the batch's rows in order, zero-padded to its bucket."""
     if len(batch.parts) == 1 and batch.padded_rows == batch.rows:
         part = batch.parts[0]
