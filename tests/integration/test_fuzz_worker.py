@@ -30,7 +30,7 @@ def _body(**fields: Any) -> bytes:
 def _hostile(rng: np.random.Generator, i: int) -> tuple[dict[bytes, bytes], str]:
     """An entry and what the pool must make of it: an error kind, "ok" or "dead"."""
     rid = f"fuzz-{i}".encode()
-    kind = i % 14
+    kind = i % 15
     if kind == 0:
         return {
             b"id": rid,
@@ -41,6 +41,8 @@ def _hostile(rng: np.random.Generator, i: int) -> tuple[dict[bytes, bytes], str]
         return {b"id": rid, b"reply": REPLY.encode()}, "InvalidInput"  # no body
     if kind == 2:
         return {b"reply": REPLY.encode(), b"body": _body()}, "dead"  # no id
+    if kind == 13:  # no reply address: the error is kept under the id instead
+        return {b"id": rid, b"body": _body(keep_s=60, inputs=["int8", [8], b"\0" * 8])}, "kept"
     if kind == 3:
         return {b"id": b"\xff\xfe" + rid, b"reply": REPLY.encode(), b"body": _body()}, "dead"
     bad_bodies = {
@@ -69,6 +71,7 @@ def test_hostile_entries_get_typed_errors_and_the_requests_around_them_are_answe
     rng = np.random.default_rng(9)
     expected: dict[str, str] = {}
     dead_expected = 0
+    kept_expected: list[str] = []
     x = rng.standard_normal((ENTRIES, 8)).astype(np.float32)
     with Client(redis_url) as client:
         futures = []
@@ -77,6 +80,8 @@ def test_hostile_entries_get_typed_errors_and_the_requests_around_them_are_answe
             redis_client.xadd(keys.stream("fuzzed"), cast(Any, fields))
             if outcome == "dead":
                 dead_expected += 1
+            elif outcome == "kept":
+                kept_expected.append(f"fuzz-{i}")
             else:
                 expected[f"fuzz-{i}"] = outcome
             futures.append(client.submit("fuzzed", x[i]))  # a good request after each
@@ -92,6 +97,11 @@ def test_hostile_entries_get_typed_errors_and_the_requests_around_them_are_answe
         assert result.request_id not in answers  # exactly one answer each
         answers[result.request_id] = type(result.error).__name__ if result.error else "ok"
     assert answers == expected
+    for request_id in kept_expected:  # no reply list: fetched by id, as any process could
+        kept = cast(list[bytes], redis_client.lrange(keys.kept_result(request_id), 0, -1))
+        assert len(kept) == 1
+        result = wire.decode_result(kept[0])
+        assert type(result.error).__name__ == "InvalidInput"
     assert redis_client.llen(REPLY) == 0
     dead = cast(list[Any], redis_client.xrange(keys.dead_letters("fuzzed")))
     assert len(dead) == dead_expected
@@ -102,6 +112,7 @@ def test_hostile_entries_get_typed_errors_and_the_requests_around_them_are_answe
     rss_after = float(heartbeats(redis_url, "fuzzed")[0]["rss_mb"])
     print(
         f"\nfuzz: {ENTRIES} hostile entries: {dict(Counter(expected.values()))},"
-        f" {dead_expected} dead-lettered; worker RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
+        f" {dead_expected} dead-lettered, {len(kept_expected)} kept by id;"
+        f" worker RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
     )
     assert rss_after < rss_before + 200
