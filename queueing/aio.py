@@ -21,7 +21,7 @@ from queueing import enqueue, keys, wire
 from queueing.base import DEFAULT_RESULT_TTL_S, READ_BLOCK_S, ClientBase
 from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
-from queueing.wire import Inputs, Outputs
+from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class AsyncClient(ClientBase):
         return len(self._pending)
 
     async def predict(
-        self, model: str, inputs: Inputs, *, timeout: float = 30.0, deadline: float | None = None
+        self, model: str, inputs: Sendable, *, timeout: float = 30.0, deadline: float | None = None
     ) -> Outputs:
         """As :meth:`queueing.Client.predict`."""
         future = await self.submit(model, inputs, deadline=deadline)
@@ -70,7 +70,7 @@ class AsyncClient(ClientBase):
     async def submit(
         self,
         model: str,
-        inputs: Inputs,
+        inputs: Sendable,
         *,
         deadline: float | None = None,
         keep: bool = False,
@@ -87,7 +87,7 @@ class AsyncClient(ClientBase):
     async def submit_many(
         self,
         model: str,
-        inputs: Iterable[Inputs],
+        inputs: Iterable[Sendable],
         *,
         deadline: float | None = None,
         keep: bool = False,
@@ -153,7 +153,7 @@ class AsyncClient(ClientBase):
     async def stream(
         self,
         model: str,
-        frames: Iterable[Inputs],
+        frames: Iterable[Sendable],
         *,
         window: int = 8,
         deadline_ms: float | None = None,

@@ -14,7 +14,7 @@ import redis
 
 from queueing import keys, wire
 from queueing.errors import QueueFull, RequestTimeout, Unavailable
-from queueing.wire import Inputs, Outputs
+from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ClientBase:
     def _bodies(
         self,
         model: str,
-        inputs: Iterable[Inputs],
+        inputs: Iterable[Sendable],
         *,
         deadline: float | None,
         keep: bool,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -33,9 +33,11 @@ from queueing.errors import (
     RequestLost,
 )
 from queueing.scripts import ENQUEUE, ROOM
-from queueing.wire import Inputs, Outputs
+from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
+
+_END = object()  # the end of a stream's frames
 
 __all__ = ["DEFAULT_REDIS_URL", "DEFAULT_RESULT_TTL_S", "Client", "RequestFuture",
            "resolve_redis_url"]  # fmt: skip
@@ -83,7 +85,7 @@ class Client(ClientBase):
     def predict(
         self,
         model: str,
-        inputs: Inputs,
+        inputs: Sendable,
         *,
         timeout: float = 30.0,
         deadline: float | None = None,
@@ -101,7 +103,7 @@ class Client(ClientBase):
     def submit(
         self,
         model: str,
-        inputs: Inputs,
+        inputs: Sendable,
         *,
         deadline: float | None = None,
         keep: bool = False,
@@ -125,7 +127,7 @@ class Client(ClientBase):
     def submit_many(
         self,
         model: str,
-        inputs: Iterable[Inputs],
+        inputs: Iterable[Sendable],
         *,
         deadline: float | None = None,
         keep: bool = False,
@@ -154,7 +156,7 @@ class Client(ClientBase):
     def stream(
         self,
         model: str,
-        frames: Iterable[Inputs],
+        frames: Iterable[Sendable],
         *,
         window: int = 8,
         deadline_ms: float | None = None,
@@ -172,14 +174,45 @@ class Client(ClientBase):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         deadline = None if deadline_ms is None else deadline_ms / 1000
-        in_flight: deque[RequestFuture] = deque()
-        for frame in frames:
-            (future,) = self.submit_many(model, [frame], deadline=deadline)
-            in_flight.append(future)
-            if len(in_flight) >= window:
-                yield self._outcome(in_flight.popleft(), timeout)
-        while in_flight:
-            yield self._outcome(in_flight.popleft(), timeout)
+        # A feeder thread pulls and sends the frames, so that a result is yielded as soon
+        # as it is in, not when the source (a camera: one frame per 1/fps) next has a frame.
+        slots = threading.Semaphore(window)
+        sent: queue.Queue[RequestFuture | BaseException | None] = queue.Queue()
+        stop = threading.Event()
+
+        def feed() -> None:
+            try:
+                source = iter(frames)
+                while True:
+                    while not slots.acquire(timeout=0.1):  # a free place in the window
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    frame = next(source, _END)
+                    if frame is _END:
+                        break
+                    (future,) = self.submit_many(model, [cast(Sendable, frame)], deadline=deadline)
+                    sent.put(future)
+                sent.put(None)
+            except BaseException as e:  # the source's own error, raised to the consumer
+                sent.put(e)
+
+        feeder = threading.Thread(target=feed, name="tfpool-stream-feeder", daemon=True)
+        feeder.start()
+        try:
+            while (item := sent.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._outcome(item, timeout)
+                slots.release()  # the consumer is done with that frame
+        finally:
+            stop.set()
+            slots.release()  # a feeder waiting for a place sees the stop at once
+            while not sent.empty():  # sent, never to be read: no future left behind
+                item = sent.get_nowait()
+                if isinstance(item, RequestFuture):
+                    self._forget(item.request_id)
 
     def _outcome(self, future: RequestFuture, timeout: float) -> Outputs | RequestError:
         try:

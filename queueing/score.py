@@ -1,6 +1,7 @@
 """Offline dataset scoring: rows from a file, through the pool, into a file, resumably.
 
-The input is read a chunk at a time (``.npy`` memory-mapped, never loaded whole), a fixed
+The input is read a chunk at a time (``.npy`` memory-mapped, never loaded whole; a folder
+of images one file per row, in sorted order, listed in ``OUTPUT.files.txt``), a fixed
 window of chunks is in flight, and outputs are written into memory-mapped ``.npy`` files
 as the results arrive, so memory stays flat however many rows there are. A sidecar file
 (``OUTPUT.progress.json``) records the chunks done; the output's data is flushed before a
@@ -12,6 +13,7 @@ for integer outputs). The run never aborts on a bad row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,9 +75,53 @@ class Progress:
             print(file=self.stream)
 
 
-def open_input(path: str) -> tuple[dict[str, np.ndarray] | np.ndarray, int]:
-    """The input arrays (``.npy`` memory-mapped; ``.npz`` one array per model input) and
-    the number of rows."""
+#: Files a folder input takes, by suffix (any case): what the workers' image decoding reads.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+class ImageFolder:
+    """The image files under a folder (recursively, sorted by relative path), one row each:
+    a row is the file's bytes, read only when its chunk is sent. For a pool whose model
+    decodes images (``preprocess = "image"``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        root = Path(path)
+        self.files = sorted(
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not self.files:
+            raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, span: range) -> np.ndarray:
+        """The bytes of rows ``span``, as a bytes array of one item per row."""
+        array = np.empty(len(span), dtype=object)
+        array[:] = [Path(self.path, self.files[row]).read_bytes() for row in span]
+        return array
+
+    def digest(self) -> str:
+        """Changes when a file is added, removed, renamed or rewritten."""
+        h = hashlib.sha256()
+        for name in self.files:
+            stat = os.stat(os.path.join(self.path, name))
+            h.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+Input = dict[str, np.ndarray] | np.ndarray | ImageFolder
+
+
+def open_input(path: str) -> tuple[Input, int]:
+    """The input (``.npy`` memory-mapped; ``.npz`` one array per model input; a folder of
+    images) and the number of rows."""
+    if os.path.isdir(path):
+        folder = ImageFolder(path)
+        return folder, len(folder)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as archive:
             # An archive member cannot be memory-mapped: each is read once, here.
@@ -91,8 +137,11 @@ def open_input(path: str) -> tuple[dict[str, np.ndarray] | np.ndarray, int]:
 class _Output:
     """The output files and the progress record of one run."""
 
-    def __init__(self, path: str, fingerprint: dict[str, Any]) -> None:
+    def __init__(
+        self, path: str, fingerprint: dict[str, Any], row_names: list[str] | None = None
+    ) -> None:
         self.path = path
+        self.row_names = row_names  # named in the errors file (the files of a folder)
         self.fingerprint = fingerprint
         self.sidecar = path + ".progress.json"
         self.errors_path = path + ".errors.tsv"
@@ -150,7 +199,8 @@ class _Output:
             self._errors = open(self.errors_path, "a")  # noqa: SIM115 - kept open for the run
         message = " ".join(f"{type(error).__name__}: {error}".split())  # one line, no tabs
         for row in rows:
-            self._errors.write(f"{row}\t{message}\n")
+            name = "" if self.row_names is None else f"{self.row_names[row]}: "
+            self._errors.write(f"{row}\t{name}{message}\n")
 
     def save(self) -> None:
         """Flush the data, then record the chunks done (in that order: a chunk recorded as
@@ -188,27 +238,33 @@ def score(
     input_path: str,
     output_path: str,
     *,
-    chunk_rows: int = 1024,
+    chunk_rows: int | None = None,
     window: int = 8,
     timeout: float = 300.0,
     progress: Callable[[int, int], Progress] = Progress,
 ) -> ScoreSummary:
     """Score every row of ``input_path`` with ``model`` into ``output_path``; continue an
-    interrupted run of the same job. See the module docstring."""
+    interrupted run of the same job. See the module docstring. ``chunk_rows`` defaults to
+    1024 rows of an array, 32 images of a folder."""
+    inputs, rows = open_input(input_path)
+    folder = inputs if isinstance(inputs, ImageFolder) else None
+    if chunk_rows is None:
+        chunk_rows = 1024 if folder is None else 32
     if chunk_rows < 1 or window < 1:
         raise ValueError("chunk_rows and window must be >= 1")
-    inputs, rows = open_input(input_path)
     stat = os.stat(input_path)
     fingerprint = {
         "input": os.path.abspath(input_path),
-        "size": stat.st_size,
-        "mtime": stat.st_mtime_ns,
+        "size": stat.st_size if folder is None else folder.digest(),
+        "mtime": stat.st_mtime_ns if folder is None else 0,
         "model": model,
         "rows": rows,
         "chunk_rows": chunk_rows,
     }
-    output = _Output(output_path, fingerprint)
-    output.resume()
+    output = _Output(output_path, fingerprint, None if folder is None else folder.files)
+    if not output.resume() and folder is not None:
+        # Row i of the output is the i-th file of this list.
+        Path(output_path + ".files.txt").write_text("".join(f + "\n" for f in folder.files))
     chunks = [c for c in range(-(-rows // chunk_rows)) if c not in output.done]
     bar = progress(rows, rows - sum(_chunk_rows(c, chunk_rows, rows) for c in chunks))
     started = time.monotonic()
@@ -251,7 +307,9 @@ def _chunk_rows(chunk: int, chunk_rows: int, rows: int) -> int:
     return min(chunk_rows, rows - chunk * chunk_rows)
 
 
-def _rows(inputs: dict[str, np.ndarray] | np.ndarray, span: range) -> Any:
+def _rows(inputs: Input, span: range) -> Any:
+    if isinstance(inputs, ImageFolder):
+        return inputs.read(span)
     if isinstance(inputs, dict):
         return {k: np.ascontiguousarray(v[span.start : span.stop]) for k, v in inputs.items()}
     return np.ascontiguousarray(inputs[span.start : span.stop])  # reads just these rows

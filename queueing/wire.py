@@ -12,7 +12,12 @@ A result, pushed to the reply list (and kept under the id when asked), is a msgp
     {"v": 1, "id": str, "error": [kind, message]}              on failure
 
 An ARRAY is ``[dtype, shape, data]``: a dtype name from :data:`ALLOWED_DTYPES`, a list of
-dimensions, and the raw little-endian C-order bytes.
+dimensions, and the raw little-endian C-order bytes. Two more kinds carry variable-length
+items, ``data`` then being a list of ``prod(shape)`` items in C order:
+
+* ``"bytes"``: msgpack bin items, e.g. encoded JPEG/PNG images; a numpy object array of
+  ``bytes`` on either side (a fixed-width ``S`` array would drop trailing NUL bytes);
+* ``"str"``: msgpack str items, e.g. class labels; a numpy ``U`` array on either side.
 
 Nothing here unpickles, evaluates or looks up anything by a name the sender chose beyond
 the dtype allow-list: whoever can write to Redis can submit work, nothing more.
@@ -21,9 +26,9 @@ the dtype allow-list: whoever can write to Redis can submit work, nothing more.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -53,8 +58,18 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(
     ]
 )
 
+#: The kinds of variable-length items (not numpy dtypes; see the module docstring).
+BYTES = "bytes"
+STR = "str"
+
 Inputs = np.ndarray | dict[str, np.ndarray]
 Outputs = np.ndarray | dict[str, np.ndarray]
+
+#: One input as a producer may give it: an array (or what ``np.asarray`` takes), one
+#: encoded item (``bytes``: an image, say) or a list of them.
+SendableArray = np.ndarray | bytes | Sequence[bytes]
+#: A request's inputs as a producer may give them: one input, or a dict of them by name.
+Sendable = SendableArray | Mapping[str, SendableArray]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +81,11 @@ class Limits:
     max_elements: int = 2**26
     max_inputs: int = 64
     max_name_length: int = 256
+    #: Most items in one ``bytes`` or ``str`` array.
+    max_items: int = 65536
 
     def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "max_rank", "max_elements", "max_inputs"):
+        for name in ("max_payload_bytes", "max_rank", "max_elements", "max_inputs", "max_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -106,6 +123,8 @@ def encode_array(array: np.ndarray) -> list[Any]:
     """``[dtype, shape, data]`` for msgpack; the data is a view of the array, not a copy
     (unless the array is not C-contiguous little-endian, when one copy makes it so)."""
     name = _NATIVE_NAMES.get(array.dtype)
+    if name is None and array.dtype.kind in "OSU":
+        return _encode_items(array)
     if name is None:
         if array.dtype.name not in ALLOWED_DTYPES:
             raise InvalidInput(
@@ -118,15 +137,74 @@ def encode_array(array: np.ndarray) -> list[Any]:
     return [name, array.shape, array.data]
 
 
+def _encode_items(array: np.ndarray) -> list[Any]:
+    """A ``bytes`` or ``str`` array: ``S`` / ``U`` arrays, or object arrays all of whose
+    items are bytes (or all str)."""
+    items = array.ravel().tolist()
+    if array.dtype.kind == "S":
+        return [BYTES, array.shape, items]
+    if array.dtype.kind == "U":
+        return [STR, array.shape, items]
+    if all(isinstance(item, bytes) for item in items):
+        return [BYTES, array.shape, items]
+    if all(isinstance(item, str) for item in items):
+        return [STR, array.shape, items]
+    kinds = sorted({type(item).__name__ for item in items})
+    raise InvalidInput(
+        f"an object array cannot be sent unless its items are all bytes or all str; got {kinds}"
+    )
+
+
+def as_array(value: object) -> np.ndarray:
+    """``value`` as an array to send: ``bytes`` (one encoded image, say) and lists of bytes
+    become object arrays, so that no trailing NUL byte is lost; the rest ``np.asarray``."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        scalar = np.empty((), dtype=object)
+        scalar[()] = bytes(value)
+        return scalar
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, bytes) for v in value):
+        array = np.empty(len(value), dtype=object)
+        array[:] = list(value)
+        return array
+    return np.asarray(value)
+
+
+def dtype_name(array: np.ndarray) -> str:
+    """The wire's name for ``array``'s dtype: ``bytes`` for object arrays (what the decoder
+    makes of ``bytes`` items), ``str`` for ``U`` arrays, else the numpy name."""
+    if array.dtype.kind in "OS":
+        return BYTES
+    if array.dtype.kind == "U":
+        return STR
+    return array.dtype.name
+
+
 def decode_array(obj: object, limits: Limits, where: str) -> np.ndarray:
     """The array that ``obj`` (``[dtype, shape, data]``) describes, as a read-only view of
     ``data``. Raises :class:`InvalidInput` saying what is wrong and where."""
     if not isinstance(obj, (list, tuple)) or len(obj) != 3:
         raise InvalidInput(f"{where}: expected [dtype, shape, data], got {_describe(obj)}")
     dtype_name, shape, data = obj
+    if dtype_name in (BYTES, STR):
+        return _decode_items(dtype_name, shape, data, limits, where)
     dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise InvalidInput(f"{where}: dtype {dtype_name!r} is not allowed")
+    elements = _check_shape(shape, limits, where)
+    if not isinstance(data, bytes):
+        raise InvalidInput(f"{where}: data must be bytes, got {_describe(data)}")
+    if elements * dtype.itemsize != len(data):
+        raise InvalidInput(
+            f"{where}: {dtype_name} {list(shape)} needs {elements * dtype.itemsize} bytes,"
+            f" got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _check_shape(shape: object, limits: Limits, where: str) -> int:
+    """The number of elements of a valid ``shape``; raises :class:`InvalidInput` if not."""
     if not isinstance(shape, (list, tuple)):
         raise InvalidInput(f"{where}: shape must be a list, got {_describe(shape)}")
     if len(shape) > limits.max_rank:
@@ -138,22 +216,34 @@ def decode_array(obj: object, limits: Limits, where: str) -> np.ndarray:
     elements = math.prod(shape)
     if elements > limits.max_elements:
         raise InvalidInput(f"{where}: {elements} elements is over the limit {limits.max_elements}")
-    if not isinstance(data, bytes):
-        raise InvalidInput(f"{where}: data must be bytes, got {_describe(data)}")
-    if elements * dtype.itemsize != len(data):
+    return elements
+
+
+def _decode_items(kind: str, shape: object, data: object, limits: Limits, where: str) -> np.ndarray:
+    elements = _check_shape(shape, limits, where)
+    shape = cast(list[int], shape)
+    if elements > limits.max_items:
+        raise InvalidInput(f"{where}: {elements} items is over the limit {limits.max_items}")
+    if not isinstance(data, (list, tuple)) or len(data) != elements:
         raise InvalidInput(
-            f"{where}: {dtype_name} {list(shape)} needs {elements * dtype.itemsize} bytes,"
-            f" got {len(data)}"
+            f"{where}: {kind} {list(shape)} needs a list of {elements} items, got {_describe(data)}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    item_type = bytes if kind == BYTES else str
+    if not all(type(item) is item_type for item in data):
+        raise InvalidInput(f"{where}: every item of a {kind} array must be {kind}")
+    if kind == STR:
+        return np.array(data, dtype=str).reshape(shape)
+    array = np.empty(elements, dtype=object)
+    array[:] = data
+    return array.reshape(shape)
 
 
-def _encode_arrays(value: Inputs) -> Any:
+def _encode_arrays(value: Sendable) -> Any:
     if isinstance(value, np.ndarray):
         return encode_array(value)
     if isinstance(value, Mapping):
-        return {str(name): encode_array(np.asarray(a)) for name, a in value.items()}
-    return encode_array(np.asarray(value))
+        return {str(name): encode_array(as_array(a)) for name, a in value.items()}
+    return encode_array(as_array(value))
 
 
 def _decode_arrays(obj: object, limits: Limits, what: str) -> Inputs:
@@ -175,7 +265,7 @@ def _decode_arrays(obj: object, limits: Limits, what: str) -> Inputs:
 
 
 def encode_request_body(
-    model: str, inputs: Inputs, *, deadline_ms: int | None = None, keep_s: int = 0
+    model: str, inputs: Sendable, *, deadline_ms: int | None = None, keep_s: int = 0
 ) -> bytes:
     """The msgpack body of a request for ``model``."""
     return msgpack.packb(  # type: ignore[no-any-return]
@@ -206,7 +296,7 @@ def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> Reques
             strict_map_key=True,
             max_bin_len=limits.max_payload_bytes,
             max_str_len=limits.max_payload_bytes,
-            max_array_len=max(limits.max_rank, 16),
+            max_array_len=max(limits.max_rank, 16, limits.max_items),
             max_map_len=max(limits.max_inputs, 16),
             max_ext_len=0,
         )

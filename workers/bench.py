@@ -48,6 +48,7 @@ MODELS: dict[str, tuple[tuple[int, ...], str]] = {
     "identity": ((16,), "_build_identity"),
     "mlp": ((64,), "_build_mlp"),
     "mobilenet": ((224, 224, 3), "_build_mobilenet"),
+    "framenet": ((112, 112, 3), "_build_framenet"),
 }
 
 
@@ -135,6 +136,17 @@ def _build_mobilenet(path: str) -> None:
     import keras
 
     keras.applications.MobileNetV2(input_shape=(224, 224, 3), weights=None).save(path)
+
+
+def _build_framenet(path: str) -> None:
+    """A small convolutional classifier of 112x112 frames (scripts/video_frames.py)."""
+    import keras
+
+    x = keras.Input((112, 112, 3), name="frame")
+    h = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+    h = keras.layers.Conv2D(32, 3, strides=2, activation="relu")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    keras.Model(x, keras.layers.Dense(10, activation="softmax", name="classes")(h)).save(path)
 
 
 def _build(name: str, path: str) -> None:

@@ -77,10 +77,14 @@ def _parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score a dataset file into a file, resumably")
     score.add_argument("--model", required=True, help="model name")
-    score.add_argument("input", help=".npy (memory-mapped) or .npz (one array per input)")
+    score.add_argument(
+        "input",
+        help=".npy (memory-mapped), .npz (one array per input), or a folder of images"
+        " (JPEG/PNG/GIF/BMP, for a pool with preprocess = image)",
+    )
     score.add_argument("output", help=".npy (one output) or .npz (several)")
     score.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
-    score.add_argument("--chunk-rows", type=int, default=1024, help="rows per request")
+    score.add_argument("--chunk-rows", type=int, help="rows per request (default: 1024; 32 images)")
     score.add_argument("--window", type=int, default=8, help="chunks in flight")
     score.set_defaults(run=_score)
 

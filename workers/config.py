@@ -74,6 +74,31 @@ class PoolConfig:
     memory_limit_mb: int = 0
     #: Python modules each worker imports before loading the model (custom layers, ops).
     preload: list[str] = field(default_factory=list)
+    #: Processing before inference: "" (none) or "image" (the image input takes encoded
+    #: images or uint8 pixels of any size; decoded, resized, scaled and cast in the worker).
+    preprocess: str = ""
+    #: The input that takes images (default: the model's only input with rows of rank 3).
+    image_input: str = ""
+    #: Resize images to [height, width] (default: the model input's own height and width).
+    image_size: list[int] = field(default_factory=list)
+    #: tf.image.resize method: bilinear, nearest, bicubic, area, lanczos3, ...
+    image_resize: str = "bilinear"
+    #: Pixels (0..255) become pixel * image_scale + image_offset ...
+    image_scale: float = 1.0
+    image_offset: float = 0.0
+    #: ... then (x - mean) / std, per channel (one value: every channel; empty: skipped).
+    image_mean: list[float] = field(default_factory=list)
+    image_std: list[float] = field(default_factory=list)
+    #: Largest image accepted, in pixels (decompression bombs are refused before decoding).
+    max_image_pixels: int = 40_000_000
+    #: Processing after inference: "" (none), "argmax" or "top_k".
+    postprocess: str = ""
+    #: Classes top_k returns per row.
+    top_k: int = 5
+    #: File with one class label per line, naming the classes argmax / top_k find.
+    labels_file: str = ""
+    #: The output argmax / top_k reads (default: the model's only output).
+    postprocess_output: str = ""
     #: Log level of the supervisor and workers.
     log_level: str = "INFO"
 
@@ -84,6 +109,7 @@ class PoolConfig:
             object.__setattr__(self, "name", default_name(self.model))
         positive = (
             "max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device", "max_rows",
+            "top_k", "max_image_pixels",
         )  # fmt: skip
         for option in positive:
             if getattr(self, option) < 1:
@@ -113,6 +139,21 @@ class PoolConfig:
             self.limits()
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        self._check_processing()
+
+    def _check_processing(self) -> None:
+        if self.preprocess not in ("", "image"):
+            raise ConfigError(f"preprocess must be '' or 'image', got {self.preprocess!r}")
+        if self.postprocess not in ("", "argmax", "top_k"):
+            raise ConfigError(
+                f"postprocess must be '', 'argmax' or 'top_k', got {self.postprocess!r}"
+            )
+        if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ConfigError(f"image_size must be [height, width], got {self.image_size}")
+        if any(s == 0 for s in self.image_std):
+            raise ConfigError(f"image_std may not contain 0, got {self.image_std}")
+        if self.labels_file and not os.path.isfile(self.labels_file):
+            raise ConfigError(f"labels_file {self.labels_file} is not a file")
 
     def limits(self) -> Limits:
         """The decode limits workers apply to requests."""

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from queueing import wire
 from workers.errors import ModelLoadError
 from workers.spec import TensorSpec
 
@@ -39,10 +40,27 @@ class LoadedModel:
         outputs = self._function(*(arrays[s.name] for s in self.inputs))
         return {name: outputs[name].numpy() for name in self.output_names}
 
+    def example(self, rows: int) -> dict[str, np.ndarray]:
+        """Inputs of ``rows`` rows: zeros, or empty strings for string inputs."""
+        arrays = {}
+        for s in self.inputs:
+            if s.dtype in (wire.BYTES, wire.STR):
+                arrays[s.name] = np.full(s.example_shape(rows), b"", dtype=object)
+            else:
+                arrays[s.name] = np.zeros(s.example_shape(rows), dtype=s.dtype)
+        return arrays
+
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size once so no trace or kernel choice happens on the hot path."""
         for rows in batch_sizes:
-            self({s.name: np.zeros(s.example_shape(rows), dtype=s.dtype) for s in self.inputs})
+            try:
+                self(self.example(rows))
+            except tf.errors.InvalidArgumentError:
+                if not any(s.dtype == wire.BYTES for s in self.inputs):
+                    raise
+                # A model of encoded inputs may refuse empty strings: it warms up on traffic.
+                log.info("%s: no warm-up (the model refuses empty strings)", self.source)
+                return
 
 
 def configure_tensorflow(
@@ -86,7 +104,10 @@ def _spec(name: str, shape: Any, dtype: Any) -> TensorSpec:
     dims = tuple(shape)
     if not dims:
         raise ModelLoadError(f"input {name!r} has no batch axis; tfpool batches on axis 0")
-    return TensorSpec(name=name, dtype=tf.as_dtype(dtype).name, shape=tuple(dims[1:]))
+    dtype = tf.as_dtype(dtype)
+    # A tf.string input takes bytes items (an encoded image, say): the wire's "bytes".
+    name_of_dtype = wire.BYTES if dtype == tf.string else dtype.name
+    return TensorSpec(name=name, dtype=name_of_dtype, shape=tuple(dims[1:]))
 
 
 def _load_saved_model(path: str, signature: str) -> LoadedModel:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from queueing.errors import InvalidInput
-from queueing.wire import Inputs
+from queueing.wire import Inputs, dtype_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +96,8 @@ def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
     rows_seen: set[int] = set()
     for s in spec:
         array = inputs[s.name]
-        got = f"got {array.dtype.name} {list(array.shape)}"
-        if array.dtype.name != s.dtype:
+        got = f"got {dtype_name(array)} {list(array.shape)}"
+        if dtype_name(array) != s.dtype:
             raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
         if array.ndim == len(s.shape) + 1:
             batched_flags.add(True)

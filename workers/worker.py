@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
     from workers.model import LoadedModel
+    from workers.postprocess import TopK
+    from workers.preprocess import ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,18 @@ class Pending:
     parts: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
     rows_done: int = 0
     error: RequestError | None = None
+
+
+@dataclass(slots=True)
+class Received:
+    """A request whose body decoded, on its way to the batcher."""
+
+    entry_id: bytes
+    request_id: str
+    reply: str
+    body: wire.RequestBody
+    inputs: wire.Inputs  # the body's, or what pre-processing made of them
+    error: InvalidInput | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +164,9 @@ class Worker:
         self._clock_offset = 0.0  # Redis time minus time.monotonic(), in seconds
         self.model: LoadedModel | None = None
         self._fitter: InputFitter | None = None
+        self.preprocess: ImagePreprocessor | None = None
+        self.postprocess: TopK | None = None
+        self.output_names: list[str] = []
         self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
         self.batcher: Batcher[Pending] = Batcher(
             max_rows=config.max_batch_size,
@@ -226,6 +243,19 @@ class Worker:
         started = time.monotonic()
         model = load_model(self.config.model, signature=self.config.signature)
         model.warm_up(self.batcher.buckets)
+        self.output_names = model.output_names
+        if self.config.preprocess == "image":
+            from workers.preprocess import ImagePreprocessor
+
+            self.preprocess = ImagePreprocessor(self.config, model.inputs)
+            self.preprocess.warm_up()
+        if self.config.postprocess:
+            from workers.postprocess import TopK
+
+            self.postprocess = TopK.from_config(self.config, model.output_names)
+            scores = model(model.example(1))[self.postprocess.output]
+            self.postprocess.check(scores.shape[-1] if scores.ndim > 1 else 0)
+            self.output_names = self.postprocess.output_names
         log.info(
             "loaded %s in %.1fs; warmed batch sizes %s",
             model.source,
@@ -250,10 +280,16 @@ class Worker:
             if "BUSYGROUP" not in str(e):
                 raise
         assert self.model is not None
+        inputs = [
+            self.preprocess.describe()
+            if self.preprocess is not None and s.name == self.preprocess.name
+            else f"{s.name}: {s.describe()}"
+            for s in self.model.inputs
+        ]
         info: dict[FieldT, EncodableT] = {
             "max_queue": self.config.max_queue,
-            "inputs": ", ".join(f"{s.name}: {s.describe()}" for s in self.model.inputs),
-            "outputs": ", ".join(self.model.output_names),
+            "inputs": ", ".join(inputs),
+            "outputs": ", ".join(self.output_names),
         }
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.model_info(self.config.name), mapping=info)
@@ -312,8 +348,7 @@ class Worker:
                 pipe.hincrby(keys.attempts(self.config.name), entry_id, 1)
             pipe.execute()
         try:
-            outputs = self.model(_assemble(batch, self.model.inputs))
-            self._store_outputs(batch, outputs)
+            self._store_outputs(batch, self._infer(_assemble(batch, self.model.inputs)))
         except Exception as e:
             log.warning("batch of %d failed (%s); running its requests one by one", batch.rows, e)
             self._run_parts_alone(batch)
@@ -325,6 +360,12 @@ class Worker:
             if p.rows_done == p.rows:
                 answers.append(self._finish(p))
         return answers
+
+    def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model, then the post-processing, on one batch."""
+        assert self.model is not None
+        outputs = self.model(arrays)
+        return outputs if self.postprocess is None else self.postprocess(outputs)
 
     def _store_outputs(self, batch: Batch[Pending], outputs: dict[str, np.ndarray]) -> None:
         offset = 0
@@ -343,7 +384,7 @@ class Worker:
                 parts=[part], rows=part.rows, padded_rows=self.batcher.bucket_for(part.rows)
             )
             try:
-                self._store_outputs(single, self.model(_assemble(single, self.model.inputs)))
+                self._store_outputs(single, self._infer(_assemble(single, self.model.inputs)))
             except Exception as e:
                 part.item.error = ModelError(f"model failed: {describe_model_error(e)}")
                 part.item.rows_done += part.rows
@@ -351,20 +392,18 @@ class Worker:
     def _finish(self, p: Pending) -> Answer:
         if p.error is not None:
             return self._answer_error(p, p.error)
-        assert self.model is not None
         p.parts.sort(key=lambda item: item[0])
         if len(p.parts) == 1:
             merged = p.parts[0][1]
         else:
             merged = {
                 name: np.concatenate([chunk[name] for _, chunk in p.parts])
-                for name in self.model.output_names
+                for name in self.output_names
             }
         if p.unbatched:
             merged = {name: value[0] for name, value in merged.items()}
-        outputs: wire.Outputs = (
-            merged[self.model.output_names[0]] if self.model.single_output else merged
-        )
+        single = len(self.output_names) == 1 and self.postprocess is None
+        outputs: wire.Outputs = merged[self.output_names[0]] if single else merged
         self.stats.requests += 1
         return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, outputs=outputs,
                       suspect=p.suspect)  # fmt: skip
@@ -488,11 +527,23 @@ class Worker:
         its batch-mates to the dead-letter stream with it."""
         with self._hand_lock:
             self._in_hand.update(entry_id for entry_id, _ in entries)
-        accepted: list[Pending] = []
+        received: list[Received] = []
         rejected: list[Answer] = []
         for entry_id, fields in entries:
-            outcome = self._decode(entry_id, fields, suspect=suspect)
-            (accepted if isinstance(outcome, Pending) else rejected).append(outcome)  # type: ignore[arg-type]
+            outcome = self._receive(entry_id, fields)
+            if isinstance(outcome, Received):
+                received.append(outcome)
+            else:
+                rejected.append(outcome)
+        if self.preprocess is not None and received:
+            self._preprocess(received)
+        accepted: list[Pending] = []
+        for r in received:
+            try:
+                accepted.append(self._pending(r, suspect=suspect))
+            except InvalidInput as e:
+                e.request_id = r.request_id
+                rejected.append(Answer(r.entry_id, r.request_id, r.reply, r.body.keep_s, error=e))
         if rejected:
             self._answers.put(rejected)
         with self._cond:
@@ -502,9 +553,8 @@ class Worker:
                 self.batcher.drained = drained
             self._cond.notify_all()
 
-    def _decode(
-        self, entry_id: bytes, fields: dict[bytes, bytes], *, suspect: bool = False
-    ) -> Pending | Answer:
+    def _receive(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Received | Answer:
+        """Decode an entry's header and body; an answer when it cannot be served."""
         request_id, reply_key = _header(fields)
         if not request_id:
             return Answer(entry_id, None, "", 0, dead_reason="unreadable request id",
@@ -517,29 +567,54 @@ class Worker:
                 raise InvalidInput(
                     f"request for model {body.model!r} on the queue of {self.config.name!r}"
                 )
-            assert self.model is not None
-            fitted = self._fit(body.inputs)
-            if fitted.rows > self.config.max_rows:
-                raise InvalidInput(
-                    f"{fitted.rows} rows is over the limit of {self.config.max_rows} per request"
-                )
         except InvalidInput as e:
             e.request_id = request_id
             return Answer(entry_id, request_id, reply_key, keep_s, error=e)
-        arrival = int(entry_id.split(b"-", 1)[0]) / 1000 - self._clock_offset
-        deadline = None if body.deadline_ms is None else arrival + body.deadline_ms / 1000
+        return Received(entry_id, request_id, reply_key, body, body.inputs)
+
+    def _preprocess(self, received: list[Received]) -> None:
+        """Images -> the model's image input, for all of one read's requests at once. A
+        request whose images fail keeps its inputs and gets the error when it is fitted."""
+        assert self.preprocess is not None and self.model is not None
+        name = self.preprocess.name
+        single = len(self.model.inputs) == 1
+        # A lone array is the image when the model has one input; without the image the
+        # fitter says what is missing.
+        chosen = [
+            r for r in received if (name in r.inputs if isinstance(r.inputs, dict) else single)
+        ]
+        values = [r.inputs if isinstance(r.inputs, np.ndarray) else r.inputs[name] for r in chosen]
+        for r, result in zip(chosen, self.preprocess.run(values), strict=True):
+            if isinstance(result, InvalidInput):
+                r.error = result
+            elif isinstance(r.inputs, np.ndarray):
+                r.inputs = result
+            else:
+                r.inputs = {**r.inputs, name: result}
+
+    def _pending(self, r: Received, *, suspect: bool) -> Pending:
+        """The request, fitted to the model, for the batcher. Raises InvalidInput."""
+        if r.error is not None:
+            raise r.error
+        fitted = self._fit(r.inputs)
+        if fitted.rows > self.config.max_rows:
+            raise InvalidInput(
+                f"{fitted.rows} rows is over the limit of {self.config.max_rows} per request"
+            )
+        arrival = int(r.entry_id.split(b"-", 1)[0]) / 1000 - self._clock_offset
+        deadline_ms = r.body.deadline_ms
         return Pending(
-            entry_id=entry_id,
-            request_id=request_id,
-            reply=reply_key,
-            keep_s=keep_s,
+            entry_id=r.entry_id,
+            request_id=r.request_id,
+            reply=r.reply,
+            keep_s=r.body.keep_s,
             arrays=fitted.arrays,
             rows=fitted.rows,
             unbatched=fitted.unbatched,
-            group=("alone", entry_id) if suspect else fitted.group,
+            group=("alone", r.entry_id) if suspect else fitted.group,
             suspect=suspect,
             arrival=arrival,
-            deadline=deadline,
+            deadline=None if deadline_ms is None else arrival + deadline_ms / 1000,
         )
 
     # --- writer -----------------------------------------------------------------------
@@ -695,7 +770,9 @@ def _assemble(batch: Batch[Pending], spec: Sequence[TensorSpec]) -> dict[str, np
         for part in batch.parts:
             out[offset : offset + part.rows] = part.item.arrays[s.name][part.start : part.stop]
             offset += part.rows
-        out[offset:] = 0
+        # Padding repeats the last row: valid input for any model (zeros may not be, for
+        # a model of strings), and its outputs are dropped.
+        out[offset:] = out[offset - 1]
         arrays[s.name] = out
     return arrays
 

@@ -77,3 +77,9 @@ def start_pool(redis_url: str) -> Iterator[PoolFactory]:
 def client(redis_url: str) -> Iterator[Client]:
     with Client(redis_url) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def image_model(model_dir: Path) -> tuple[str, str]:
+    """The image classifier's path and its labels file."""
+    return models.build_keras_image_classifier(model_dir)

@@ -76,3 +76,34 @@ def keras_outputs(path: str, inputs: dict[str, np.ndarray] | np.ndarray) -> dict
     if isinstance(out, dict):
         return {k: np.asarray(v) for k, v in out.items()}
     return {model.output_names[0]: np.asarray(out)}
+
+
+IMAGE_LABELS = ["cat", "dog", "fox", "owl", "yak"]
+
+
+def build_keras_image_classifier(directory: Path) -> tuple[str, str]:
+    """Image [*, 8, 8, 3] float32 -> class probabilities [*, 5] (softmax). Returns the model
+    path and a labels file naming the five classes."""
+    keras.utils.set_random_seed(11)
+    image = keras.Input((8, 8, 3), name="image")
+    features = keras.layers.Conv2D(4, 3, activation="relu")(image)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    probabilities = keras.layers.Dense(5, activation="softmax")(pooled)
+    path = str(directory / "pets.keras")
+    keras.Model(image, probabilities).save(path)
+    labels = directory / "pets.labels.txt"
+    labels.write_text("\n".join(IMAGE_LABELS) + "\n")
+    return path, str(labels)
+
+
+def decoded_image_input(data: bytes, *, scale: float) -> np.ndarray:
+    """What the pool should make of one encoded image for the classifier, done directly."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return (tf.image.resize(image, (8, 8)) * scale).numpy()  # type: ignore[no-any-return]
+
+
+def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
+    """``pixels`` (uint8 [h, w, c]) as PNG or JPEG bytes."""
+    if fmt == "png":
+        return tf.io.encode_png(pixels).numpy()  # type: ignore[no-any-return]
+    return tf.io.encode_jpeg(pixels, quality=90).numpy()  # type: ignore[no-any-return]

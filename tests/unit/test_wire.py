@@ -50,8 +50,8 @@ def test_non_contiguous_and_big_endian_arrays_are_sent_as_they_read() -> None:
 @pytest.mark.parametrize(
     "array",
     [
-        np.array(["x"]),
         np.array([object()]),
+        np.array([b"x", "y"], dtype=object),
         np.zeros(2, "V4"),
         np.array(["2020-01-01"], "datetime64[D]"),
     ],
@@ -181,3 +181,48 @@ def test_unknown_remote_error_kind_is_a_plain_request_error() -> None:
 def test_corrupt_results_are_protocol_errors(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         wire.decode_result(data)
+
+
+# --- bytes and str items ----------------------------------------------------------------
+
+
+def test_bytes_items_round_trip_keeping_trailing_nul_bytes() -> None:
+    images = [b"\x89PNG\r\n\x00", b"", b"\xff\xd8\x00\x00"]
+    for value, shape in ((images[0], ()), (images, (3,))):
+        decoded = wire.decode_request_body(wire.encode_request_body("m", value)).inputs
+        assert isinstance(decoded, np.ndarray)
+        assert decoded.dtype == object and decoded.shape == shape
+        assert wire.dtype_name(decoded) == "bytes"
+        assert decoded.ravel().tolist() == (images if shape else [images[0]])
+
+
+def test_named_bytes_next_to_numbers_and_str_arrays_round_trip() -> None:
+    inputs: dict[str, wire.SendableArray] = {
+        "image": [b"a", b"b\x00"],
+        "scale": np.array([1.5, 2.0], np.float32),
+    }
+    decoded = wire.decode_request_body(wire.encode_request_body("m", inputs)).inputs
+    assert isinstance(decoded, dict)
+    assert decoded["image"].tolist() == [b"a", b"b\x00"]
+    labels = np.array([["cat", "dög"], ["", "x"]])
+    result = wire.decode_result(wire.encode_result("r1", {"labels": labels}))
+    assert isinstance(result.outputs, dict)
+    assert result.outputs["labels"].dtype.kind == "U"
+    np.testing.assert_array_equal(result.outputs["labels"], labels)
+    assert wire.dtype_name(result.outputs["labels"]) == "str"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (["bytes", [2], [b"a"]], "needs a list of 2 items"),
+        (["bytes", [1], b"a"], "needs a list of 1 items"),
+        (["bytes", [2], [b"a", "b"]], "every item of a bytes array must be bytes"),
+        (["str", [1], [b"a"]], "every item of a str array must be str"),
+        (["bytes", [-1], []], "non-negative"),
+        (["bytes", [5], [b""] * 5], "5 items is over the limit 4"),
+    ],
+)
+def test_bad_item_arrays_are_invalid_input(inputs: object, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        wire.decode_request_body(_body(inputs=inputs), Limits(max_items=4))

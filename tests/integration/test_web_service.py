@@ -1,0 +1,90 @@
+"""The example web service (scripts/web_service.py) in front of real pools."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from queueing import AsyncClient
+from scripts.web_service import create_app
+from tests.integration import models
+from tests.integration.conftest import PoolFactory
+from tests.integration.models import IMAGE_LABELS, decoded_image_input, encode_image
+
+Call = Callable[[TestClient[Any, Any]], Awaitable[None]]
+
+
+def _serve(redis_url: str, call: Call) -> None:
+    async def main() -> None:
+        async with (
+            AsyncClient(redis_url) as client,
+            TestClient(TestServer(create_app(client, timeout_s=20))) as http,
+        ):
+            await call(http)
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def pools(start_pool: PoolFactory, mlp_path: str, image_model: tuple[str, str]) -> str:
+    start_pool(mlp_path, name="web-mlp")
+    path, labels = image_model
+    start_pool(path, name="web-pets", preprocess="image", image_scale=1 / 255,
+               postprocess="argmax", labels_file=labels)  # fmt: skip
+    return path
+
+
+def test_json_and_image_requests(pools: str, mlp_path: str, redis_url: str) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    png = encode_image(np.random.default_rng(2).integers(0, 256, (20, 14, 3), np.uint8), "png")
+
+    async def call(http: TestClient[Any, Any]) -> None:
+        reply = await http.post("/v1/models/web-mlp/predict", json={"inputs": x.tolist()})
+        assert reply.status == 200
+        got = np.array((await reply.json())["outputs"], np.float32)
+        want = next(iter(models.keras_outputs(mlp_path, x).values()))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+        reply = await http.post("/v1/models/web-pets/predict", data=png,
+                                headers={"Content-Type": "image/png"})  # fmt: skip
+        assert reply.status == 200
+        outputs = (await reply.json())["outputs"]
+        direct = models.keras_outputs(pools, decoded_image_input(png, scale=1 / 255)[None])
+        best = int(np.argmax(next(iter(direct.values()))[0]))
+        assert outputs["index"] == best and outputs["label"] == IMAGE_LABELS[best]
+
+        reply = await http.post("/v1/models/web-mlp/submit", json={"inputs": x[0].tolist()})
+        assert reply.status == 202
+        request_id = (await reply.json())["id"]
+        reply = await http.get(f"/v1/results/{request_id}", params={"wait": "10"})
+        assert reply.status == 200
+        np.testing.assert_allclose((await reply.json())["outputs"], want[0], rtol=1e-5, atol=1e-6)
+
+    _serve(redis_url, call)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "kind"),
+    [
+        ("/v1/models/web-mlp/predict", {"json": {"inputs": [[1.0, 2.0]]}}, 400, "InvalidInput"),
+        ("/v1/models/web-mlp/predict", {"json": {"inputs": [[1], [1, 2]]}}, 400, "InvalidInput"),
+        ("/v1/models/web-mlp/predict", {"json": {"x": 1}}, 400, "InvalidInput"),
+        ("/v1/models/nope/predict", {"json": {"inputs": [1.0]}}, 404, "UnknownModel"),
+        ("/v1/models/web-pets/predict", {"data": b"not an image"}, 400, "InvalidInput"),
+        ("/v1/results/no-such-id", None, 404, "NotReady"),
+    ],
+)
+def test_errors_say_whose_fault_it_is(
+    pools: str, redis_url: str, path: str, body: dict[str, Any] | None, status: int, kind: str
+) -> None:
+    async def call(http: TestClient[Any, Any]) -> None:
+        reply = await (http.get(path) if body is None else http.post(path, **body))
+        assert reply.status == status
+        assert (await reply.json())["error"] == kind
+
+    _serve(redis_url, call)
