@@ -52,13 +52,17 @@ class Tally:
 
 
 def synthetic_frames(width: int, height: int) -> Iterator[np.ndarray]:
-    """Moving gradients with noise: different every frame, like a real camera."""
+    """Moving gradients with noise, different from one frame to the next: a second of them
+    made up front and cycled, so that making frames never slows the source down."""
     rng = np.random.default_rng(0)
     ys, xs = np.mgrid[0:height, 0:width]
-    for t in range(sys.maxsize):
-        base = (xs + ys + 4 * t) % 256
+    ring = []
+    for t in range(30):
+        base = (xs + ys + 8 * t) % 256
         noise = rng.integers(0, 16, (height, width, 1))
-        yield np.repeat((base[..., None] + noise) % 256, 3, axis=2).astype(np.uint8)
+        ring.append(np.repeat((base[..., None] + noise) % 256, 3, axis=2).astype(np.uint8))
+    for t in range(sys.maxsize):
+        yield ring[t % len(ring)]
 
 
 def video_frames(path: str) -> tuple[Iterator[np.ndarray], float]:
@@ -94,10 +98,10 @@ def paced(
         now = time.perf_counter()
         if now - start >= seconds:
             return
-        if now > due + interval:  # more than a frame late: this one is gone
-            tally.skipped += 1
-            due += interval
-            continue
+        if now > due + interval:  # frames were missed while the pipeline was busy: skip them
+            missed = int((now - due) / interval)
+            tally.skipped += missed
+            due += missed * interval
         if now < due:
             time.sleep(due - now)
         tally.captured.append(max(due, now))

@@ -239,3 +239,28 @@ def test_scoring_a_folder_of_images(pets: str, client: Client, tmp_path: Path) -
 
 def _quiet(total: int, done: int) -> Progress:
     return Progress(total, done, stream=io.StringIO())
+
+
+def test_video_script_streams_a_file_through_the_pool(
+    pets: str, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cv2
+
+    from scripts import video_frames
+
+    path = str(tmp_path / "clip.avi")
+    fourcc = cv2.VideoWriter.fourcc(*"MJPG")
+    writer = cv2.VideoWriter(path, fourcc, 25.0, (64, 48))
+    for i in range(12):
+        writer.write(_pixels(i, 48, 64))
+    writer.release()
+    code = video_frames.main(["--video", path, "--redis-url", redis_url, "--model", "pets",
+                              "--encode", "jpeg", "--deadline-ms", "5000"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    sent = int(out.split("frames sent: ")[1].split(",")[0])
+    answered = int(out.split("answered: ")[1].split(",")[0])
+    skipped = int(out.split("dropped: ")[1].split(" ")[0])
+    assert "target: 25.0 fps" in out
+    assert sent == answered and sent + skipped == 12 and sent > 0
+    assert "0 expired in the queue (deadline), 0 failed" in out and "latency" in out
