@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, cast
 
 import redis
@@ -153,24 +152,50 @@ class AsyncClient(ClientBase):
     async def stream(
         self,
         model: str,
-        frames: Iterable[Sendable],
+        frames: Iterable[Sendable] | AsyncIterable[Sendable],
         *,
         window: int = 8,
         deadline_ms: float | None = None,
         timeout: float = 30.0,
     ) -> AsyncIterator[Outputs | RequestError]:
-        """As :meth:`queueing.Client.stream`: results in order, failed frames as errors."""
+        """As :meth:`queueing.Client.stream`: results in order, failed frames as errors.
+        ``frames`` may also be an async iterable (an async camera, say): a feeder task
+        pulls and sends them, so a result is yielded as soon as it is in."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         deadline = None if deadline_ms is None else deadline_ms / 1000
-        in_flight: deque[AsyncRequestFuture] = deque()
-        for frame in frames:
-            (future,) = await self.submit_many(model, [frame], deadline=deadline)
-            in_flight.append(future)
-            if len(in_flight) >= window:
-                yield await self._outcome(in_flight.popleft(), timeout)
-        while in_flight:
-            yield await self._outcome(in_flight.popleft(), timeout)
+        slots = asyncio.Semaphore(window)
+        sent: asyncio.Queue[AsyncRequestFuture | BaseException | None] = asyncio.Queue()
+
+        async def feed() -> None:
+            try:
+                source = _aiter(frames)
+                while True:
+                    await slots.acquire()  # a free place in the window, then a frame
+                    try:
+                        frame = await anext(source)
+                    except StopAsyncIteration:
+                        break
+                    (future,) = await self.submit_many(model, [frame], deadline=deadline)
+                    sent.put_nowait(future)
+                sent.put_nowait(None)
+            except Exception as e:  # the source's own error, raised to the consumer
+                sent.put_nowait(e)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            while (item := await sent.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield await self._outcome(item, timeout)
+                slots.release()  # the consumer is done with that frame
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            while not sent.empty():  # sent, never to be read: no future left behind
+                item = sent.get_nowait()
+                if isinstance(item, AsyncRequestFuture):
+                    self._pending.pop(item.request_id, None)
 
     async def close(self) -> None:
         """Stop the reply reader, fail what is pending, close the connections."""
@@ -284,3 +309,12 @@ class AsyncClient(ClientBase):
             future.set_exception(result.error)
         else:
             future.set_result(result.outputs)
+
+
+async def _aiter(frames: Iterable[Sendable] | AsyncIterable[Sendable]) -> AsyncIterator[Sendable]:
+    if isinstance(frames, AsyncIterable):
+        async for frame in frames:
+            yield frame
+    else:
+        for frame in frames:
+            yield frame

@@ -11,18 +11,23 @@ rows/s (measured in the same run, placed like the pool's worker).
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+import redis
 
-from queueing import Client
+from queueing import Client, keys
 from queueing.score import Progress, score
 from workers.batcher import default_buckets
-from workers.bench import build_model, measure_bare
+from workers.bench import _process_cpu, _redis_cpu, build_model, measure_bare
 from workers.cli import redis_url_or_embedded
 from workers.config import PoolConfig
+from workers.memory import keep_large_buffers
 from workers.placement import Slot, cpu_count
 from workers.supervisor import Supervisor
 
@@ -33,9 +38,11 @@ def main() -> int:
     parser.add_argument("--chunk-rows", type=int, default=4096)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=cpu_count(), help="intra-op threads")
     args = parser.parse_args()
 
-    slot = Slot(0, None, cpu_count(), 1)
+    keep_large_buffers()  # as `tfpool score` does
+    slot = Slot(0, None, args.threads, 1)
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(None) as url:
         path = build_model("mlp", tmp)
         buckets = default_buckets(args.max_batch_size)
@@ -56,6 +63,10 @@ def main() -> int:
         try:
             if not supervisor.wait_ready(timeout=600):
                 return 1
+            conn = redis.Redis.from_url(url)
+            pids = supervisor.serving_pids()
+            before = (_process_cpu(pids), _redis_cpu(conn), _own_cpu())
+            model_before = _model_seconds(conn)
             with Client(url) as client:
                 summary = score(
                     client,
@@ -66,13 +77,43 @@ def main() -> int:
                     window=args.window,
                     progress=lambda total, done: Progress(total, done),
                 )
+            after = (_process_cpu(pids), _redis_cpu(conn), _own_cpu())
+            time.sleep(config.heartbeat_s * 1.5)  # the workers' next heartbeat has the total
+            model_s = _model_seconds(conn) - model_before
         finally:
             supervisor.drain()
     rate = summary.scored / summary.seconds
     print(f"scored {summary.scored:,} rows in {summary.seconds:.1f}s: {rate:,.0f} rows/s")
     print(f"bare model best: {bare['rows_per_s']:,.0f} rows/s at batch {bare['best_batch']}")
     print(f"scoring / bare: {rate / bare['rows_per_s']:.3f}")
+    # Where the CPU went, per 1,000 rows: the worker includes the model itself; the bare
+    # model's own cost is its threads' time at its best rate.
+    per_k = 1e6 / summary.scored  # seconds -> ms per 1,000 rows
+    worker, server, producer = (a - b for a, b in zip(after, before, strict=True))
+    model_ms = args.threads / bare["rows_per_s"] * 1e6
+    print(
+        f"CPU ms per 1,000 rows: worker {worker * per_k:.3f} (bare model {model_ms:.3f}),"
+        f" redis-server {server * per_k:.3f}, scoring client {producer * per_k:.3f};"
+        f" wall {summary.seconds * per_k:.3f} on {cpu_count()} cores"
+    )
+    print(
+        f"model busy {model_s / summary.seconds:.0%} of the run:"
+        f" {summary.scored / model_s:,.0f} rows per model-second in the pool"
+    )
     return 0
+
+
+def _model_seconds(conn: redis.Redis) -> float:
+    """Seconds the pool's workers have spent in the model, from their heartbeats."""
+    return sum(
+        float(cast(dict[bytes, bytes], conn.hgetall(key)).get(b"model_s", 0))
+        for key in conn.scan_iter(keys.worker_heartbeat("*"))
+    )
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ import redis
 from queueing import Client
 from workers.batcher import default_buckets
 from workers.config import PoolConfig
+from workers.memory import keep_large_buffers
 from workers.placement import Slot, cpu_count
 from workers.supervisor import Supervisor
-from workers.worker import keep_large_buffers
 
 _SPAWN = multiprocessing.get_context("spawn")
 

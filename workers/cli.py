@@ -185,6 +185,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from queueing.score import score
+    from workers.memory import keep_large_buffers
+
+    keep_large_buffers()  # a chunk is a megabyte: no fresh pages from the kernel for each
 
     with Client(resolve_redis_url(args.redis_url)) as client:
         try:

@@ -14,7 +14,6 @@ request so that only the request at fault gets the error.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import logging
 import os
@@ -44,6 +43,7 @@ from queueing.errors import (
 from workers.batcher import Batch, Batcher
 from workers.claims import Claims
 from workers.config import PoolConfig
+from workers.memory import keep_large_buffers
 from workers.placement import Slot
 from workers.spec import InputFitter, TensorSpec
 
@@ -131,6 +131,7 @@ class WorkerStats:
     requests: int = 0
     rows: int = 0
     errors: int = 0
+    model_s: float = 0.0  # time in the model (and post-processing), summed over batches
 
 
 class Worker:
@@ -364,8 +365,12 @@ class Worker:
     def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model, then the post-processing, on one batch."""
         assert self.model is not None
-        outputs = self.model(arrays)
-        return outputs if self.postprocess is None else self.postprocess(outputs)
+        started = time.perf_counter()
+        try:
+            outputs = self.model(arrays)
+            return outputs if self.postprocess is None else self.postprocess(outputs)
+        finally:
+            self.stats.model_s += time.perf_counter() - started
 
     def _store_outputs(self, batch: Batch[Pending], outputs: dict[str, np.ndarray]) -> None:
         offset = 0
@@ -745,6 +750,7 @@ class Worker:
             "requests": self.stats.requests,
             "rows": self.stats.rows,
             "errors": self.stats.errors,
+            "model_s": round(self.stats.model_s, 3),
             "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
             "cpu_percent": self._process.cpu_percent(None),
             "started": self._started,
@@ -854,20 +860,6 @@ def worker_main(
         log.exception("worker %s failed", worker_id)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
     raise SystemExit(code)
-
-
-def keep_large_buffers() -> None:
-    """Have glibc serve large allocations from the heap and keep freed memory: every
-    request of an image model allocates several buffers of its size (received bytes,
-    batch arrays, packed replies), and by default glibc maps each one fresh from the kernel
-    and unmaps it when freed, paying a page fault per 4 KiB every time. (No-op off glibc.)"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 512 * 2**20)
 
 
 def consumer_name(pid: int) -> str:

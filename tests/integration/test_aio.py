@@ -4,6 +4,7 @@ timeouts leave nothing behind."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,29 @@ def test_cancelled_and_timed_out_callers_leave_nothing_behind(
             assert client.pending == 0
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))
+
+
+def test_an_async_camera_gets_each_result_before_its_next_frame(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str
+) -> None:
+    start_pool(mlp_path, name="aio-live")
+    x = np.random.default_rng(6).standard_normal((5, 8)).astype(np.float32)
+    want = next(iter(models.keras_outputs(mlp_path, x).values()))
+
+    async def main() -> None:
+        shown = [asyncio.Event() for _ in x]
+
+        async def camera() -> AsyncIterator[np.ndarray]:
+            for i, frame in enumerate(x):
+                yield frame
+                await asyncio.wait_for(shown[i].wait(), timeout=20)  # a live camera
+
+        async with AsyncClient(redis_url) as client:
+            got = []
+            async for result in client.stream("aio-live", camera(), window=4):
+                got.append(np.asarray(result))
+                shown[len(got) - 1].set()
+            np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-6)
+            assert client.pending == 0
+
+    asyncio.run(main())

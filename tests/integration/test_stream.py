@@ -77,3 +77,25 @@ def test_frames_past_their_deadline_are_marked_and_the_stream_goes_on(
 def test_window_must_be_positive(redis_url: str) -> None:
     with Client(redis_url) as client, pytest.raises(ValueError, match="window"):
         next(client.stream("frames", [np.zeros(8, np.float32)], window=0))
+
+
+def test_a_result_comes_out_before_the_camera_has_its_next_frame(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str
+) -> None:
+    start_pool(mlp_path, name="frames-live")
+    shown = [threading.Event() for _ in range(5)]
+    waited_in_vain = []
+
+    def camera() -> Iterator[np.ndarray]:
+        for i in range(5):
+            yield np.full(8, i, np.float32)
+            # A live camera: the next frame comes only after this one's result is shown
+            # (a stream that waits to fill its window would never see it).
+            if not shown[i].wait(timeout=20):
+                waited_in_vain.append(i)
+
+    with Client(redis_url) as client:
+        for i, result in enumerate(client.stream("frames-live", camera(), window=4)):
+            assert isinstance(result, np.ndarray)
+            shown[i].set()
+    assert waited_in_vain == []
