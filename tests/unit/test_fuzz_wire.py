@@ -31,14 +31,25 @@ values = st.recursive(
 )
 odd_dtypes = ["object", "V8", "U4", "O", "datetime64[s]", "<f4", ">f8"]
 dtypes = st.one_of(
-    st.sampled_from(sorted(wire.ALLOWED_DTYPES)), st.text(max_size=10), st.sampled_from(odd_dtypes)
+    st.sampled_from(sorted(wire.ALLOWED_DTYPES)),
+    st.text(max_size=10),
+    st.sampled_from(odd_dtypes),
+    st.sampled_from([wire.BYTES, wire.STR]),
+)
+# The data of bytes and str arrays: lists of items, right and wrong.
+item_lists = st.one_of(
+    st.lists(st.binary(max_size=16), max_size=8),
+    st.lists(st.text(max_size=8), max_size=8),
+    st.lists(st.one_of(st.binary(max_size=4), st.text(max_size=4), st.integers(0, 9)), max_size=8),
 )
 shapes = st.one_of(
     st.lists(st.integers(min_value=-3, max_value=2**40), max_size=10),
     st.lists(st.integers(min_value=0, max_value=6), max_size=4),
     values,
 )
-arrays = st.one_of(st.tuples(dtypes, shapes, st.one_of(st.binary(max_size=256), values)), values)
+arrays = st.one_of(
+    st.tuples(dtypes, shapes, st.one_of(st.binary(max_size=256), item_lists, values)), values
+)
 
 
 def _decodes_or_refuses(body: Any) -> None:
@@ -46,11 +57,15 @@ def _decodes_or_refuses(body: Any) -> None:
         decoded = wire.decode_request_body(body)
     except InvalidInput:
         return
-    # What decodes is well formed: every array has an allowed dtype and its shape.
+    # What decodes is well formed: every array has an allowed dtype and its shape; bytes
+    # and str arrays hold items of their kind only.
     inputs = decoded.inputs
     for array in inputs.values() if isinstance(inputs, dict) else [inputs]:
         assert isinstance(array, np.ndarray)
-        assert array.dtype.name in wire.ALLOWED_DTYPES
+        kind = wire.dtype_name(array)
+        assert kind in wire.ALLOWED_DTYPES or kind in (wire.BYTES, wire.STR)
+        if kind == wire.BYTES:
+            assert all(type(item) is bytes for item in array.ravel().tolist())
         assert array.nbytes <= wire.DEFAULT_LIMITS.max_payload_bytes
 
 
