@@ -2,6 +2,8 @@
 
     python scripts/score_bench.py                  # 1,000,000 rows through the bench `mlp`
     python scripts/score_bench.py --rows 200000 --chunk-rows 4096 --window 8
+    python scripts/score_bench.py --images 2000   # JPEG files through mobilenet, decoded in
+                                                  # the worker, against bare float batches
 
 Writes the rows to a temporary .npy, scores them with `tfpool score`'s code into another
 .npy through a pool on a private Redis, and prints rows/s next to the bare model's best
@@ -11,12 +13,13 @@ rows/s (measured in the same run, placed like the pool's worker).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -39,24 +42,47 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=cpu_count(), help="intra-op threads")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="instead: a folder of this many 320x240 JPEGs through the bench mobilenet,"
+        " decoded and resized in the worker (chunk and batch default to 16)",
+    )
     args = parser.parse_args()
+    if args.images:
+        args.rows = args.images
+        args.chunk_rows = min(args.chunk_rows, 16)
+        args.max_batch_size = min(args.max_batch_size, 16)
 
     keep_large_buffers()  # as `tfpool score` does
     slot = Slot(0, None, args.threads, 1)
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(None) as url:
-        path = build_model("mlp", tmp)
+        name = "mobilenet" if args.images else "mlp"
+        path = build_model(name, tmp)
         buckets = default_buckets(args.max_batch_size)
-        bare = measure_bare(path, [slot], buckets, seconds=1.5)
-        x = np.random.default_rng(0).standard_normal((args.rows, 64)).astype(np.float32)
-        np.save(Path(tmp) / "x.npy", x)
-        del x
+        bare = measure_bare(path, [slot], buckets, seconds=1.5 if args.images == 0 else 4.0)
+        if args.images:
+            source = str(Path(tmp) / "photos")
+            _write_jpegs(source, args.images)
+            processing: dict[str, Any] = {
+                "preprocess": "image", "image_scale": 1 / 127.5, "image_offset": -1.0,
+                "postprocess": "top_k",
+            }  # fmt: skip
+        else:
+            source = str(Path(tmp) / "x.npy")
+            x = np.random.default_rng(0).standard_normal((args.rows, 64)).astype(np.float32)
+            np.save(source, x)
+            del x
+            processing = {}
         config = PoolConfig(
             model=path,
-            name="mlp",
+            name=name,
             redis_url=url,
             log_level="WARNING",
             max_batch_size=args.max_batch_size,
             buckets=buckets,
+            **processing,
         )
         supervisor = Supervisor(config, slots=[slot])
         supervisor.start()
@@ -70,9 +96,9 @@ def main() -> int:
             with Client(url) as client:
                 summary = score(
                     client,
-                    "mlp",
-                    str(Path(tmp) / "x.npy"),
-                    str(Path(tmp) / "y.npy"),
+                    name,
+                    source,
+                    str(Path(tmp) / ("top5.npz" if args.images else "y.npy")),
                     chunk_rows=args.chunk_rows,
                     window=args.window,
                     progress=lambda total, done: Progress(total, done),
@@ -109,6 +135,19 @@ def _model_seconds(conn: redis.Redis) -> float:
         float(cast(dict[bytes, bytes], conn.hgetall(key)).get(b"model_s", 0))
         for key in conn.scan_iter(keys.worker_heartbeat("*"))
     )
+
+
+def _write_jpegs(folder: str, count: int) -> None:
+    """``count`` different 320x240 JPEG photos (gradients and noise), about 20 KB each."""
+    from PIL import Image
+
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:240, 0:320]
+    for i in range(count):
+        base = (xs + 2 * ys + 7 * i) % 256
+        pixels = (base[..., None] + rng.integers(0, 24, (240, 320, 3))) % 256
+        Image.fromarray(pixels.astype(np.uint8)).save(f"{folder}/{i:07d}.jpg", quality=85)
 
 
 def _own_cpu() -> float:

@@ -23,6 +23,7 @@ import redis
 
 from queueing import Client, RequestError
 from queueing.client import resolve_redis_url
+from queueing.score import IMAGE_SUFFIXES
 from workers.config import PoolConfig, option_types
 from workers.embedded_redis import RedisServer
 from workers.errors import WorkerError
@@ -68,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="send one request, print or save the result")
     predict.add_argument("--model", required=True, help="model name")
-    predict.add_argument("--input", required=True, help=".npy (one input) or .npz (named)")
+    predict.add_argument(
+        "--input", required=True, help=".npy (one input), .npz (named), or an image file"
+    )
     predict.add_argument("--output", help="write here (.npy; .npz for several outputs)")
     predict.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
     predict.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
@@ -159,6 +162,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _load_inputs(path: str) -> Any:
+    if path.lower().endswith(IMAGE_SUFFIXES):  # sent encoded, for a pool that decodes images
+        return Path(path).read_bytes()
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from queueing import Client, keys
 from queueing.errors import InvalidInput
 from queueing.score import Progress, score
 from tests.integration.conftest import PoolFactory
+from tests.integration.helpers import TFPOOL
 from tests.integration.models import IMAGE_LABELS, decoded_image_input, encode_image
 from workers.config import PoolConfig
 from workers.errors import ConfigError
@@ -264,3 +266,18 @@ def test_video_script_streams_a_file_through_the_pool(
     assert "target: 25.0 fps" in out
     assert sent == answered and sent + skipped == 12 and sent > 0
     assert "0 expired in the queue (deadline), 0 failed" in out and "latency" in out
+
+
+def test_tfpool_predict_sends_an_image_file(pets: str, redis_url: str, tmp_path: Path) -> None:
+    png = encode_image(_pixels(77, 16, 16), "png")
+    (tmp_path / "one.png").write_bytes(png)
+    done = subprocess.run(
+        [*TFPOOL, "predict", "--model", "pets", "--input", str(tmp_path / "one.png"),
+         "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = keras.models.load_model(pets, compile=False)
+    direct = model.predict_on_batch(decoded_image_input(png, scale=SCALE)[None])[0]
+    best = [IMAGE_LABELS[i] for i in np.argsort(-direct)[:3]]
+    assert f"labels: <U3 [3]\n{np.array(best)}" in done.stdout, done.stdout
