@@ -207,7 +207,7 @@ class ImagePreprocessor:
         items = [item for value in values for item in value.reshape(-1)]
         try:
             images = self._decode(_bytes_array(items)).numpy()
-        except tf.errors.InvalidArgumentError:
+        except tf.errors.OpError:  # InvalidArgumentError for corrupt data, but any op error
             if len(values) == 1:
                 images = None
             else:
@@ -228,7 +228,7 @@ class ImagePreprocessor:
         for row, item in enumerate(value.reshape(-1)):
             try:
                 self._decode(_bytes_array([item]))
-            except tf.errors.InvalidArgumentError as e:
+            except tf.errors.OpError as e:
                 first = (e.message or str(e)).strip().splitlines()[0]
                 where = f"image {row}" if value.ndim else "the image"
                 return InvalidInput(f"input {self.name!r}: {where} cannot be decoded: {first}")

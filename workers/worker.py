@@ -105,7 +105,7 @@ class Received:
     reply: str
     body: wire.RequestBody
     inputs: wire.Inputs  # the body's, or what pre-processing made of them
-    error: InvalidInput | None = None
+    error: RequestError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,7 +546,7 @@ class Worker:
         for r in received:
             try:
                 accepted.append(self._pending(r, suspect=suspect))
-            except InvalidInput as e:
+            except RequestError as e:
                 e.request_id = r.request_id
                 rejected.append(Answer(r.entry_id, r.request_id, r.reply, r.body.keep_s, error=e))
         if rejected:
@@ -589,8 +589,13 @@ class Worker:
             r for r in received if (name in r.inputs if isinstance(r.inputs, dict) else single)
         ]
         values = [r.inputs if isinstance(r.inputs, np.ndarray) else r.inputs[name] for r in chosen]
-        for r, result in zip(chosen, self.preprocess.run(values), strict=True):
-            if isinstance(result, InvalidInput):
+        try:
+            results: list[np.ndarray | RequestError] = list(self.preprocess.run(values))
+        except Exception as e:  # a fault of ours, not of the images: never the reader's end
+            log.exception("pre-processing failed on %d requests", len(chosen))
+            results = [ModelError(f"pre-processing failed: {e}") for _ in chosen]
+        for r, result in zip(chosen, results, strict=True):
+            if isinstance(result, RequestError):
                 r.error = result
             elif isinstance(r.inputs, np.ndarray):
                 r.inputs = result
@@ -598,7 +603,7 @@ class Worker:
                 r.inputs = {**r.inputs, name: result}
 
     def _pending(self, r: Received, *, suspect: bool) -> Pending:
-        """The request, fitted to the model, for the batcher. Raises InvalidInput."""
+        """The request, fitted to the model, for the batcher. Raises its RequestError."""
         if r.error is not None:
             raise r.error
         fitted = self._fit(r.inputs)

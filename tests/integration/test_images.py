@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import redis
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from queueing import Client, keys
 from queueing.errors import InvalidInput
@@ -281,3 +283,37 @@ def test_tfpool_predict_sends_an_image_file(pets: str, redis_url: str, tmp_path:
     direct = model.predict_on_batch(decoded_image_input(png, scale=SCALE)[None])[0]
     best = [IMAGE_LABELS[i] for i in np.argsort(-direct)[:3]]
     assert f"labels: <U3 [3]\n{np.array(best)}" in done.stdout, done.stdout
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    fmt=st.sampled_from(["png", "jpeg"]),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=6),
+    cut=st.integers(0, 10**6),
+)
+def test_mangled_images_are_invalid_input_or_decode(
+    fmt: str, flips: list[tuple[int, int]], cut: int
+) -> None:
+    """Bit flips and truncations anywhere in a real image: each request either decodes to
+    the model's input or gets InvalidInput; nothing else escapes, and its batch-mate is
+    always served."""
+    pre = _mangling_preprocessor()
+    good = encode_image(_pixels(8, 12, 9), fmt)
+    data = bytearray(good)
+    for position, mask in flips:
+        data[position % len(data)] ^= mask
+    mangled = bytes(data[: max(1, len(data) - cut % len(data))])
+    bad, fine = pre.run([_bytes(mangled), _bytes(good)])
+    assert isinstance(bad, (np.ndarray, InvalidInput))
+    if isinstance(bad, np.ndarray):
+        assert bad.shape == (1, 8, 8, 3) and bad.dtype == np.float32
+    assert isinstance(fine, np.ndarray) and fine.shape == (1, 8, 8, 3)
+
+
+_MANGLING: list[ImagePreprocessor] = []
+
+
+def _mangling_preprocessor() -> ImagePreprocessor:
+    if not _MANGLING:  # one, traced once: a new one per case would retrace every time
+        _MANGLING.append(_preprocessor())
+    return _MANGLING[0]
