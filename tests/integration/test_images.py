@@ -220,10 +220,12 @@ def test_scoring_a_folder_of_images(pets: str, client: Client, tmp_path: Path) -
         (folder / name).write_bytes(data)
     (folder / "notes.txt").write_text("not an image, not a row")
     output = str(tmp_path / "classes.npz")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after the first chunk, then again
+        score(client, "pets", str(folder), output, chunk_rows=3, progress=_ctrl_c_after_3)
     summary = score(client, "pets", str(folder), output, chunk_rows=3, progress=_quiet)
     order = sorted(files)
     assert (tmp_path / "classes.npz.files.txt").read_text().split() == order
-    assert summary.rows == 7 and summary.failed_rows == 1
+    assert summary.rows == 7 and summary.scored == 4 and summary.failed_rows == 1
     errors = (tmp_path / "classes.npz.errors.tsv").read_text().splitlines()
     assert len(errors) == 1 and errors[0].startswith(
         f"{order.index('03.jpg')}\t03.jpg: InvalidInput"
@@ -243,6 +245,17 @@ def test_scoring_a_folder_of_images(pets: str, client: Client, tmp_path: Path) -
 
 def _quiet(total: int, done: int) -> Progress:
     return Progress(total, done, stream=io.StringIO())
+
+
+class _CtrlC(Progress):
+    def update(self, rows: int) -> None:
+        super().update(rows)
+        if self.done >= 3:
+            raise KeyboardInterrupt
+
+
+def _ctrl_c_after_3(total: int, done: int) -> Progress:
+    return _CtrlC(total, done, stream=io.StringIO())
 
 
 def test_video_script_streams_a_file_through_the_pool(
