@@ -58,8 +58,8 @@ class ImagePreprocessor:
             )
         self.size = (int(height), int(width))
         self.channels = int(channels or 3)
-        if self.channels not in (1, 3, 4):
-            raise ConfigError(f"input {self.name!r} has {self.channels} channels: need 1, 3 or 4")
+        if self.channels not in (1, 3):  # what decode_image gives for every format
+            raise ConfigError(f"input {self.name!r} has {self.channels} channels: need 1 or 3")
         self.max_pixels = config.max_image_pixels
         self.row_shape = (*self.size, self.channels)
         mean = _per_channel("image_mean", config.image_mean, self.channels, 0.0)

@@ -150,6 +150,9 @@ def test_configuration_that_does_not_fit_the_model(options: dict[str, Any], mess
     free = [TensorSpec("image", "float32", (None, None, 3))]
     with pytest.raises(ConfigError, match="set image_size"):
         ImagePreprocessor(PoolConfig(model="m.keras", preprocess="image"), free)
+    rgba = [TensorSpec("image", "float32", (8, 8, 4))]
+    with pytest.raises(ConfigError, match="4 channels: need 1 or 3"):
+        ImagePreprocessor(PoolConfig(model="m.keras", preprocess="image"), rgba)
 
 
 # --- a pool serving an image classifier --------------------------------------------------
@@ -330,3 +333,15 @@ def _mangling_preprocessor() -> ImagePreprocessor:
     if not _MANGLING:  # one, traced once: a new one per case would retrace every time
         _MANGLING.append(_preprocessor())
     return _MANGLING[0]
+
+
+def test_a_grayscale_model_gets_color_images_as_gray() -> None:
+    gray = ImagePreprocessor(
+        PoolConfig(model="m.keras", preprocess="image", image_size=[6, 5]),
+        [TensorSpec("image", "float32", (None, None, 1))],
+    )
+    jpeg = encode_image(_pixels(21, 30, 20), "jpeg")
+    (out,) = _arrays(gray.run([_scalar(jpeg)]))
+    want = tf.image.resize(tf.io.decode_image(jpeg, channels=1), (6, 5)).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    assert out.shape == (6, 5, 1)
