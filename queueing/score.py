@@ -98,10 +98,12 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, span: range) -> np.ndarray:
-        """The bytes of rows ``span``, as a bytes array of one item per row."""
-        array = np.empty(len(span), dtype=object)
-        array[:] = [Path(self.path, self.files[row]).read_bytes() for row in span]
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """The bytes of ``rows``, read now, as a bytes array of one item per row (sliced
+        like the array inputs, so that scoring reads both the same way)."""
+        names = self.files[rows]
+        array = np.empty(len(names), dtype=object)
+        array[:] = [Path(self.path, name).read_bytes() for name in names]
         return array
 
     def digest(self) -> str:
@@ -252,11 +254,9 @@ def score(
         chunk_rows = 1024 if folder is None else 32
     if chunk_rows < 1 or window < 1:
         raise ValueError("chunk_rows and window must be >= 1")
-    stat = os.stat(input_path)
     fingerprint = {
         "input": os.path.abspath(input_path),
-        "size": stat.st_size if folder is None else folder.digest(),
-        "mtime": stat.st_mtime_ns if folder is None else 0,
+        **_identity(input_path, folder),
         "model": model,
         "rows": rows,
         "chunk_rows": chunk_rows,
@@ -307,9 +307,16 @@ def _chunk_rows(chunk: int, chunk_rows: int, rows: int) -> int:
     return min(chunk_rows, rows - chunk * chunk_rows)
 
 
+def _identity(path: str, folder: ImageFolder | None) -> dict[str, Any]:
+    """What changes when the input's content does: a file's size and mtime, or a digest of
+    a folder's files."""
+    if folder is not None:
+        return {"files": folder.digest()}
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime": stat.st_mtime_ns}
+
+
 def _rows(inputs: Input, span: range) -> Any:
-    if isinstance(inputs, ImageFolder):
-        return inputs.read(span)
     if isinstance(inputs, dict):
         return {k: np.ascontiguousarray(v[span.start : span.stop]) for k, v in inputs.items()}
     return np.ascontiguousarray(inputs[span.start : span.stop])  # reads just these rows

@@ -27,7 +27,7 @@ import redis
 from queueing import Client, keys
 from queueing.score import Progress, score
 from workers.batcher import default_buckets
-from workers.bench import _process_cpu, _redis_cpu, build_model, measure_bare
+from workers.bench import build_model, measure_bare, process_cpu, redis_cpu
 from workers.cli import redis_url_or_embedded
 from workers.config import PoolConfig
 from workers.memory import keep_large_buffers
@@ -91,7 +91,7 @@ def main() -> int:
                 return 1
             conn = redis.Redis.from_url(url)
             pids = supervisor.serving_pids()
-            before = (_process_cpu(pids), _redis_cpu(conn), _own_cpu())
+            before = (process_cpu(pids), redis_cpu(conn), _own_cpu())
             model_before = _model_seconds(conn)
             with Client(url) as client:
                 summary = score(
@@ -103,7 +103,7 @@ def main() -> int:
                     window=args.window,
                     progress=lambda total, done: Progress(total, done),
                 )
-            after = (_process_cpu(pids), _redis_cpu(conn), _own_cpu())
+            after = (process_cpu(pids), redis_cpu(conn), _own_cpu())
             time.sleep(config.heartbeat_s * 1.5)  # the workers' next heartbeat has the total
             model_s = _model_seconds(conn) - model_before
         finally:

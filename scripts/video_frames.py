@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -122,22 +121,15 @@ def run(client: Client, model: str, frames: Iterator[np.ndarray], args: argparse
         fps: float) -> Tally:  # fmt: skip
     tally = Tally()
     source = paced(frames, fps, args.seconds, tally, args.encode)
-    sent: deque[float] = deque()
-
-    def track() -> Iterator[np.ndarray | bytes]:
-        for frame in source:
-            sent.append(tally.captured[-1])
-            yield frame
-
-    for outcome in client.stream(model, track(), window=args.window, deadline_ms=args.deadline_ms):
-        captured = sent.popleft()
+    outcomes = client.stream(model, source, window=args.window, deadline_ms=args.deadline_ms)
+    for frame, outcome in enumerate(outcomes):  # in order: frame i was captured i-th
         if isinstance(outcome, DeadlineExceeded):
             tally.expired += 1
         elif isinstance(outcome, RequestError):
             tally.failed += 1
             print(f"frame failed: {outcome}", file=sys.stderr)
         else:
-            tally.latencies_ms.append((time.perf_counter() - captured) * 1000)
+            tally.latencies_ms.append((time.perf_counter() - tally.captured[frame]) * 1000)
     return tally
 
 

@@ -356,12 +356,12 @@ def _worker_counters(conn: redis.Redis, model: str) -> tuple[int, int]:
     return rows, batches
 
 
-def _redis_cpu(conn: redis.Redis) -> float:
+def redis_cpu(conn: redis.Redis) -> float:
     info: dict[str, Any] = conn.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def _process_cpu(pids: Sequence[int]) -> float:
+def process_cpu(pids: Sequence[int]) -> float:
     total = 0.0
     for pid in pids:
         try:
@@ -410,9 +410,9 @@ def run_scenario(
         running = [pool.submit(run_producer, job) for job in jobs]
         time.sleep(max(0.0, start_at - time.time()))
         workers = supervisor.serving_pids()
-        before = (_process_cpu(workers), _redis_cpu(conn), _worker_counters(conn, scenario.model))
+        before = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model))
         time.sleep(max(0.0, stop_at - time.time()))
-        after = (_process_cpu(workers), _redis_cpu(conn), _worker_counters(conn, scenario.model))
+        after = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model))
         results = [r.result() for r in running]
     conn.close()
 
@@ -430,7 +430,7 @@ def run_scenario(
     if not count:
         return figures
     producer_cpu = sum(r["cpu"] for r in results)
-    worker_cpu, redis_cpu = after[0] - before[0], after[1] - before[1]
+    worker_cpu, server_cpu = after[0] - before[0], after[1] - before[1]
     rows, batches = (after[2][0] - before[2][0]), (after[2][1] - before[2][1])
     figures.requests_per_s = count / window
     figures.rows_per_s = count * scenario.rows / window
@@ -443,7 +443,7 @@ def run_scenario(
     figures.cpu_split_us = {
         "producers": 1e6 * producer_cpu / count,
         "workers": 1e6 * worker_cpu / count,
-        "redis": 1e6 * redis_cpu / count,
+        "redis": 1e6 * server_cpu / count,
     }
     figures.cpu_us_per_request = sum(figures.cpu_split_us.values())
     figures.bare_rows_per_s = bare["rows_per_s"]

@@ -31,7 +31,6 @@ class LoadedModel:
     ) -> None:
         self.inputs = list(inputs)
         self.output_names = list(output_names)
-        self.single_output = len(self.output_names) == 1
         self._function = function
         self.source = source
 

@@ -209,13 +209,10 @@ class ImagePreprocessor:
             images = self._decode(_bytes_array(items)).numpy()
         except tf.errors.OpError:  # InvalidArgumentError for corrupt data, but any op error
             if len(values) == 1:
-                images = None
+                results[positions[0]] = self._explain(values[0])
             else:
                 for value, i in zip(values, positions, strict=True):
                     self._decode_requests([value], [i], results)
-                return
-        if images is None:
-            results[positions[0]] = self._explain(values[0])
             return
         offset = 0
         for value, i in zip(values, positions, strict=True):

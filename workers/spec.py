@@ -96,8 +96,9 @@ def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
     rows_seen: set[int] = set()
     for s in spec:
         array = inputs[s.name]
-        got = f"got {dtype_name(array)} {list(array.shape)}"
-        if dtype_name(array) != s.dtype:
+        kind = dtype_name(array)
+        got = f"got {kind} {list(array.shape)}"
+        if kind != s.dtype:
             raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
         if array.ndim == len(s.shape) + 1:
             batched_flags.add(True)

@@ -168,6 +168,7 @@ class Worker:
         self.preprocess: ImagePreprocessor | None = None
         self.postprocess: TopK | None = None
         self.output_names: list[str] = []
+        self.single_output = False  # one output, sent as an array rather than a dict
         self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
         self.batcher: Batcher[Pending] = Batcher(
             max_rows=config.max_batch_size,
@@ -257,6 +258,7 @@ class Worker:
             scores = model(model.example(1))[self.postprocess.output]
             self.postprocess.check(scores.shape[-1] if scores.ndim > 1 else 0)
             self.output_names = self.postprocess.output_names
+        self.single_output = len(self.output_names) == 1 and self.postprocess is None
         log.info(
             "loaded %s in %.1fs; warmed batch sizes %s",
             model.source,
@@ -407,8 +409,7 @@ class Worker:
             }
         if p.unbatched:
             merged = {name: value[0] for name, value in merged.items()}
-        single = len(self.output_names) == 1 and self.postprocess is None
-        outputs: wire.Outputs = merged[self.output_names[0]] if single else merged
+        outputs: wire.Outputs = merged[self.output_names[0]] if self.single_output else merged
         self.stats.requests += 1
         return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, outputs=outputs,
                       suspect=p.suspect)  # fmt: skip
