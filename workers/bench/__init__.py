@@ -1,0 +1,38 @@
+"""``tfpool bench``: drive a pool the way perf_analyzer drives Triton, and print one table.
+
+Each scenario starts producers in their own processes against a pool serving a model
+built on the spot (random weights, real shapes), warms up, then measures a fixed window:
+
+* closed loop: each producer keeps ``concurrency`` requests in flight;
+* open loop: Poisson arrivals at a fixed rate; latency counts from the *scheduled* send
+  time, so a producer that falls behind shows up as latency, not as a lower rate.
+
+Figures: requests/s and rows/s, latency percentiles, mean batch size (from the workers'
+counters), CPU time per request summed over every process involved (producers, workers,
+redis-server), and the bare model's best rows/s (a tight ``model(batch)`` loop in a
+process with the worker's thread settings, on an otherwise idle machine) with the ratio.
+
+Read in this order: :mod:`.driver` (the whole run: per model, build it, measure it bare,
+start a pool, run its scenarios), :mod:`.models` (the models, by name), :mod:`.bare` (the
+bare model's figures), :mod:`.scenarios` (one scenario's measurement and figures),
+:mod:`.producers` (the producer processes' loops).
+"""
+
+from workers.bench.bare import measure_bare
+from workers.bench.driver import render, run, to_json
+from workers.bench.models import MODELS, build_model
+from workers.bench.scenarios import SCENARIOS, Figures, Scenario, process_cpu, redis_cpu
+
+__all__ = [
+    "MODELS",
+    "SCENARIOS",
+    "Figures",
+    "Scenario",
+    "build_model",
+    "measure_bare",
+    "process_cpu",
+    "redis_cpu",
+    "render",
+    "run",
+    "to_json",
+]

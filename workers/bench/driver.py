@@ -1,0 +1,174 @@
+"""The whole benchmark run: for each model, build it, measure it bare, then for each of its
+scenarios start a pool and measure ``runs`` runs; keep the median run. And the table."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+from workers.batcher import default_buckets
+from workers.bench.bare import measure_bare
+from workers.bench.models import build_model
+from workers.bench.scenarios import SCENARIOS, Figures, Scenario, run_scenario
+from workers.config import PoolConfig
+from workers.placement import Slot, cpu_count
+from workers.supervisor import Supervisor
+
+
+def run(
+    names: Sequence[str],
+    *,
+    redis_url: str,
+    runs: int = 1,
+    workers: int = 1,
+    intra_op_threads: int = 0,
+    model_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Figures]:
+    """Run the named scenarios ``runs`` times each; return the median run of each (by
+    rows/s, and by p50 for the lone-request scenario)."""
+    threads = intra_op_threads or max(1, cpu_count() // workers)
+    slots = [Slot(i, None, threads, 1) for i in range(workers)]
+    by_model: dict[str, list[Scenario]] = {}
+    for name in names:
+        by_model.setdefault(SCENARIOS[name].model, []).append(SCENARIOS[name])
+    medians: list[Figures] = []
+    with tempfile.TemporaryDirectory(prefix="tfpool-bench-") as tmp:
+        for model, scenarios in by_model.items():
+            path = build_model(model, model_dir or tmp)
+            bare = _measure_bare(model, path, slots, max(s.max_batch_size for s in scenarios), log)
+            for scenario in scenarios:
+                figures = _median_of_runs(
+                    scenario, path, slots, bare, medians, redis_url=redis_url, runs=runs, log=log
+                )
+                medians.append(figures)
+    return medians
+
+
+def _measure_bare(
+    model: str, path: str, slots: list[Slot], max_batch: int, log: Callable[[str], None]
+) -> dict[str, float]:
+    log(
+        f"[{model}] measuring the bare model ({len(slots)} process(es),"
+        f" {slots[0].intra_op_threads} intra-op threads each)"
+    )
+    bare = measure_bare(path, slots, default_buckets(max_batch), seconds=1.5)
+    log(
+        f"[{model}] bare: {bare['rows_per_s']:,.0f} rows/s at batch {bare['best_batch']},"
+        f" one row {bare['one_row_ms']:.3f} ms"
+    )
+    return bare
+
+
+def _median_of_runs(
+    scenario: Scenario,
+    path: str,
+    slots: list[Slot],
+    bare: dict[str, float],
+    earlier: list[Figures],
+    *,
+    redis_url: str,
+    runs: int,
+    log: Callable[[str], None],
+) -> Figures:
+    """Start a pool for ``scenario``, measure it ``runs`` times, drain it; the median run.
+    An open loop offers half the rate of the model's closed loop among ``earlier``."""
+    config = PoolConfig(
+        model=path,
+        name=scenario.model,
+        redis_url=redis_url,
+        max_batch_size=scenario.max_batch_size,
+        max_latency_ms=scenario.max_latency_ms,
+        heartbeat_s=0.25,
+        max_queue=0,
+        log_level="WARNING",
+    )
+    saturated = max(
+        (f.requests_per_s for f in earlier
+         if f.model == scenario.model and f.load == "closed" and f.scenario.endswith("closed")),
+        default=0.0,
+    )  # fmt: skip
+    supervisor = Supervisor(config, slots=slots)
+    supervisor.start()
+    try:
+        if not supervisor.wait_ready(timeout=600):
+            raise RuntimeError("the pool did not start")
+        results = []
+        for i in range(runs):
+            f = run_scenario(scenario, redis_url=redis_url, supervisor=supervisor, bare=bare,
+                             saturated_rate=saturated)  # fmt: skip
+            log(
+                f"[{scenario.name}] run {i + 1}: {f.requests_per_s:,.0f} req/s,"
+                f" p50 {f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms,"
+                f" batch {f.mean_batch:.1f}, {f.cpu_us_per_request:.0f} us CPU/req,"
+                f" ratio {f.ratio:.3f}"
+            )
+            results.append(f)
+        return sorted(results, key=_median_key(scenario))[len(results) // 2]
+    finally:
+        supervisor.drain()
+
+
+def _median_key(scenario: Scenario) -> Callable[[Figures], float]:
+    """What "the median run" is ranked by: latency where latency is the point (a lone
+    request, an open loop at a fixed rate), throughput elsewhere."""
+    if scenario.load == "open":
+        return lambda f: f.p99_ms
+    if scenario.concurrency == 1:
+        return lambda f: f.p50_ms
+    return lambda f: f.rows_per_s
+
+
+def render(figures: Sequence[Figures]) -> str:
+    """The table ``tfpool bench`` prints."""
+    header = (
+        "scenario",
+        "req/s",
+        "rows/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "batch",
+        "CPU us/req",
+        "bare rows/s",
+        "pool/bare",
+    )
+    rows = [
+        (
+            f.scenario,
+            f"{f.requests_per_s:,.0f}",
+            f"{f.rows_per_s:,.0f}",
+            f"{f.p50_ms:.2f}",
+            f"{f.p90_ms:.2f}",
+            f"{f.p99_ms:.2f}",
+            f"{f.max_ms:.2f}",
+            f"{f.mean_batch:.1f}",
+            f"{f.cpu_us_per_request:.0f}",
+            f"{f.bare_rows_per_s:,.0f}",
+            f"{f.ratio:.3f}",
+        )
+        for f in figures
+    ]
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in (header, *rows)
+    ]
+    notes = [
+        f"{f.scenario}: bare one-row call {f.bare_one_row_ms:.3f} ms; CPU us/req split "
+        + ", ".join(f"{k} {v:.0f}" for k, v in f.cpu_split_us.items())
+        + (f"; offered {f.rate:,.0f} req/s" if f.load == "open" else "")
+        + (f"; {f.errors} errors" if f.errors else "")
+        for f in figures
+    ]
+    return "\n".join([*lines, "", *notes])
+
+
+def to_json(figures: Sequence[Figures]) -> str:
+    return json.dumps([asdict(f) for f in figures], indent=2)

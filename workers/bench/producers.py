@@ -1,0 +1,136 @@
+"""A producer process of the benchmark: a closed or open loop of ``Client`` calls, the
+calls users write, with latencies and CPU time counted inside the measured window only."""
+
+from __future__ import annotations
+
+import gc
+import resource
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from queueing import Client
+from workers.memory import keep_large_buffers
+
+
+@dataclass(frozen=True)
+class ProducerJob:
+    """What one producer process does, and when its window opens and closes."""
+
+    redis_url: str
+    model: str
+    shape: tuple[int, ...]
+    rows: int
+    load: str
+    concurrency: int
+    rate: float
+    start_at: float  # time.time() at which measuring starts
+    stop_at: float
+    seed: int
+
+
+def run_producer(job: ProducerJob) -> dict[str, Any]:
+    """One producer process: returns its latencies (s) inside the window, its request
+    count and errors there, and its CPU seconds over the window."""
+    shape = (job.rows, *job.shape) if job.rows > 1 else job.shape
+    x = np.random.default_rng(job.seed).standard_normal(shape).astype(np.float32)
+    latencies: list[float] = []
+    errors = [0]
+    cpu: dict[str, float] = {}
+
+    def sample_cpu() -> None:
+        time.sleep(max(0.0, job.start_at - time.time()))
+        cpu["start"] = _cpu_seconds()
+        time.sleep(max(0.0, job.stop_at - time.time()))
+        cpu["stop"] = _cpu_seconds()
+
+    sampler = threading.Thread(target=sample_cpu, daemon=True)
+    sampler.start()
+    # Window bounds on the perf_counter clock (what latencies are measured on).
+    offset = time.perf_counter() - time.time()
+    window = (job.start_at + offset, job.stop_at + offset)
+
+    def record(sent_at: float) -> Callable[[Future[Any]], None]:
+        def done(future: Future[Any]) -> None:
+            now = time.perf_counter()
+            if future.exception() is not None:
+                errors[0] += sent_at >= window[0] and now <= window[1]
+            elif sent_at >= window[0] and now <= window[1]:
+                latencies.append(now - sent_at)
+
+        return done
+
+    keep_large_buffers()  # as the workers do: large requests are allocated per send
+    gc.freeze()  # what exists now lives to the end: keep it out of every collection
+    with Client(job.redis_url) as client:
+        if job.load == "closed":
+            _closed_loop(client, job, x, record, window[1])
+        else:
+            _open_loop(client, job, x, record, window[1])
+        sampler.join()
+    return {
+        "latencies": latencies,
+        "errors": errors[0],
+        "cpu": cpu.get("stop", 0.0) - cpu.get("start", 0.0),
+    }
+
+
+def _closed_loop(
+    client: Client,
+    job: ProducerJob,
+    x: np.ndarray,
+    record: Callable[[float], Callable[[Future[Any]], None]],
+    end: float,
+) -> None:
+    slots = threading.Semaphore(job.concurrency)
+    while time.perf_counter() < end:
+        slots.acquire()
+        free = 1
+        while free < job.concurrency and slots.acquire(blocking=False):
+            free += 1
+        sent_at = time.perf_counter()
+        for future in client.submit_many(job.model, [x] * free):
+            future.add_done_callback(record(sent_at))
+            future.add_done_callback(lambda _: slots.release())
+    for _ in range(job.concurrency):  # let what is in flight come back
+        slots.acquire(timeout=60)
+
+
+def _open_loop(
+    client: Client,
+    job: ProducerJob,
+    x: np.ndarray,
+    record: Callable[[float], Callable[[Future[Any]], None]],
+    end: float,
+) -> None:
+    rng = np.random.default_rng(job.seed)
+    next_at = time.perf_counter()
+    # Count what is outstanding rather than keep every future: a list of a million futures
+    # makes the garbage collector's pauses part of the latencies measured.
+    outstanding = threading.Semaphore(0)
+    sent = 0
+    while next_at < end:
+        now = time.perf_counter()
+        if next_at > now:
+            time.sleep(next_at - now)
+        due = []
+        now = time.perf_counter()
+        while next_at <= now:  # everything due goes in one round trip
+            due.append(next_at)
+            next_at += rng.exponential(1 / job.rate)
+        for sent_at, future in zip(due, client.submit_many(job.model, [x] * len(due)), strict=True):
+            future.add_done_callback(record(sent_at))
+            future.add_done_callback(lambda _: outstanding.release())
+        sent += len(due)
+    for _ in range(sent):
+        outstanding.acquire(timeout=60)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
