@@ -1,0 +1,147 @@
+"""The worker's pure parts: intake decisions, takeover triage, answers -> Redis commands."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from queueing import keys, wire
+from queueing.errors import DeadLettered, InvalidInput, ModelError
+from workers.intake import SAFETY_DELIVERIES, Intake, triage
+from workers.messages import Answer, AnswerMaker, Entry, InHand, WorkerStats
+from workers.shared import StreamClock
+from workers.spec import TensorSpec
+from workers.writer import encode, redis_commands
+
+MODEL = "m"
+SPEC = [TensorSpec("x", "float32", (4,))]
+
+
+def make_intake(max_rows: int = 8) -> tuple[Intake, WorkerStats]:
+    stats = WorkerStats()
+    intake = Intake(
+        model_name=MODEL, inputs=SPEC, limits=wire.DEFAULT_LIMITS, max_rows=max_rows,
+        clock=StreamClock(), answers=AnswerMaker(stats),
+    )  # fmt: skip
+    return intake, stats
+
+
+def entry(
+    request_id: bytes | None, inputs: object, *, model: str = MODEL, keep_s: int = 0
+) -> dict[bytes, bytes]:
+    fields = {keys.FIELD_REPLY: b"reply-list"}
+    if request_id is not None:
+        fields[keys.FIELD_ID] = request_id
+    fields[keys.FIELD_BODY] = wire.encode_request_body(model, inputs, keep_s=keep_s)  # type: ignore[arg-type]
+    return fields
+
+
+def test_intake_batches_what_fits_and_answers_the_rest_each_counted() -> None:
+    intake, stats = make_intake(max_rows=8)
+    x = np.ones((2, 4), np.float32)
+    entries = [
+        (b"1-0", entry(b"good", x)),
+        (b"2-0", entry(None, x)),  # no request id: dead-lettered
+        (b"3-0", entry(b"other", x, model="not-m")),  # another model's request
+        (b"4-0", entry(b"wrong", np.ones((2, 3), np.float32))),  # does not fit the spec
+        (b"5-0", entry(b"big", np.ones((9, 4), np.float32))),  # over max_rows
+        (b"6-0", {**entry(b"bad", x), keys.FIELD_BODY: b"\xc1junk"}),  # undecodable body
+    ]
+    accepted, refused = intake.admit(entries, suspect=False)
+    assert [(r.request_id, r.rows, r.group) for r in accepted] == [("good", 2, ((4,),))]
+    by_entry = {a.entry_id: a for a in refused}
+    assert by_entry[b"2-0"].request_id is None
+    assert by_entry[b"2-0"].dead_reason == "unreadable request id"
+    for entry_id in (b"3-0", b"4-0", b"5-0", b"6-0"):
+        answer = by_entry[entry_id]
+        assert isinstance(answer.error, InvalidInput) and answer.dead_reason is None
+        assert answer.error.request_id == answer.request_id
+    assert "over the limit of 8" in str(by_entry[b"5-0"].error)
+    # Every refusal is counted, not only the answers of the main thread.
+    assert (stats.requests, stats.errors) == (5, 5)
+
+
+def test_taken_over_requests_run_alone() -> None:
+    intake, _ = make_intake()
+    x = np.ones((1, 4), np.float32)
+    accepted, _ = intake.admit([(b"1-0", entry(b"a", x)), (b"2-0", entry(b"b", x))], suspect=True)
+    assert all(r.suspect for r in accepted)
+    assert len({r.group for r in accepted}) == 2
+
+
+def test_arrival_and_deadline_are_on_redis_clock() -> None:
+    intake, _ = make_intake()
+    intake.clock.set_redis_time(1000.0, before=9.0, after=11.0)  # Redis is 990 s ahead
+    body = wire.encode_request_body(MODEL, np.ones(4, np.float32), deadline_ms=250)
+    fields = {keys.FIELD_ID: b"a", keys.FIELD_REPLY: b"r", keys.FIELD_BODY: body}
+    (request,), _ = intake.admit([(b"995000-0", fields)], suspect=False)
+    assert request.arrival == 5.0 and request.deadline == 5.25 and request.unbatched
+
+
+def test_triage_sets_aside_what_kept_killing_its_workers() -> None:
+    entries: list[Entry] = [(b"1-0", {}), (b"2-0", {}), (b"3-0", {})]
+    limit = 3
+    deliveries = [2, 5, SAFETY_DELIVERIES * limit + 1]
+    fatal = [1, 3, 1]
+    fresh, dead = triage(entries, deliveries, fatal, max_deliveries=limit)
+    assert fresh == [(b"1-0", {})]
+    reasons = dict((entry_id, reason) for (entry_id, _), reason in dead)
+    assert "3 runs of it killed their worker" in reasons[b"2-0"]
+    assert "without an answer" in reasons[b"3-0"]
+
+
+def test_dead_letter_answer_keeps_entry_and_honours_keep() -> None:
+    intake, stats = make_intake()
+    fields = entry(b"req", np.ones(4, np.float32), keep_s=60)
+    answer = intake.dead_letter(b"7-0", fields, "killed its workers")
+    assert isinstance(answer.error, DeadLettered) and answer.keep_s == 60
+    assert answer.dead_fields == fields and answer.suspect
+    assert stats.errors == 1
+
+
+def in_hand(entry_id: bytes, request_id: str, reply: str, *, keep_s: int = 0) -> InHand:
+    return InHand(entry_id=entry_id, request_id=request_id, reply=reply, keep_s=keep_s,
+                  arrays={}, rows=1, unbatched=False, group=(), arrival=0.0,
+                  deadline=None)  # fmt: skip
+
+
+def test_answers_become_replies_then_acks() -> None:
+    make = AnswerMaker(WorkerStats())
+    answers = [
+        make.result(in_hand(b"1-0", "a", "r1"), np.zeros(2, np.float32)),
+        make.error(in_hand(b"2-0", "b", "r1", keep_s=30), ModelError("boom")),
+        make.result(in_hand(b"3-0", "c", "r2"), np.ones(2, np.float32)),
+        make.dead_letter(
+            b"4-0", {b"id": b"\xff"}, "unreadable request id", request_id=None, reply=""
+        ),
+    ]
+    payloads = [encode(a) for a in answers]
+    assert payloads[3] is None
+    commands = redis_commands(answers, payloads, model=MODEL, result_ttl_s=100)
+    kept = keys.kept_result("b")
+    stream = keys.stream(MODEL)
+    assert commands == [
+        ("DEL", kept), ("RPUSH", kept, payloads[1]), ("EXPIRE", kept, 30),
+        ("XADD", keys.dead_letters(MODEL), "*", b"id", b"\xff", b"reason",
+         "unreadable request id", b"entry", b"4-0"),
+        ("RPUSH", "r1", payloads[0], payloads[1]), ("EXPIRE", "r1", 100),
+        ("RPUSH", "r2", payloads[2]), ("EXPIRE", "r2", 100),
+        ("XACK", stream, keys.GROUP, b"1-0", b"2-0", b"3-0", b"4-0"),
+        ("XDEL", stream, b"1-0", b"2-0", b"3-0", b"4-0"),
+    ]  # fmt: skip
+
+
+def test_taken_over_answers_clear_their_attempt_counts() -> None:
+    make = AnswerMaker(WorkerStats())
+    suspect = in_hand(b"1-0", "a", "r")
+    suspect.suspect = True
+    answers = [make.result(suspect, np.zeros(1, np.float32))]
+    commands = redis_commands(answers, [encode(a) for a in answers], model=MODEL,
+                              result_ttl_s=1)  # fmt: skip
+    assert ("HDEL", keys.attempts(MODEL), b"1-0") in commands
+    assert commands[-2][0] == "XACK"
+
+
+def test_an_output_the_wire_cannot_carry_is_sent_as_an_error() -> None:
+    answer = Answer(b"1-0", "a", "r", 0, outputs=np.array([object()], dtype=object))
+    result = wire.decode_result(encode(answer) or b"")
+    assert isinstance(result.error, ModelError) and "cannot send" in str(result.error)
