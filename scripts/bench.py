@@ -3,7 +3,7 @@
     python scripts/bench.py                              # every scenario, median of 3 runs
     python scripts/bench.py --scenario mlp-closed --runs 1 --json bench-mlp.json
 
-See ``workers/bench.py`` for what each figure means.
+See ``workers/bench/__init__.py`` for what each figure means.
 """
 
 from __future__ import annotations
