@@ -16,8 +16,8 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
-from queueing import enqueue, keys, wire
-from queueing.base import DEFAULT_RESULT_TTL_S, READ_BLOCK_S, ClientBase
+from queueing import enqueue, keys, redis_state, wire
+from queueing.base import DEFAULT_RESULT_TTL_S, READ_BLOCK_S, READ_COUNT, ClientBase
 from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
@@ -203,7 +203,7 @@ class AsyncClient(ClientBase):
             return
         self._closed = True
         if self._reader is not None:
-            # The reader sees the flag within one BLPOP timeout. It is also cancelled; but
+            # The reader sees the flag within one XREAD timeout. It is also cancelled; but
             # redis-py may turn the cancellation of a blocking read into a connection
             # error, so the flag is what ends it, and the wait here is bounded either way.
             self._reader.cancel()
@@ -277,25 +277,48 @@ class AsyncClient(ClientBase):
 
     async def _read_replies(self) -> None:
         backoff = 0.05
+        reconnected = True  # learn which Redis this is before the first read
         while not self._closed:
             try:
-                item = await self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
-                if item is None:
-                    continue
-                batch: list[bytes] = [cast(bytes, item[1])]
-                more = await self._reader_redis.lpop(self.reply_key, 1024)
-                if more:
-                    batch.extend(cast(list[bytes], more))
+                if reconnected:
+                    await self._check_redis()
+                    reconnected = False
+                # One round trip: drop what we hold, wait for more.
+                pipe = self._reader_redis.pipeline(transaction=False)
+                if self._cursor.trim_below is not None:
+                    pipe.xtrim(self.reply_key, minid=self._cursor.trim_below, approximate=False)
+                pipe.xread(
+                    {self.reply_key: self._cursor.last},
+                    count=READ_COUNT,
+                    block=int(READ_BLOCK_S * 1000),
+                )
+                batch = self._cursor.take((await pipe.execute())[-1])
                 backoff = 0.05
             except redis.RedisError as e:
                 if self._closed:
                     return
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
+                reconnected = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             for data in batch:
                 self._resolve(data)
+
+    async def _check_redis(self) -> None:
+        """As the sync client's: after a (re)connect, fail with RequestLost the requests a
+        Redis that lost its data will never answer."""
+        conn = self._reader_redis
+        epoch = await redis_state.read_epoch_async(conn)
+        policy = None if self._policy_checked else await redis_state.read_policy_async(conn)
+        if not self._after_reconnect(epoch, policy):
+            return
+        lost, self._pending = self._pending, {}
+        if lost:
+            log.warning("Redis lost its data: %d waiting requests were lost", len(lost))
+        for future in lost.values():
+            if not future.done():
+                future.set_exception(self._lost(future.request_id))
 
     def _resolve(self, data: bytes) -> None:
         result = self._decode(data)

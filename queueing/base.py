@@ -1,5 +1,5 @@
 """What the sync and asyncio clients share, without I/O: who a client is (its id and
-reply list), how requests are encoded, how results are read."""
+reply stream), how requests are encoded, how results are read."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from queueing import keys, wire
-from queueing.errors import QueueFull, RequestTimeout, Unavailable
+from queueing.errors import QueueFull, RequestLost, RequestTimeout, Unavailable
+from queueing.redis_state import EpochWatch, eviction_problem
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
@@ -21,11 +23,14 @@ log = logging.getLogger(__name__)
 #: Where to find Redis when no URL is given and ``TFPOOL_REDIS_URL`` is not set.
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
-#: How long a reply list (and a kept result, unless told otherwise) outlives its last write.
+#: How long a reply stream (and a kept result, unless told otherwise) outlives its last write.
 DEFAULT_RESULT_TTL_S = 3600
 
-#: The reply reader's BLPOP timeout; its socket timeout is longer, as every blocking call's is.
+#: The reply reader's XREAD BLOCK; its socket timeout is longer, as every blocking call's is.
 READ_BLOCK_S = 1.0
+
+#: Most results the reply reader takes in one read.
+READ_COUNT = 1024
 
 
 def resolve_redis_url(redis_url: str | None) -> str:
@@ -54,13 +59,17 @@ class ClientBase:
         self.redis_url = resolve_redis_url(redis_url)
         self.result_ttl_s = result_ttl_s
         self.client_id = uuid.uuid4().hex
-        self.reply_key = keys.reply_list(self.client_id)
+        self.reply_key = keys.reply_stream(self.client_id)
         #: Results that found no waiting future: repeats after a worker crash, or results
         #: of requests whose caller stopped waiting.
         self.duplicates_ignored = 0
         self._safe_url = without_password(self.redis_url)
         self._ids = itertools.count()
         self._id_prefix = self.client_id[:12]
+        # Read and written by the reply reader only (its thread, or its task).
+        self._cursor = ReplyCursor()
+        self._epochs = EpochWatch()
+        self._policy_checked = False
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
@@ -80,6 +89,28 @@ class ClientBase:
             wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
             for item in inputs
         ]
+
+    def _after_reconnect(self, epoch: str | None, policy: str | None) -> bool:
+        """What the reply reader learnt on (re)connecting: True if Redis lost its data
+        since the last time (its waiting requests will never be answered). Warns, once,
+        of an evicting Redis."""
+        if not self._policy_checked and policy is not None:
+            self._policy_checked = True
+            problem = eviction_problem(policy)
+            if problem:
+                log.warning("%s; requests may vanish", problem)
+        if not self._epochs.lost(epoch):
+            return False
+        self._cursor = ReplyCursor()  # a new reply stream, whose ids start anywhere
+        return True
+
+    @staticmethod
+    def _lost(request_id: str) -> RequestLost:
+        return RequestLost(
+            "Redis lost its data (restarted without persistence, or flushed) while the"
+            " request waited; submit it again",
+            request_id=request_id,
+        )
 
     def _queue_full(self, model: str, request_id: str) -> QueueFull:
         return QueueFull(f"queue of model {model!r} is full", request_id=request_id)
@@ -108,3 +139,30 @@ class ClientBase:
             raise result.error
         assert result.outputs is not None
         return result.outputs
+
+
+class ReplyCursor:
+    """Where a client's reader is in its reply stream. A result stays in the stream until
+    the read after the one that brought it, which first trims everything up to the last
+    id the client holds: a reply lost on the way (a dropped connection) is read again.
+    No I/O; the reader sends ``trim_below`` and ``last`` with its next XREAD."""
+
+    def __init__(self) -> None:
+        #: The id of the last entry read: the next read starts after it.
+        self.last = b"0-0"
+        #: Entries below this id are resolved and may go (None: nothing to trim).
+        self.trim_below: bytes | None = None
+
+    def take(self, reply: Any) -> list[bytes]:
+        """The results in an XREAD reply (``[[key, [(id, fields), ...]]]`` or None)."""
+        if not reply:
+            return []
+        entries = reply[0][1]
+        if not entries:
+            return []
+        last = entries[-1][0]
+        self.last = last if isinstance(last, bytes) else str(last).encode()
+        ms, _, seq = self.last.partition(b"-")
+        self.trim_below = b"%s-%d" % (ms, int(seq or 0) + 1)
+        found = (fields.get(keys.FIELD_RESULT) for _, fields in entries)
+        return [data for data in found if data]  # b"": close()'s wake-up call

@@ -1,9 +1,11 @@
 """The producer side: submit requests, get results back by request id.
 
-One :class:`Client` per producer process (it is thread-safe). It owns one reply list in
+One :class:`Client` per producer process (it is thread-safe). It owns one reply stream in
 Redis and one background thread that reads it and resolves futures by request id. A result
-that arrives twice (a worker died between posting it and acking its request) finds no
-future the second time and is dropped: at-least-once delivery, exactly-once results.
+leaves Redis only after the client holds it, and one that arrives twice (a worker died
+between posting it and acking its request; a read repeated after a dropped connection)
+finds no future the second time and is dropped: at-least-once delivery, exactly-once
+results.
 """
 
 from __future__ import annotations
@@ -20,18 +22,16 @@ from typing import Any, cast
 
 import redis
 
-from queueing import enqueue, keys, wire
+from queueing import enqueue, keys, redis_state, wire
 from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
     READ_BLOCK_S,
+    READ_COUNT,
     ClientBase,
     resolve_redis_url,
 )
-from queueing.errors import (
-    RequestError,
-    RequestLost,
-)
+from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
@@ -261,8 +261,8 @@ class Client(ClientBase):
             return
         self._closed.set()
         if self._reader is not None:
-            try:  # wake the reader from its BLPOP now rather than at its timeout
-                self._redis.rpush(self.reply_key, b"")
+            try:  # wake the reader from its XREAD now rather than at its timeout
+                self._redis.xadd(self.reply_key, {keys.FIELD_RESULT: b""})
                 self._redis.expire(self.reply_key, 60)
             except redis.RedisError:
                 pass
@@ -354,55 +354,46 @@ class Client(ClientBase):
 
     def _read_replies(self) -> None:
         backoff = 0.05
-        run_id: str | None = None
-        failed = True  # check which Redis this is before the first read
+        reconnected = True  # learn which Redis this is before the first read
         while not self._closed.is_set():
             try:
-                if failed:
-                    run_id = self._check_same_redis(run_id)
-                    failed = False
-                item = self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
-                if item is None:
-                    continue
-                batch: list[bytes] = [cast(bytes, item[1])]
-                more = cast("list[bytes] | None", self._reader_redis.lpop(self.reply_key, 1024))
-                if more:
-                    batch.extend(more)
+                if reconnected:
+                    self._check_redis()
+                    reconnected = False
+                # One round trip: drop what we hold, wait for more.
+                pipe = self._reader_redis.pipeline(transaction=False)
+                if self._cursor.trim_below is not None:
+                    pipe.xtrim(self.reply_key, minid=self._cursor.trim_below, approximate=False)
+                pipe.xread(
+                    {self.reply_key: self._cursor.last},
+                    count=READ_COUNT,
+                    block=int(READ_BLOCK_S * 1000),
+                )
+                batch = self._cursor.take(pipe.execute()[-1])
                 backoff = 0.05
             except redis.RedisError as e:
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
-                failed = True
+                reconnected = True
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             for data in batch:
-                if data:  # b"" is close()'s wake-up call
-                    self._resolve(data)
+                self._resolve(data)
 
-    def _check_same_redis(self, known: str | None) -> str | None:
-        """Redis's run id; if it changed since ``known``, Redis restarted: without
-        persistence (AOF) every queued request is gone, so fail the futures waiting for
-        them (with RequestLost) rather than let them wait forever. A user whose ACL forbids
-        INFO skips the check (its futures then end at their own timeouts)."""
-        try:
-            server = self._reader_redis.info("server")
-            persistence = self._reader_redis.info("persistence")
-        except redis.ResponseError:
-            return known
-        run_id = str(server["run_id"])
-        if known is not None and run_id != known and not int(persistence["aof_enabled"]):
-            with self._lock:
-                lost, self._pending = self._pending, {}
-            if lost:
-                log.warning("Redis restarted: %d waiting requests were lost", len(lost))
-            for future in lost.values():
-                future.set_exception(
-                    RequestLost(
-                        "Redis restarted while the request waited; submit it again",
-                        request_id=future.request_id,
-                    )
-                )
-        return run_id
+    def _check_redis(self) -> None:
+        """After a (re)connect: if Redis lost its data meanwhile, the requests waiting
+        here will never be answered: fail them with RequestLost rather than let them wait
+        for their timeouts. Raises BusyLoadingError while Redis is loading its data."""
+        epoch = redis_state.read_epoch(self._reader_redis)
+        policy = None if self._policy_checked else redis_state.read_policy(self._reader_redis)
+        if not self._after_reconnect(epoch, policy):
+            return
+        with self._lock:
+            lost, self._pending = self._pending, {}
+        if lost:
+            log.warning("Redis lost its data: %d waiting requests were lost", len(lost))
+        for future in lost.values():
+            future.set_exception(self._lost(future.request_id))
 
     def _resolve(self, data: bytes) -> None:
         result = self._decode(data)

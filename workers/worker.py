@@ -70,6 +70,9 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 #: happen unless workers keep dying for reasons of their own).
 SAFETY_DELIVERIES = 10
 
+#: How long a draining writer keeps trying to post answers Redis does not take.
+WRITER_DRAIN_S = 25.0
+
 #: Exit codes a worker reports to its supervisor.
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
@@ -322,7 +325,7 @@ class Worker:
             if any(part.item.suspect for part in batch.parts):
                 # Post now, not through the writer: the next batch may be the request that
                 # killed the last worker, and this answer must not die with it.
-                self._post(answers)
+                self._post_now(answers)
             else:
                 self._answers.put(answers)
 
@@ -631,75 +634,101 @@ class Worker:
     # --- writer -----------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        """Post answers: replies first, then XACK + XDEL, in one pipeline per round. A crash
-        between the two means a second delivery and a duplicate result, which the client
-        drops by id: never a lost one."""
+        """Post answers, all that are ready in one round. An answer Redis does not store
+        (unreachable, loading, out of memory) is kept and posted again, with what arrives
+        meanwhile, until it is stored: its entry stays in hand, so its claim is renewed
+        and no other worker takes it over. Only a drain that outlasts WRITER_DRAIN_S
+        leaves what is unposted pending, for a later worker to take over."""
         conn = redis.Redis.from_url(
             self.config.redis_url, socket_timeout=10, single_connection_client=True
         )
+        held: list[Answer] = []
+        backoff = 0.05
         done = False
-        while not done:
-            answers = self._answers.get()
-            if answers is None:
+        give_up = float("inf")
+        while not (done and not held):
+            if not done:
+                more, done = self._gather(wait=backoff if held else None)
+                held += more
+                if done:
+                    give_up = time.monotonic() + WRITER_DRAIN_S
+            if not held:
+                continue
+            if self._post(held, conn):
+                held, backoff = [], 0.05
+                continue
+            if time.monotonic() > give_up:
+                log.error("writer: %d answers unposted at exit; they stay pending", len(held))
                 break
-            while True:  # take whatever else is ready: one round trip for all of it
-                try:
-                    more = self._answers.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    done = True
-                    break
-                answers.extend(more)
-            self._post(answers, conn)
+            if done:
+                time.sleep(backoff)  # no new answers to wait for: wait out the backoff
+            backoff = min(backoff * 2, 1.0)
         conn.close()
 
-    def _post(self, answers: list[Answer], conn: redis.Redis | None = None) -> None:
-        """Post answers on ``conn`` (the writer's own connection; default: the shared
-        client, for the main thread's rare direct posts)."""
-        conn = conn or self.redis
+    def _gather(self, *, wait: float | None) -> tuple[list[Answer], bool]:
+        """The answers ready now (waiting up to ``wait`` seconds for the first, None:
+        until one comes), and whether the stop sign came with them."""
+        answers: list[Answer] = []
+        try:
+            item = self._answers.get(timeout=wait)
+            while item is not None:
+                answers += item
+                item = self._answers.get_nowait()
+        except queue.Empty:
+            return answers, False
+        return answers, True
+
+    def _post_now(self, answers: list[Answer]) -> None:
+        """Post from the main thread, on the shared client; if Redis does not take them,
+        the writer keeps them and tries again."""
+        if not self._post(answers, self.redis):
+            self._answers.put(answers)
+
+    def _post(self, answers: list[Answer], conn: redis.Redis) -> bool:
+        """One try at storing ``answers`` and acking their entries, in one MULTI/EXEC: Redis
+        runs all of it or, when it refuses a write (out of memory), none of it, so an entry
+        is never acked without its answer. A crash before EXEC means a second delivery and
+        a duplicate result, which the client drops by id: never a lost one. True when done
+        with them (stored, or refused for good and logged); False to try again."""
         if not answers:  # a batch that only started a split request completes nothing
-            return
-        payloads = [self._encode(a) for a in answers]
-        replies: dict[str, list[bytes]] = {}  # one RPUSH per reply list, not per result
-        for a, payload in zip(answers, payloads, strict=True):
-            if a.reply and payload is not None:
-                replies.setdefault(a.reply, []).append(payload)
+            return True
+        pipe = conn.pipeline(transaction=True)
+        touched: set[str] = set()
+        for a in answers:
+            payload = self._encode(a)
+            if a.dead_reason is not None:
+                fields: dict[Any, Any] = {**(a.dead_fields or {})}
+                fields.update({b"reason": a.dead_reason, b"entry": a.entry_id})
+                pipe.xadd(keys.dead_letters(self.config.name), fields)
+            if payload is None:
+                continue
+            if a.keep_s:
+                kept = keys.kept_result(cast(str, a.request_id))
+                pipe.delete(kept)
+                pipe.rpush(kept, payload)
+                pipe.expire(kept, a.keep_s)
+            if a.reply:
+                pipe.xadd(a.reply, {keys.FIELD_RESULT: payload})
+                touched.add(a.reply)
+        for key in touched:
+            pipe.expire(key, self.config.result_ttl_s)
+        suspects = [a.entry_id for a in answers if a.suspect]
+        if suspects:
+            pipe.hdel(keys.attempts(self.config.name), *suspects)
         entry_ids = [a.entry_id for a in answers]
-        for attempt in range(6):
-            # A pipeline is emptied by execute(), even a failed one: fill a new one each time.
-            pipe = conn.pipeline(transaction=False)
-            for a, payload in zip(answers, payloads, strict=True):
-                if a.dead_reason is not None:
-                    fields: dict[Any, Any] = {**(a.dead_fields or {})}
-                    fields.update({b"reason": a.dead_reason, b"entry": a.entry_id})
-                    pipe.xadd(keys.dead_letters(self.config.name), fields)
-                if payload is not None and a.keep_s:
-                    kept = keys.kept_result(cast(str, a.request_id))
-                    pipe.delete(kept)
-                    pipe.rpush(kept, payload)
-                    pipe.expire(kept, a.keep_s)
-            for key, results in replies.items():
-                pipe.rpush(key, *results)
-                pipe.expire(key, self.config.result_ttl_s)
-            suspects = [a.entry_id for a in answers if a.suspect]
-            if suspects:
-                pipe.hdel(keys.attempts(self.config.name), *suspects)
-            pipe.xack(self.stream, keys.GROUP, *entry_ids)
-            pipe.xdel(self.stream, *entry_ids)
-            try:
-                pipe.execute()
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                # Unposted entries stay pending, are taken over later: nothing is lost.
-                log.warning("writer: %s (attempt %d)", e, attempt + 1)
-                time.sleep(0.1 * 2**attempt)
-            except redis.RedisError:
-                # Not a passing fault: retrying the same commands cannot help.
-                log.exception("writer: Redis refused a round of %d answers", len(answers))
-                break
+        pipe.xack(self.stream, keys.GROUP, *entry_ids)
+        pipe.xdel(self.stream, *entry_ids)
+        try:
+            pipe.execute()
+        except redis.RedisError as e:
+            if _passing(e):
+                log.warning("writer: %d answers not stored (%s); keeping them", len(answers), e)
+                return False
+            # Refused at run time, after EXEC: retrying the same commands cannot help.
+            log.exception("writer: Redis refused part of a round of %d answers", len(answers))
         with self._hand_lock:
             self._in_hand.difference_update(entry_ids)
+        return True
 
     def _encode(self, a: Answer) -> bytes | None:
         if a.request_id is None:
@@ -809,6 +838,16 @@ def describe_model_error(error: BaseException) -> str:
 
 
 _PYTHON_ERROR = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")
+
+
+def _passing(error: redis.RedisError) -> bool:
+    """Whether Redis refused for now (unreachable, loading, out of memory, a replica during
+    a failover, a failing snapshot) rather than for good."""
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+        return True  # BusyLoadingError (LOADING) is a ConnectionError
+    if isinstance(error, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+        return True
+    return str(error).startswith(("MISCONF", "EXECABORT", "OOM"))
 
 
 def _header(fields: dict[bytes, bytes]) -> tuple[str | None, str]:

@@ -20,9 +20,9 @@ import pytest
 import redis
 
 from queueing import AsyncClient, Client, QueueFull, RequestError, RequestTimeout, keys
+from scripts.flaky_proxy import FlakyProxy
 from tests.integration.conftest import PoolFactory
 from tests.integration.helpers import TFPOOL, start_serve, stop_process
-from tests.integration.proxy import FlakyProxy
 from workers.claims import Claims
 from workers.demo import DemoWeights, build_demo_model
 from workers.embedded_redis import RedisServer, free_port
@@ -380,12 +380,11 @@ def test_a_dead_consumers_entries_are_taken_in_one_sweep(redis_client: redis.Red
         redis_client.xadd(stream, {keys.FIELD_ID: f"r{i}", keys.FIELD_BODY: b"x"})
     redis_client.xreadgroup(keys.GROUP, "dead", {stream: ">"}, count=50)
     claims = Claims(stream=stream, consumer="heir", claim_idle_ms=50, max_deliveries=3, batch=4)
-    _wait(
-        lambda: (
-            redis_client.xpending_range(stream, keys.GROUP, "-", "+", 1)[0]["time_since_delivered"]
-            > 50
-        ),
-        "the entries to be idle",
-    )
+
+    def idle_ms() -> int:
+        rows: list[dict[str, Any]] = redis_client.xpending_range(stream, keys.GROUP, "-", "+", 1)
+        return int(rows[0]["time_since_delivered"])
+
+    _wait(lambda: idle_ms() > 50, "the entries to be idle")
     taken = claims.autoclaim(redis_client)
     assert len(taken) == 50

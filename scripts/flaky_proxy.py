@@ -1,5 +1,6 @@
-"""A small TCP proxy for tests: it sits between clients and redis-server and, now and
-then, drops a connection or stalls it, the way a flaky network or a load balancer does.
+"""A small TCP proxy for the tests and ``scripts/chaos.py``: it sits between clients and
+redis-server and, now and then, drops a connection or stalls it, the way a flaky network
+or a load balancer does.
 
 Faults hit replies (server to client) only, at the worst moment: a reply Redis has sent,
 and acted on, that never reaches the client. Which replies are hit is drawn from a seeded
