@@ -441,6 +441,7 @@ class Worker:
         claim_every = max(0.1, self.config.claim_idle_ms / 2000)
         next_claim = time.monotonic() + claim_every
         next_prune = time.monotonic() + 60
+        reconnected = False
         try:
             self._take_over(conn, self.claims.inherit(conn, self.inherit_from))
             while not self._stopping.is_set():
@@ -454,6 +455,9 @@ class Worker:
                     if now >= next_prune:
                         next_prune = now + 60
                         self.claims.prune_consumers(conn)
+                    if reconnected:
+                        self._recover_own(conn)
+                        reconnected = False
                     reply = conn.xreadgroup(
                         keys.GROUP,
                         self.worker_id,
@@ -472,6 +476,7 @@ class Worker:
                     continue
                 except redis.RedisError as e:
                     log.warning("reader: %s; retrying in %.2fs", e, backoff)
+                    reconnected = True
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 1.0)
                     continue
@@ -482,6 +487,20 @@ class Worker:
             self._reader_done.set()
             with self._cond:
                 self._cond.notify_all()
+
+    def _recover_own(self, conn: redis.Redis) -> None:
+        """After a lost connection: entries Redis handed us whose reply never arrived (it
+        went down, or the connection dropped, as it answered) are pending under our name
+        but not in our hands. Read them again from our own pending list, now, rather than
+        leave them to be taken over after ``claim_idle_ms``."""
+        reply = conn.xreadgroup(keys.GROUP, self.worker_id, {self.stream: "0"}, count=100_000)
+        entries = cast(Entries, cast(Any, reply)[0][1]) if reply else []
+        with self._hand_lock:
+            lost = [(i, f) for i, f in entries if f and i not in self._in_hand]
+        if lost:
+            log.warning("reader: %d requests read before the connection dropped; taking them"
+                        " again", len(lost))  # fmt: skip
+            self._accept(lost, drained=None)
 
     def _take_over(self, conn: redis.Redis, entries: Entries) -> None:
         """Entries taken from dead workers: dead-letter those delivered too many times,
