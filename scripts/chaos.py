@@ -42,6 +42,10 @@ from workers.embedded_redis import RedisServer, free_port
 from workers.placement import Slot
 from workers.supervisor import Supervisor
 
+#: How long the proxy of --drop-connections holds a stalled reply: past the clients'
+#: socket timeouts (2 s here), so that they give up on the connection and retry.
+STALL_S = 4.0
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,7 +94,7 @@ def main() -> int:
         until = threading.Event()
         monitor = threading.Thread(target=supervisor.monitor, args=(until,), daemon=True)
         monitor.start()
-        proxy = FlakyProxy(server.port, drop=0.05, stall=0.002, stall_s=4.0) if (
+        proxy = FlakyProxy(server.port, drop=0.05, stall=0.002, stall_s=STALL_S) if (
             mode == "drop-connections" and server is not None
         ) else None  # fmt: skip
         run = Run(x, want)
@@ -117,9 +121,11 @@ def main() -> int:
     print(f"lost (never resolved)  {run.lost}")
     print(f"duplicates suppressed  {run.duplicates}")
     print(f"dead-lettered          {dead}")
-    print(f"faults                 {faults}")
     if proxy is not None:
-        print(f"proxy                  {proxy.stats}")
+        faults = (f"{proxy.stats.dropped} replies cut with their connection, "
+                  f"{proxy.stats.stalled} stalled {STALL_S:g}s, of {proxy.stats.connections} "
+                  "connections")  # fmt: skip
+    print(f"faults                 {faults}")
     print(f"elapsed                {elapsed:.1f}s")
     accounted = run.answered + typed + run.lost == args.requests
     false_lost = mode == "redis-restart-aof" and run.typed["RequestLost"] > 0
@@ -175,10 +181,7 @@ def _fault(
             conn.close()
         return f"OOM spells (maxmemory, noeviction) of {args.fault_s:g}s"
 
-    def nothing(k: int) -> str:
-        return "connections cut by the proxy (see its figures)"
-
-    return {"kills": kill, "redis-oom": oom, "drop-connections": nothing}.get(mode, restart)
+    return {"kills": kill, "redis-oom": oom}.get(mode, restart)
 
 
 class Run:
@@ -197,7 +200,12 @@ class Run:
 
     def go(self, url: str, fault: Callable[[int], str], args: argparse.Namespace) -> str:
         """Run the producers to the end, striking ``args.faults`` (or kills) times."""
-        count = args.kills if args.redis_restart is None and not args.redis_oom else args.faults
+        if args.drop_connections:
+            count = 0  # the proxy is the fault, all along
+        elif args.redis_restart or args.redis_oom:
+            count = args.faults
+        else:
+            count = args.kills
         what = "none"
         with ThreadPoolExecutor(args.producers) as pool:
             running = [
