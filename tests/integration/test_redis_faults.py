@@ -67,6 +67,11 @@ def plain_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def servers(aof_server: RedisServer, plain_server: RedisServer) -> None:
+    """Both servers start before the module's pools, so that they stop after them."""
+
+
 # --- counting what producers see ------------------------------------------------------
 
 
