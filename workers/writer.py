@@ -189,6 +189,11 @@ def passing(error: redis.RedisError) -> bool:
     a failover, a failing snapshot) rather than for good."""
     if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
         return True  # BusyLoadingError (LOADING) is a ConnectionError
-    if isinstance(error, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+    refused_for_now = (
+        redis.exceptions.OutOfMemoryError,  # a command of the round, refused as it was queued
+        redis.exceptions.ExecAbortError,  # ... and so the whole round
+        redis.exceptions.ReadOnlyError,
+    )
+    if isinstance(error, refused_for_now):
         return True
-    return str(error).startswith(("MISCONF", "EXECABORT", "OOM"))
+    return str(error).startswith(("MISCONF", "OOM"))
