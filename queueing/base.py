@@ -292,5 +292,6 @@ class ReplyCursor:
         self.last = last if isinstance(last, bytes) else str(last).encode()
         ms, _, seq = self.last.partition(b"-")
         self.trim_below = b"%s-%d" % (ms, int(seq or 0) + 1)
-        found = (fields.get(keys.FIELD_RESULT) for _, fields in entries)
+        # Every field of an entry is a result (see keys.result_fields).
+        found = (data for _, fields in entries for data in fields.values())
         return [data for data in found if data]  # b"": close()'s wake-up call

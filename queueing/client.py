@@ -245,7 +245,7 @@ class Client(ClientBase[RequestFuture]):
         self._closed.set()
         if self._reader is not None:
             try:  # wake the reader from its XREAD now rather than at its timeout
-                self._redis.xadd(self.reply_key, {keys.FIELD_RESULT: b""})
+                self._redis.xadd(self.reply_key, {b"0": b""})
                 self._redis.expire(self.reply_key, 60)
             except redis.RedisError:
                 pass

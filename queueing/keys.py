@@ -17,8 +17,12 @@ FIELD_ID = b"id"
 FIELD_REPLY = b"reply"
 FIELD_BODY = b"body"
 
-#: The field of a reply stream entry that holds one result.
-FIELD_RESULT = b"r"
+
+def result_fields(payloads: list[bytes]) -> list[bytes]:
+    """A reply stream entry's fields and values for ``payloads``: one field per result,
+    named by its position (``0``, ``1``, ...). A worker adds one entry per reply stream
+    per round, with every result of that round for that producer."""
+    return [item for i, payload in enumerate(payloads) for item in (b"%d" % i, payload)]
 
 
 def stream(model: str) -> str:

@@ -54,11 +54,11 @@ def redis_commands(
     answers: list[Answer], payloads: list[bytes | None], *, model: str, result_ttl_s: int
 ) -> list[Command]:
     """The commands that post ``answers`` (``payloads``: theirs, from :func:`encode`), in
-    order: dead letters and kept results, replies (an XADD each to its reply stream),
-    attempt counts cleared, and last the acks, so that nothing is acked before it is
-    answered."""
+    order: dead letters and kept results, replies (one XADD per reply stream, of all its
+    results), attempt counts cleared, and last the acks, so that nothing is acked before
+    it is answered."""
     commands: list[Command] = []
-    replies: dict[str, None] = {}  # the reply streams touched, in order
+    replies: dict[str, list[bytes]] = {}
     for a, payload in zip(answers, payloads, strict=True):
         if a.dead_reason is not None:
             fields: dict[bytes, bytes | str] = {**(a.dead_fields or {})}
@@ -69,9 +69,10 @@ def redis_commands(
             kept = keys.kept_result(cast(str, a.request_id))
             commands += [("DEL", kept), ("RPUSH", kept, payload), ("EXPIRE", kept, a.keep_s)]
         if a.reply and payload is not None:
-            commands.append(("XADD", a.reply, "*", keys.FIELD_RESULT, payload))
-            replies[a.reply] = None
-    commands += [("EXPIRE", key, result_ttl_s) for key in replies]
+            replies.setdefault(a.reply, []).append(payload)
+    for key, results in replies.items():
+        commands += [("XADD", key, "*", *keys.result_fields(results)),
+                     ("EXPIRE", key, result_ttl_s)]  # fmt: skip
     suspects = [a.entry_id for a in answers if a.suspect]
     if suspects:
         commands.append(("HDEL", keys.attempts(model), *suspects))

@@ -84,5 +84,5 @@ def read_results(
         found: Any = conn.xread({reply: last}, count=count - len(results), block=500)
         for entry_id, fields in found[0][1] if found else []:
             last = entry_id
-            results.append(wire.decode_result(fields[keys.FIELD_RESULT]))
+            results += [wire.decode_result(data) for data in fields.values()]
     return results

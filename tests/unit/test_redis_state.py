@@ -3,7 +3,6 @@ is in its stream."""
 
 from __future__ import annotations
 
-from queueing import keys
 from queueing.base import ReplyCursor
 from queueing.redis_state import EpochWatch, eviction_problem
 
@@ -29,9 +28,9 @@ def test_reply_cursor_trims_only_what_it_has_read() -> None:
     cursor = ReplyCursor()
     assert cursor.last == b"0-0" and cursor.trim_below is None
     assert cursor.take(None) == [] and cursor.take([]) == []
-    reply = [[b"k", [(b"5-0", {keys.FIELD_RESULT: b"one"}), (b"5-1", {keys.FIELD_RESULT: b""}),
-                    (b"7-3", {keys.FIELD_RESULT: b"two"})]]]  # fmt: skip
-    assert cursor.take(reply) == [b"one", b"two"]  # b"" is close()'s wake-up call
+    reply = [[b"k", [(b"5-0", {b"0": b"one", b"1": b"two"}), (b"5-1", {b"0": b""}),
+                    (b"7-3", {b"0": b"three"})]]]  # fmt: skip
+    assert cursor.take(reply) == [b"one", b"two", b"three"]  # b"": close()'s wake-up call
     assert cursor.last == b"7-3"
     assert cursor.trim_below == b"7-4"  # MINID keeps ids >= this: everything read goes
     assert cursor.take([[b"k", []]]) == []

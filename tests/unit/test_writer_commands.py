@@ -21,11 +21,12 @@ def test_a_round_posts_every_answer_before_any_ack() -> None:
     assert names[-2:] == ["XACK", "XDEL"]
     assert commands[-2][3:] == (b"1-0", b"1-1", b"1-2")
     replies = [c for c in commands if c[0] == "XADD"]
-    assert [(c[1], c[3]) for c in replies] == [
-        ("tfpool:reply:p", keys.FIELD_RESULT),
-        ("tfpool:reply:p", keys.FIELD_RESULT),
-        ("tfpool:reply:q", keys.FIELD_RESULT),
-    ]  # one entry per result: the client reads them by id
+    # One entry per reply stream and round, a field per result.
+    assert [(c[1], c[3::2]) for c in replies] == [
+        ("tfpool:reply:p", (b"0", b"1")),
+        ("tfpool:reply:q", (b"0",)),
+    ]
+    assert replies[0][4] == encode(answers[0])
     assert [c[1] for c in commands if c[0] == "EXPIRE" and c[2] == 9] == [
         "tfpool:reply:p",
         "tfpool:reply:q",
