@@ -8,6 +8,7 @@ its future out of the client's table with it: nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, cast
@@ -15,8 +16,8 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
-from queueing import enqueue, keys, wire
-from queueing.base import READ_BLOCK_S, ClientBase
+from queueing import enqueue, keys, redis_state, wire
+from queueing.base import READ_BLOCK_S, READ_COUNT, ClientBase
 from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
@@ -89,6 +90,11 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             future.add_done_callback(self._forget_if_cancelled)
             futures.append(future)
         self._track(futures)
+        if self._reader is None:
+            # Learn which Redis this is before the first request is queued (see
+            # Client._ensure_reader); should it not answer, the reader looks later.
+            with contextlib.suppress(redis.RedisError):
+                await self._look(self._redis)
         self._ensure_reader()
         try:
             with self._typed_errors(model):
@@ -185,7 +191,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             return
         self._closed = True
         if self._reader is not None:
-            # The reader sees the flag within one BLPOP timeout. It is also cancelled; but
+            # The reader sees the flag within one XREAD timeout. It is also cancelled; but
             # redis-py may turn the cancellation of a blocking read into a connection
             # error, so the flag is what ends it, and the wait here is bounded either way.
             self._reader.cancel()
@@ -246,35 +252,38 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
 
     async def _read_replies(self) -> None:
         backoff = 0.05
-        failed = True  # check which Redis this is before the first read
+        reconnected = True  # look at Redis again before the first read
         while not self._closed:
             try:
-                if failed:
-                    await self._check_same_redis()
-                    failed = False
-                item = await self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
-                if item is None:
-                    continue
-                more = await self._reader_redis.lpop(self.reply_key, 1024)
+                if reconnected:
+                    await self._look(self._reader_redis)
+                    reconnected = False
+                # One round trip: drop what we hold, wait for more.
+                pipe = self._reader_redis.pipeline(transaction=False)
+                if self._cursor.trim_below is not None:
+                    pipe.xtrim(self.reply_key, minid=self._cursor.trim_below, approximate=False)
+                pipe.xread(
+                    {self.reply_key: self._cursor.last},
+                    count=READ_COUNT,
+                    block=int(READ_BLOCK_S * 1000),
+                )
+                batch = self._cursor.take((await pipe.execute())[-1])
                 backoff = 0.05
             except redis.RedisError as e:
                 if self._closed:
                     return
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
-                failed = True
+                reconnected = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            self._resolve_all([cast(bytes, item[1]), *cast("list[bytes]", more or [])])
+            self._resolve_all(batch)
 
-    async def _check_same_redis(self) -> None:
-        """As :meth:`queueing.Client._check_same_redis`."""
-        try:
-            server = await self._reader_redis.info("server")
-            persistence = await self._reader_redis.info("persistence")
-        except redis.ResponseError:
-            return
-        self._check_run(server, persistence)
+    async def _look(self, conn: aioredis.Redis) -> None:
+        """As :meth:`queueing.Client._look`."""
+        epoch = await redis_state.read_epoch_async(conn)
+        policy = None if self._policy_checked else await redis_state.read_policy_async(conn)
+        self._after_reconnect(epoch, policy)
 
 
 async def _aiter(frames: Iterable[Sendable] | AsyncIterable[Sendable]) -> AsyncIterator[Sendable]:

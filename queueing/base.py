@@ -1,7 +1,8 @@
 """What the sync and asyncio clients share, without I/O: who a client is (its id, reply
-list and settings), the table of requests it waits for, how requests are encoded and
-enqueued (the commands, the typed errors), how results are read, and how a Redis restart
-that lost the queue is told apart (:class:`RequestLost`). The clients add the I/O only."""
+stream and settings), the table of requests it waits for, how requests are encoded and
+enqueued (the commands, the typed errors), where its reader is in its reply stream, and
+how a Redis that lost the queue is told apart (:class:`RequestLost`, from the epoch of
+:mod:`queueing.redis_state`). The clients add the I/O only."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +21,7 @@ import redis
 
 from queueing import enqueue, keys, wire
 from queueing.errors import QueueFull, RequestError, RequestLost, RequestTimeout, Unavailable
+from queueing.redis_state import EpochWatch, eviction_problem
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
@@ -28,11 +30,14 @@ log = logging.getLogger(__name__)
 #: Where to find Redis when no URL is given and ``TFPOOL_REDIS_URL`` is not set.
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
-#: How long a reply list (and a kept result, unless told otherwise) outlives its last write.
+#: How long a reply stream (and a kept result, unless told otherwise) outlives its last write.
 DEFAULT_RESULT_TTL_S = 3600
 
-#: The reply reader's BLPOP timeout; its socket timeout is longer, as every blocking call's is.
+#: The reply reader's XREAD BLOCK; its socket timeout is longer, as every blocking call's is.
 READ_BLOCK_S = 1.0
+
+#: Most results the reply reader takes in one read.
+READ_COUNT = 1024
 
 
 def resolve_redis_url(redis_url: str | None) -> str:
@@ -65,24 +70,13 @@ class RequestFutureLike(Protocol):
 F = TypeVar("F", bound=RequestFutureLike)
 
 
-def redis_restarted_empty(
-    known_run_id: str | None, server: Mapping[str, Any], persistence: Mapping[str, Any]
-) -> bool:
-    """Whether Redis, as its ``INFO server`` and ``INFO persistence`` now describe it, is
-    a new run (not ``known_run_id``) that kept no data: without AOF, every queued request
-    is gone."""
-    if known_run_id is None or str(server["run_id"]) == known_run_id:
-        return False
-    return not int(persistence["aof_enabled"])
-
-
 class ClientBase(Generic[F]):
     """A producer's identity and settings, its table of waiting futures (``F``), and what
     the sync and asyncio clients do alike. Subclasses open their connections in
     :meth:`_connect` and do the I/O.
 
     ``redis_url``: default ``TFPOOL_REDIS_URL``, else :data:`DEFAULT_REDIS_URL`.
-    ``result_ttl_s``: how long the reply list (and a kept result, by default) outlives its
+    ``result_ttl_s``: how long the reply stream (and a kept result, by default) outlives its
     last write. ``socket_timeout_s``: how long any one Redis call may take.
     """
 
@@ -99,7 +93,7 @@ class ClientBase(Generic[F]):
         self.result_ttl_s = result_ttl_s
         self.socket_timeout_s = socket_timeout_s
         self.client_id = uuid.uuid4().hex
-        self.reply_key = keys.reply_list(self.client_id)
+        self.reply_key = keys.reply_stream(self.client_id)
         #: Results that found no waiting future: repeats after a worker crash, or results
         #: of requests whose caller stopped waiting.
         self.duplicates_ignored = 0
@@ -113,7 +107,10 @@ class ClientBase(Generic[F]):
         # table; the asyncio client never holds the lock across an await.
         self._pending: dict[str, F] = {}
         self._lock = threading.Lock()
-        self._redis_run_id: str | None = None  # the Redis run our requests were queued in
+        # Written by the reply reader only (its thread or task), or before it starts.
+        self._cursor = ReplyCursor()
+        self._epochs = EpochWatch()  # which dataset of Redis our requests were queued in
+        self._policy_checked = False
         self._connect()
 
     def _connect(self) -> None:
@@ -213,10 +210,9 @@ class ClientBase(Generic[F]):
         )
 
     def _resolve_all(self, replies: Iterable[bytes]) -> None:
-        """Results from the reply list, to their futures."""
+        """Results from the reply stream, to their futures."""
         for data in replies:
-            if data:  # b"" is the sync client's wake-up call at close
-                self._resolve(data)
+            self._resolve(data)
 
     def _resolve(self, data: bytes) -> None:
         result = self._decode(data)
@@ -232,24 +228,33 @@ class ClientBase(Generic[F]):
         else:
             future.set_result(result.outputs)
 
-    def _check_run(self, server: Mapping[str, Any], persistence: Mapping[str, Any]) -> None:
-        """After (re)connecting, with Redis's ``INFO server`` and ``INFO persistence``: if
-        it restarted without persistence, fail the futures waiting for requests it lost
-        (RequestLost) rather than let them wait forever."""
-        if redis_restarted_empty(self._redis_run_id, server, persistence):
-            lost = self._fail_all(
-                lambda request_id: RequestLost(
-                    "Redis restarted while the request waited; submit it again",
-                    request_id=request_id,
-                )
+    def _after_reconnect(self, epoch: str | None, policy: str | None) -> None:
+        """After (re)connecting, with what Redis said of its epoch and eviction policy (None:
+        not readable). If Redis lost its data since we last looked (restarted without
+        persistence, flushed), the requests waiting here will never be answered: fail
+        them with RequestLost rather than let them wait for their timeouts. Warns, once,
+        of an evicting Redis."""
+        if not self._policy_checked and policy is not None:
+            self._policy_checked = True
+            problem = eviction_problem(policy)
+            if problem:
+                log.warning("%s; requests may vanish", problem)
+        if not self._epochs.lost(epoch):
+            return
+        self._cursor = ReplyCursor()  # a new reply stream, whose ids start anywhere
+        lost = self._fail_all(
+            lambda request_id: RequestLost(
+                "Redis lost its data (restarted without persistence, or flushed) while the"
+                " request waited; submit it again",
+                request_id=request_id,
             )
-            if lost:
-                log.warning("Redis restarted: %d waiting requests were lost", lost)
-        self._redis_run_id = str(server["run_id"])
+        )
+        if lost:
+            log.warning("Redis lost its data: %d waiting requests were lost", lost)
 
     @staticmethod
     def _decode(data: bytes) -> wire.Result | None:
-        """A result from the reply list; None (logged) for one that cannot be read."""
+        """A result from the reply stream; None (logged) for one that cannot be read."""
         try:
             return wire.decode_result(data)
         except Exception:
@@ -262,3 +267,31 @@ class ClientBase(Generic[F]):
             raise result.error
         assert result.outputs is not None
         return result.outputs
+
+
+class ReplyCursor:
+    """Where a client's reader is in its reply stream. A result stays in the stream until
+    the read after the one that brought it, which first trims everything up to the last
+    id the client holds: a reply lost on the way (a dropped connection) is read again.
+    No I/O; the reader sends ``trim_below`` and ``last`` with its next XREAD."""
+
+    def __init__(self) -> None:
+        #: The id of the last entry read: the next read starts after it.
+        self.last = b"0-0"
+        #: Entries below this id are resolved and may go (None: nothing to trim).
+        self.trim_below: bytes | None = None
+
+    def take(self, reply: Any) -> list[bytes]:
+        """The results in an XREAD reply (``[[key, [(id, fields), ...]]]`` or None)."""
+        if not reply:
+            return []
+        entries = reply[0][1]
+        if not entries:
+            return []
+        last = entries[-1][0]
+        self.last = last if isinstance(last, bytes) else str(last).encode()
+        ms, _, seq = self.last.partition(b"-")
+        self.trim_below = b"%s-%d" % (ms, int(seq or 0) + 1)
+        # Every field of an entry is a result (see keys.result_fields).
+        found = (data for _, fields in entries for data in fields.values())
+        return [data for data in found if data]  # b"": close()'s wake-up call

@@ -1,13 +1,16 @@
 """The producer side: submit requests, get results back by request id.
 
-One :class:`Client` per producer process (it is thread-safe). It owns one reply list in
+One :class:`Client` per producer process (it is thread-safe). It owns one reply stream in
 Redis and one background thread that reads it and resolves futures by request id. A result
-that arrives twice (a worker died between posting it and acking its request) finds no
-future the second time and is dropped: at-least-once delivery, exactly-once results.
+leaves Redis only after the client holds it, and one that arrives twice (a worker died
+between posting it and acking its request; a read repeated after a dropped connection)
+finds no future the second time and is dropped: at-least-once delivery, exactly-once
+results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -20,11 +23,12 @@ from typing import Any, cast
 
 import redis
 
-from queueing import enqueue, keys, wire
+from queueing import enqueue, keys, redis_state, wire
 from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
     READ_BLOCK_S,
+    READ_COUNT,
     ClientBase,
     resolve_redis_url,
 )
@@ -240,8 +244,8 @@ class Client(ClientBase[RequestFuture]):
             return
         self._closed.set()
         if self._reader is not None:
-            try:  # wake the reader from its BLPOP now rather than at its timeout
-                self._redis.rpush(self.reply_key, b"")
+            try:  # wake the reader from its XREAD now rather than at its timeout
+                self._redis.xadd(self.reply_key, {b"0": b""})
                 self._redis.expire(self.reply_key, 60)
             except redis.RedisError:
                 pass
@@ -262,7 +266,7 @@ class Client(ClientBase[RequestFuture]):
         if self._closed.is_set():
             raise RuntimeError("client is closed")
         if os.getpid() != self._pid:
-            # A forked child would share the parent's reply list and steal its results.
+            # A forked child would share the parent's reply stream and steal its results.
             raise RuntimeError("a Client cannot be used across fork; create one per process")
 
     def _enqueue_all(
@@ -307,6 +311,11 @@ class Client(ClientBase[RequestFuture]):
             return
         with self._lock:
             if self._reader is None:
+                # Learn which Redis this is before the first request is queued, so that a
+                # restart that loses it, however soon, is told from one that keeps it.
+                # (Should Redis not answer, the reader looks when it has connected.)
+                with contextlib.suppress(redis.RedisError):
+                    self._look(self._redis)
                 self._reader = threading.Thread(
                     target=self._read_replies, name=f"tfpool-replies-{self._id_prefix}", daemon=True
                 )
@@ -314,31 +323,34 @@ class Client(ClientBase[RequestFuture]):
 
     def _read_replies(self) -> None:
         backoff = 0.05
-        failed = True  # check which Redis this is before the first read
+        reconnected = True  # look at Redis again before the first read
         while not self._closed.is_set():
             try:
-                if failed:
-                    self._check_same_redis()
-                    failed = False
-                item = self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
-                if item is None:
-                    continue
-                more = cast("list[bytes] | None", self._reader_redis.lpop(self.reply_key, 1024))
+                if reconnected:
+                    self._look(self._reader_redis)
+                    reconnected = False
+                # One round trip: drop what we hold, wait for more.
+                pipe = self._reader_redis.pipeline(transaction=False)
+                if self._cursor.trim_below is not None:
+                    pipe.xtrim(self.reply_key, minid=self._cursor.trim_below, approximate=False)
+                pipe.xread(
+                    {self.reply_key: self._cursor.last},
+                    count=READ_COUNT,
+                    block=int(READ_BLOCK_S * 1000),
+                )
+                batch = self._cursor.take(pipe.execute()[-1])
                 backoff = 0.05
             except redis.RedisError as e:
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
-                failed = True
+                reconnected = True
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            self._resolve_all([cast(bytes, item[1]), *(more or [])])
+            self._resolve_all(batch)
 
-    def _check_same_redis(self) -> None:
-        """See :meth:`ClientBase._check_run`. A user whose ACL forbids INFO skips the check
-        (its futures then end at their own timeouts)."""
-        try:
-            server = self._reader_redis.info("server")
-            persistence = self._reader_redis.info("persistence")
-        except redis.ResponseError:
-            return
-        self._check_run(server, persistence)
+    def _look(self, conn: redis.Redis) -> None:
+        """See :meth:`ClientBase._after_reconnect`. Raises BusyLoadingError while Redis
+        loads its data: what it holds is only known after that."""
+        epoch = redis_state.read_epoch(conn)
+        policy = None if self._policy_checked else redis_state.read_policy(conn)
+        self._after_reconnect(epoch, policy)

@@ -8,7 +8,7 @@ from typing import Any
 import redis
 
 from queueing import keys
-from queueing.errors import RequestError, Unavailable, UnknownModel
+from queueing.errors import RedisOutOfMemory, RequestError, Unavailable, UnknownModel
 
 #: Requests per Lua call: bounds how long one call holds Redis.
 CHUNK = 512
@@ -53,6 +53,10 @@ def as_request_error(error: redis.RedisError, model: str, url: str) -> RequestEr
     """The typed error a producer should see for a Redis error while enqueueing, if any."""
     if isinstance(error, redis.ResponseError) and "UNKNOWN_MODEL" in str(error):
         return UnknownModel(f"no pool serves model {model!r} on this Redis")
+    if isinstance(error, redis.exceptions.OutOfMemoryError) or str(error).startswith("OOM"):
+        return RedisOutOfMemory(
+            f"Redis at {url} is out of memory (maxmemory) and refuses new requests: {error}"
+        )
     if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
         return Unavailable(f"cannot reach Redis at {url}: {error}")
     return None

@@ -39,6 +39,12 @@ class QueueFull(RequestError):
     """The model's queue is at its configured cap; the request was not queued."""
 
 
+class RedisOutOfMemory(QueueFull):
+    """Redis is at its ``maxmemory`` and refuses new writes: the request was not queued.
+    Like a full queue, it passes when the pool catches up (answered requests free memory);
+    raise ``maxmemory`` if it does not."""
+
+
 class DeadLettered(RequestError):
     """The request was delivered too many times (its workers kept dying) and was set aside."""
 

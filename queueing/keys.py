@@ -18,6 +18,13 @@ FIELD_REPLY = b"reply"
 FIELD_BODY = b"body"
 
 
+def result_fields(payloads: list[bytes]) -> list[bytes]:
+    """A reply stream entry's fields and values for ``payloads``: one field per result,
+    named by its position (``0``, ``1``, ...). A worker adds one entry per reply stream
+    per round, with every result of that round for that producer."""
+    return [item for i, payload in enumerate(payloads) for item in (b"%d" % i, payload)]
+
+
 def stream(model: str) -> str:
     """The request stream of ``model``."""
     return f"{PREFIX}:{{{model}}}:q"
@@ -45,8 +52,10 @@ def kept_result(request_id: str) -> str:
     return f"{PREFIX}:result:{request_id}"
 
 
-def reply_list(client_id: str) -> str:
-    """The list a producer process reads its results from."""
+def reply_stream(client_id: str) -> str:
+    """The stream a producer process reads its results from. A stream, not a list: the
+    client reads it by entry id and trims what it holds, so that a result stays in Redis
+    until the client has it (a popped list element dies with a dropped connection)."""
     return f"{PREFIX}:reply:{client_id}"
 
 
@@ -57,6 +66,9 @@ def worker_heartbeat(worker_id: str) -> str:
 
 #: Set of the names of every model a pool has served on this Redis.
 MODELS = f"{PREFIX}:models"
+
+#: A random value naming this Redis's dataset; see queueing.redis_state.
+EPOCH = f"{PREFIX}:epoch"
 
 #: Pattern matching every heartbeat key (for SCAN).
 WORKER_PATTERN = f"{PREFIX}:worker:*"

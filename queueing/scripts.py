@@ -38,7 +38,7 @@ return math.min(room, wanted)
 #: Append requests to a model's stream unless the queue is at its cap.
 #:
 #: KEYS[1] the model's stream, KEYS[2] the model's info hash (written by its workers).
-#: ARGV    triples: request id, reply list, body.
+#: ARGV    triples: request id, reply stream, body.
 #: Returns one item per request: its stream entry id, or 0 when the queue was full.
 #: Fails with ``UNKNOWN_MODEL`` when no pool has ever served the model on this Redis:
 #: a typo in a model name should be an error now, not a request that waits forever.

@@ -6,7 +6,7 @@ list, may be empty) and ``body``, a msgpack map::
     {"v": 1, "model": str, "inputs": ARRAY | {name: ARRAY}, "deadline_ms": int | None,
      "keep_s": int}
 
-A result, pushed to the reply list (and kept under the id when asked), is a msgpack map::
+A result, added to the reply stream (and kept under the id when asked), is a msgpack map::
 
     {"v": 1, "id": str, "outputs": ARRAY | {name: ARRAY}}      on success
     {"v": 1, "id": str, "error": [kind, message]}              on failure

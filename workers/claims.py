@@ -7,7 +7,9 @@ reading worker's consumer name until it is acked. If that worker dies, nobody ac
 * its successor on the same slot takes the dead consumer's entries over at start
   (:meth:`Claims.inherit`), which is fast;
 * every worker also takes over any entry idle for longer than ``claim_idle_ms``
-  (:meth:`Claims.autoclaim`), which covers a whole host dying.
+  (:meth:`Claims.autoclaim`), which covers a whole host dying. One sweep takes every such
+  entry (up to ``SWEEP_MAX``), not one batch of them: a dead pool's requests come back at
+  once rather than a few per ``claim_idle_ms / 2``.
 
 Taking over counts as a delivery (XCLAIM and XAUTOCLAIM increment the counter). An entry
 delivered more than ``max_deliveries`` times has killed every worker that took it: it goes
@@ -33,6 +35,12 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 #: Consumers with nothing pending and idle this long are removed from the group (a live
 #: worker's next read recreates its consumer, so removing an idle one is always safe).
 PRUNE_IDLE_MS = 10 * 60 * 1000
+
+#: Most entries one sweep takes over (it may hold them a while: they are renewed).
+SWEEP_MAX = 1000
+
+#: Entries asked for per XAUTOCLAIM of a sweep (Redis scans ten times that many at most).
+SWEEP_STEP = 100
 
 
 class Claims:
@@ -73,14 +81,19 @@ class Claims:
         return taken
 
     def autoclaim(self, conn: redis.Redis) -> list[Entry]:
-        """Take over entries idle longer than ``claim_idle_ms``, whoever held them."""
-        reply: list[Any] = conn.xautoclaim(
-            self.stream, keys.GROUP, self.consumer, self.claim_idle_ms,
-            start_id=self._autoclaim_cursor, count=self.batch,
-        )  # fmt: skip
-        cursor, claimed = reply[0], reply[1]
-        self._autoclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        taken = _live(claimed)
+        """Take over entries idle longer than ``claim_idle_ms``, whoever held them: one
+        sweep of the pending entries, from where the last one stopped."""
+        taken: list[Entry] = []
+        while len(taken) < SWEEP_MAX:
+            reply: list[Any] = conn.xautoclaim(
+                self.stream, keys.GROUP, self.consumer, self.claim_idle_ms,
+                start_id=self._autoclaim_cursor, count=min(SWEEP_STEP, SWEEP_MAX - len(taken)),
+            )  # fmt: skip
+            cursor, claimed = reply[0], reply[1]
+            self._autoclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            taken += _live(claimed)
+            if self._autoclaim_cursor == "0-0":  # the end of the pending entries
+                break
         if taken:
             log.warning("took over %d requests idle for over %d ms", len(taken),
                         self.claim_idle_ms)  # fmt: skip

@@ -39,6 +39,7 @@ _SERVE_HELP = {
     "workers": "worker processes (default: one per GPU, else one per 4 cores)",
     "max_batch_size": "most rows in a batch",
     "max_latency_ms": "longest a request waits for company, from its arrival",
+    "allow_evicting_redis": "serve even if Redis's maxmemory-policy may delete queued requests",
 }
 
 
@@ -128,7 +129,10 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
     for option, kind in option_types().items():
         flag = "--" + option.replace("_", "-")
         help_text = _SERVE_HELP.get(option, f"see configs/example.toml ({option})")
-        if kind in (int, float, str):
+        if kind is bool:
+            parser.add_argument(flag, dest=option, action="store_true", default=None,
+                                help=help_text)  # fmt: skip
+        elif kind in (int, float, str):
             parser.add_argument(flag, dest=option, type=kind, help=help_text)
         else:  # lists: comma- or space-separated
             parser.add_argument(flag, dest=option, help=help_text + "; comma-separated")
@@ -153,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     with redis_url_or_embedded(config.redis_url) as url:
         config = dataclasses.replace(config, redis_url=url)
         supervisor = Supervisor(config)
+        supervisor.check_redis()
         print(
             f"tfpool: serving model {config.name!r} from {config.model} on {url}"
             f" with {len(supervisor.slots)} worker(s)",

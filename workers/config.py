@@ -99,6 +99,9 @@ class PoolConfig:
     labels_file: str = ""
     #: The output argmax / top_k reads (default: the model's only output).
     postprocess_output: str = ""
+    #: Serve even on a Redis whose maxmemory-policy is not noeviction (it may delete queued
+    #: and pending requests without an error when it fills). Logged loudly at start.
+    allow_evicting_redis: bool = False
     #: Log level of the supervisor and workers.
     log_level: str = "INFO"
 

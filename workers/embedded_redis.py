@@ -80,7 +80,8 @@ class RedisServer:
     """A redis-server child process. ``start()`` returns once it answers PING.
 
     ``password`` turns on AUTH for the default user; ``users`` adds ACL users (name,
-    password) with full access; ``tls`` serves TLS only, on ``port``.
+    password) with full access; ``tls`` serves TLS only, on ``port``. ``appendonly``
+    turns on AOF persistence, so that :meth:`restart` finds its data again.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class RedisServer:
         users: Sequence[tuple[str, str]] = (),
         tls: TlsFiles | None = None,
         extra_args: Sequence[str] = (),
+        appendonly: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
@@ -99,6 +101,7 @@ class RedisServer:
         self.users = list(users)
         self.tls = tls
         self.extra_args = list(extra_args)
+        self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -117,7 +120,10 @@ class RedisServer:
         return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(self.tls.ca)}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self._dir = tempfile.TemporaryDirectory(prefix="tfpool-redis-")
+        """Start the server (in the data directory of the last run, if it was kept) and
+        return once it answers: after it has loaded its data."""
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="tfpool-redis-")
         args = [
             self.binary,
             "--port",
@@ -127,7 +133,7 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.appendonly else "no",
             "--dir",
             self._dir.name,
             "--logfile",
@@ -145,6 +151,7 @@ class RedisServer:
                     raise RedisServerError(
                         f"redis-server exited at start: {err.strip()} {self._log_tail()}"
                     )
+                # (A server loading its data answers LOADING: a ConnectionError.)
                 with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
                     if client.ping():
                         break
@@ -180,7 +187,9 @@ class RedisServer:
             ]  # fmt: skip
         return args
 
-    def stop(self) -> None:
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop the server (SIGTERM: with AOF on, it writes its data out first).
+        ``keep_data``: keep its directory for the next :meth:`start`."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -191,9 +200,15 @@ class RedisServer:
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
-        if self._dir is not None:
+        if self._dir is not None and not keep_data:
             self._dir.cleanup()
             self._dir = None
+
+    def restart(self, timeout: float = 60.0) -> RedisServer:
+        """Stop and start again on the same port and data directory (what a Redis with
+        persistence comes back with depends on ``appendonly``)."""
+        self.stop(keep_data=True)
+        return self.start(timeout=timeout)
 
     def __enter__(self) -> RedisServer:
         return self.start()

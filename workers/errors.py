@@ -17,3 +17,7 @@ class ModelLoadError(WorkerError):
 
 class RedisServerError(WorkerError):
     """The embedded redis-server could not be found or started."""
+
+
+class RedisSettingsError(WorkerError):
+    """Redis is set up in a way that would lose requests (an evicting maxmemory-policy)."""

@@ -185,7 +185,7 @@ def triage(
 
 
 def read_header(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
-    """The request id (None if unreadable) and reply list of a stream entry."""
+    """The request id (None if unreadable) and reply stream of a stream entry."""
     try:
         raw_id = fields.get(keys.FIELD_ID)
         request_id = raw_id.decode() if isinstance(raw_id, bytes) else None

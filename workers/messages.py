@@ -58,7 +58,7 @@ class InHand:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What the writer posts for one stream entry: a result for the request's reply list
+    """What the writer posts for one stream entry: a result for the request's reply stream
     (and its kept key) when its id can be read, and a copy on the dead-letter stream when
     ``dead_reason`` is set. Made by :class:`AnswerMaker` only."""
 

@@ -27,6 +27,9 @@ READ_BLOCK_MS = 100
 #: recv() size of the reader's connection (redis-py's default is 64 KiB).
 READ_BUFFER_BYTES = 1 << 20
 
+#: Most of its own pending entries the reader reads again after a lost connection.
+RECOVER_MAX = 100_000
+
 
 class Reader:
     """Reads while the worker is not stopping; what it does not read stays in the stream
@@ -75,6 +78,7 @@ class Reader:
         claim_every = max(0.1, self.config.claim_idle_ms / 2000)
         next_claim = time.monotonic() + claim_every
         next_prune = time.monotonic() + 60
+        reconnected = False
         try:
             self._take_over(conn, self.claims.inherit(conn, self.inherit_from))
             while not self.stopping.is_set():
@@ -88,6 +92,9 @@ class Reader:
                     if now >= next_prune:
                         next_prune = now + 60
                         self.claims.prune_consumers(conn)
+                    if reconnected:
+                        self._recover_own(conn)
+                        reconnected = False
                     reply = conn.xreadgroup(
                         keys.GROUP,
                         self.consumer,
@@ -106,6 +113,7 @@ class Reader:
                     continue
                 except redis.RedisError as e:
                     log.warning("reader: %s; retrying in %.2fs", e, backoff)
+                    reconnected = True
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 1.0)
                     continue
@@ -115,6 +123,22 @@ class Reader:
             conn.close()
             self.done.set()
             self.desk.wake()
+
+    def _recover_own(self, conn: redis.Redis) -> None:
+        """After a lost connection: entries Redis handed us whose reply never arrived (it
+        went down, or the connection dropped, as it answered) are pending under our name
+        but not held. Read them again from our own pending list, now, rather than leave
+        them to be taken over after ``claim_idle_ms``."""
+        reply = conn.xreadgroup(keys.GROUP, self.consumer, {self.stream: "0"}, count=RECOVER_MAX)
+        entries = cast(list[Entry], cast(Any, reply)[0][1]) if reply else []
+        held = set(self.held.snapshot())
+        lost = [
+            (entry_id, fields) for entry_id, fields in entries if fields and entry_id not in held
+        ]
+        if lost:
+            log.warning("reader: %d requests read before the connection dropped; taking them"
+                        " again", len(lost))  # fmt: skip
+            self._accept(lost, queue_empty=None)
 
     def _take_over(self, conn: redis.Redis, entries: list[Entry]) -> None:
         """Entries taken from dead workers: dead-letter those whose runs kept killing their

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from queueing import keys
+from queueing.redis_state import SAFE_POLICY
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,26 @@ class ModelStatus:
 
 
 @dataclass(frozen=True)
+class RedisStatus:
+    """The Redis settings tfpool depends on (None: this user may not read them)."""
+
+    maxmemory_policy: str | None
+    maxmemory: int | None
+    used_memory: int | None
+
+
+@dataclass(frozen=True)
 class PoolStatus:
     workers: list[dict[str, str]]
     models: list[ModelStatus]
+    redis: RedisStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"workers": self.workers, "models": [asdict(m) for m in self.models]}
+        return {
+            "workers": self.workers,
+            "models": [asdict(m) for m in self.models],
+            "redis": None if self.redis is None else asdict(self.redis),
+        }
 
 
 def collect(conn: redis.Redis) -> PoolStatus:
@@ -48,7 +63,26 @@ def collect(conn: redis.Redis) -> PoolStatus:
             workers.append({k.decode(): v.decode() for k, v in fields.items()})
     workers.sort(key=lambda w: (w.get("model", ""), w.get("host", ""), int(w.get("slot", 0))))
     names = sorted(n.decode() for n in conn.smembers(keys.MODELS))  # type: ignore[union-attr]
-    return PoolStatus(workers=workers, models=[_model_status(conn, n) for n in names])
+    return PoolStatus(
+        workers=workers, models=[_model_status(conn, n) for n in names], redis=_redis(conn)
+    )
+
+
+def _redis(conn: redis.Redis) -> RedisStatus | None:
+    try:
+        info: dict[str, Any] = conn.info("memory")
+    except redis.ResponseError:
+        return None
+    policy = info.get("maxmemory_policy")
+    return RedisStatus(
+        maxmemory_policy=None if policy is None else str(policy),
+        maxmemory=_int(info.get("maxmemory")),
+        used_memory=_int(info.get("used_memory")),
+    )
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
@@ -82,6 +116,8 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
     """A plain-text report: a workers table, then a models table."""
     now = time.time() if now is None else now
     lines = []
+    if status.redis is not None:
+        lines += [_describe_redis(status.redis), ""]
     header = ("HOST", "PID", "SLOT", "DEVICE", "MODEL", "STATE", "BATCHES", "REQUESTS",
               "RSS MiB", "CPU %", "UP")  # fmt: skip
     rows = [
@@ -120,6 +156,18 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
         ("MODEL", "WAITING", "PENDING", "DEAD", "CONSUMERS", "CAP", "INPUTS"), model_rows
     )
     return "\n".join(lines)
+
+
+def _describe_redis(r: RedisStatus) -> str:
+    policy = r.maxmemory_policy or "?"
+    verdict = "ok" if policy == SAFE_POLICY else f"NOT {SAFE_POLICY}: may lose requests"
+    limit = "no limit" if not r.maxmemory else f"{_mib(r.maxmemory)} MiB"
+    used = "?" if r.used_memory is None else f"{_mib(r.used_memory)} MiB"
+    return f"redis: maxmemory-policy {policy} ({verdict}); memory used {used} of {limit}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:

@@ -21,8 +21,11 @@ from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
 
 import psutil
+import redis
 
+from queueing.redis_state import eviction_problem, read_policy
 from workers.config import PoolConfig
+from workers.errors import RedisSettingsError
 from workers.placement import Slot, plan
 from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
 
@@ -83,7 +86,9 @@ class Supervisor:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn every worker (they load and warm up in parallel)."""
+        """Check Redis's settings, then spawn every worker (they load and warm up in
+        parallel). Raises RedisSettingsError on a Redis that would lose requests."""
+        self.check_redis()
         log.info(
             "starting %d worker(s) for model %s: %s",
             len(self.handles),
@@ -92,6 +97,23 @@ class Supervisor:
         )
         for handle in self.handles:
             self._spawn(handle)
+
+    def check_redis(self) -> None:
+        """Refuse an evicting Redis (see queueing.redis_state), unless the config allows
+        it; then say so loudly."""
+        conn = redis.Redis.from_url(self.config.redis_url, socket_timeout=10)
+        try:
+            problem = eviction_problem(read_policy(conn))
+        finally:
+            conn.close()
+        if problem is None:
+            return
+        if not self.config.allow_evicting_redis:
+            raise RedisSettingsError(
+                f"{problem}. To serve anyway, set allow_evicting_redis (--allow-evicting-redis)"
+            )
+        log.warning("%s. Serving anyway, as allow_evicting_redis says: requests may be "
+                    "evicted and lost without an error", problem)  # fmt: skip
 
     def wait_ready(self, timeout: float = 300.0) -> bool:
         """Wait until every worker has loaded and warmed its model. False if one exited

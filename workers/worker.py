@@ -4,7 +4,7 @@ Read this first. A request meets, in order: the reader (:mod:`workers.reader`: r
 take over from dead workers), the intake (:mod:`workers.intake`: decode, check, fit,
 pre-process; no Redis), the batcher (:mod:`workers.batcher`), the runner
 (:mod:`workers.runner`: assemble, pad, run, split; no Redis), the writer
-(:mod:`workers.writer`: answers -> Redis commands, sent with retries). The types they pass
+(:mod:`workers.writer`: answers -> Redis commands, kept until stored). The types they pass
 along are in :mod:`workers.messages`; registration and the heartbeat in
 :mod:`workers.presence`.
 
@@ -12,7 +12,7 @@ Four threads, so that the model never waits on Redis (TensorFlow releases the GI
 
 * the reader: ``XREADGROUP`` -> the intake -> the batcher (refusals -> the writer);
 * the main thread (:meth:`Worker.serve`): a due batch -> the runner -> the writer;
-* the writer: one pipeline of replies, then ``XACK`` + ``XDEL``, per round;
+* the writer: replies, then ``XACK`` + ``XDEL``, in one MULTI/EXEC per round;
 * the heartbeat: publishes the worker's state and renews its claim on what it holds, so
   that correctness depends on it (a long batch would otherwise be taken over).
 

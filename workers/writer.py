@@ -1,8 +1,12 @@
 """Posting answers: turn them into Redis commands (a pure step, :func:`redis_commands`),
-then send those in one pipeline per round, with retries (:class:`Writer`).
+then send those in one MULTI/EXEC per round (:class:`Writer`).
 
-Replies go first, then ``XACK`` + ``XDEL``: a crash between the two means a second
-delivery and a duplicate result, which the client drops by id, never a lost one.
+Replies go first, then ``XACK`` + ``XDEL``, all in one transaction: Redis runs all of it or,
+when it refuses a write (out of memory), none of it, so a request is never acked without
+its answer. A crash before the EXEC means a second delivery and a duplicate result, which
+the client drops by id, never a lost one. A round Redis does not take is kept and sent
+again, with whatever answers came meanwhile, until it is stored: its entries stay held, so
+their claims are renewed and no other worker takes them over.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ log = logging.getLogger(__name__)
 #: One Redis command, as ``execute_command`` takes it.
 Command = tuple[EncodableT, ...]
 
-#: How many times a round is sent before its entries are left pending (to be taken over).
-SEND_ATTEMPTS = 6
+#: How long a closing writer keeps trying to post answers Redis does not take; what is
+#: still unposted then stays pending, for another worker to take over.
+DRAIN_S = 25.0
+
+#: Longest wait between two tries of a round Redis did not take.
+MAX_BACKOFF_S = 1.0
 
 
 def encode(answer: Answer) -> bytes | None:
@@ -46,8 +54,9 @@ def redis_commands(
     answers: list[Answer], payloads: list[bytes | None], *, model: str, result_ttl_s: int
 ) -> list[Command]:
     """The commands that post ``answers`` (``payloads``: theirs, from :func:`encode`), in
-    order: dead letters and kept results, replies (one RPUSH per reply list), attempt
-    counts cleared, and last the acks, so that nothing is acked before it is answered."""
+    order: dead letters and kept results, replies (one XADD per reply stream, of all its
+    results), attempt counts cleared, and last the acks, so that nothing is acked before
+    it is answered."""
     commands: list[Command] = []
     replies: dict[str, list[bytes]] = {}
     for a, payload in zip(answers, payloads, strict=True):
@@ -62,7 +71,8 @@ def redis_commands(
         if a.reply and payload is not None:
             replies.setdefault(a.reply, []).append(payload)
     for key, results in replies.items():
-        commands += [("RPUSH", key, *results), ("EXPIRE", key, result_ttl_s)]
+        commands += [("XADD", key, "*", *keys.result_fields(results)),
+                     ("EXPIRE", key, result_ttl_s)]  # fmt: skip
     suspects = [a.entry_id for a in answers if a.suspect]
     if suspects:
         commands.append(("HDEL", keys.attempts(model), *suspects))
@@ -99,55 +109,92 @@ class Writer:
 
     def post_now(self, answers: list[Answer]) -> None:
         """Post ``answers`` before returning, on the caller's thread: for answers that must
-        not wait for the next batch (which may kill the worker, and them with it)."""
-        self._send(answers, self._shared)
+        not wait for the next batch (which may kill the worker, and them with it). If Redis
+        does not take them, the writer keeps them and tries again."""
+        if not self._send(answers, self._shared):
+            self.submit(answers)
 
     def close(self) -> None:
         """The writer posts what it has, then :meth:`run` returns."""
         self._queue.put(None)
 
     def run(self) -> None:
-        """The writer thread: take every ready list of answers, post them in one round."""
+        """The writer thread: take every ready list of answers, post them in one round;
+        keep what Redis does not take, and try again (with what came meanwhile) after a
+        backoff, until it is stored or, once closing, until DRAIN_S has passed."""
         conn = redis.Redis.from_url(
             self.redis_url, socket_timeout=10, single_connection_client=True
         )
-        done = False
-        while not done:
-            answers = self._queue.get()
-            if answers is None:
+        unposted: list[Answer] = []
+        backoff = 0.05
+        closing = False
+        give_up = float("inf")
+        while not (closing and not unposted):
+            if not closing:
+                more, closing = self._gather(wait=backoff if unposted else None)
+                unposted += more
+                if closing:
+                    give_up = time.monotonic() + DRAIN_S
+            if not unposted:
+                continue
+            if self._send(unposted, conn):
+                unposted, backoff = [], 0.05
+                continue
+            if time.monotonic() > give_up:
+                log.error("writer: %d answers unposted at exit; they stay pending for another"
+                          " worker", len(unposted))  # fmt: skip
                 break
-            while True:  # take whatever else is ready: one round trip for all of it
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    done = True
-                    break
-                answers.extend(more)
-            self._send(answers, conn)
+            if closing:
+                time.sleep(backoff)  # no new answers to wait for: just the backoff
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
         conn.close()
 
-    def _send(self, answers: list[Answer], conn: redis.Redis) -> None:
+    def _gather(self, *, wait: float | None) -> tuple[list[Answer], bool]:
+        """The answers ready now, waiting up to ``wait`` seconds for the first (None: until
+        one comes), and whether the writer was closed."""
+        answers: list[Answer] = []
+        try:
+            item = self._queue.get(timeout=wait)
+            while item is not None:
+                answers += item
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return answers, False
+        return answers, True
+
+    def _send(self, answers: list[Answer], conn: redis.Redis) -> bool:
+        """One try at posting ``answers``. True when done with them (stored, or refused for
+        good and logged); False when Redis did not take them now (try again)."""
         if not answers:  # a batch that only started a split request completes nothing
-            return
+            return True
         payloads = [encode(a) for a in answers]
         commands = redis_commands(answers, payloads, model=self.model,
                                   result_ttl_s=self.result_ttl_s)  # fmt: skip
-        for attempt in range(SEND_ATTEMPTS):
-            # A pipeline is emptied by execute(), even a failed one: fill a new one each time.
-            pipe: Any = conn.pipeline(transaction=False)  # redis-py leaves this call untyped
-            for command in commands:
-                pipe.execute_command(*command)
-            try:
-                pipe.execute()
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                # Unposted entries stay pending, are taken over later: nothing is lost.
-                log.warning("writer: %s (attempt %d)", e, attempt + 1)
-                time.sleep(0.1 * 2**attempt)
-            except redis.RedisError:
-                # Not a passing fault: retrying the same commands cannot help.
-                log.exception("writer: Redis refused a round of %d answers", len(answers))
-                break
+        pipe: Any = conn.pipeline(transaction=True)  # redis-py leaves this call untyped
+        for command in commands:
+            pipe.execute_command(*command)
+        try:
+            pipe.execute()
+        except redis.RedisError as e:
+            if passing(e):
+                log.warning("writer: %d answers not stored (%s); keeping them", len(answers), e)
+                return False
+            # Refused at run time, after EXEC: retrying the same commands cannot help.
+            log.exception("writer: Redis refused part of a round of %d answers", len(answers))
         self.held.discard(a.entry_id for a in answers)
+        return True
+
+
+def passing(error: redis.RedisError) -> bool:
+    """Whether Redis refused for now (unreachable, loading, out of memory, a replica during
+    a failover, a failing snapshot) rather than for good."""
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+        return True  # BusyLoadingError (LOADING) is a ConnectionError
+    refused_for_now = (
+        redis.exceptions.OutOfMemoryError,  # a command of the round, refused as it was queued
+        redis.exceptions.ExecAbortError,  # ... and so the whole round
+        redis.exceptions.ReadOnlyError,
+    )
+    if isinstance(error, refused_for_now):
+        return True
+    return str(error).startswith(("MISCONF", "OOM"))

@@ -6,11 +6,12 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import IO, cast
+import time
+from typing import IO, Any, cast
 
 import redis
 
-from queueing import keys
+from queueing import keys, wire
 
 #: How to run the ``tfpool`` command: the installed script, else the module.
 TFPOOL = (
@@ -69,3 +70,19 @@ def stop_process(process: subprocess.Popen[str]) -> str:
 
 def first_line(process: subprocess.Popen[str]) -> str:
     return cast(IO[str], process.stdout).readline()
+
+
+def read_results(
+    conn: redis.Redis, reply: str, count: int, timeout: float = 30
+) -> list[wire.Result]:
+    """The first ``count`` results posted on the reply stream ``reply``, waiting up to
+    ``timeout`` seconds for them (fewer if they do not come)."""
+    results: list[wire.Result] = []
+    last: Any = "0-0"
+    give_up = time.monotonic() + timeout
+    while len(results) < count and time.monotonic() < give_up:
+        found: Any = conn.xread({reply: last}, count=count - len(results), block=500)
+        for entry_id, fields in found[0][1] if found else []:
+            last = entry_id
+            results += [wire.decode_result(data) for data in fields.values()]
+    return results

@@ -17,10 +17,10 @@ from queueing import (
     RequestTimeout,
     UnknownModel,
     keys,
-    wire,
 )
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
+from tests.integration.helpers import read_results
 from tests.waiting import wait_until
 
 RNG = np.random.default_rng(0)
@@ -125,9 +125,7 @@ def test_malformed_request_in_a_batch_fails_alone(
     for f in more:
         client.wait(f, timeout=60)
 
-    raw = redis_client.blpop([reply], timeout=30)
-    assert raw is not None
-    result = wire.decode_result(cast(bytes, raw[1]))
+    (result,) = read_results(redis_client, reply, 1)
     assert result.request_id == "garbage-1"
     assert isinstance(result.error, InvalidInput)
     assert "not valid msgpack" in str(result.error)
@@ -219,8 +217,6 @@ def test_raw_msgpack_body_with_wrong_field_types(ragged: str, redis_client: redi
     reply = "tfpool:reply:test-types"
     body = msgpack.packb({"v": 1, "model": "ragged", "inputs": {"a": ["float32", [1, 1], "str"]}})
     redis_client.xadd(keys.stream("ragged"), {"id": "types-1", "reply": reply, "body": body})
-    raw = redis_client.blpop([reply], timeout=30)
-    assert raw is not None
-    result = wire.decode_result(cast(bytes, raw[1]))
+    (result,) = read_results(redis_client, reply, 1)
     assert isinstance(result.error, InvalidInput)
     assert "data must be bytes" in str(result.error)

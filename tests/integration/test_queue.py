@@ -55,7 +55,8 @@ def test_a_result_posted_twice_resolves_its_future_once(
     redis_client.hset(keys.model_info("twice"), mapping={"max_queue": 0})
     future = client.submit("twice", SMALL)
     result = wire.encode_result(future.request_id, np.arange(3, dtype=np.float32))
-    redis_client.rpush(client.reply_key, result, result)
+    redis_client.xadd(client.reply_key, {b"0": result})
+    redis_client.xadd(client.reply_key, {b"0": result})
     np.testing.assert_array_equal(np.asarray(client.wait(future, timeout=10)), [0, 1, 2])
     wait_until(lambda: client.duplicates_ignored == 1, what="the repeat to be dropped")
     assert client.pending == 0
