@@ -43,6 +43,7 @@ from queueing.errors import (
 from workers.batcher import Batch, Batcher
 from workers.claims import Claims
 from workers.config import PoolConfig
+from workers.errors import ModelLoadError, WorkerError
 from workers.memory import keep_large_buffers
 from workers.placement import Slot
 from workers.spec import InputFitter, TensorSpec
@@ -241,10 +242,24 @@ class Worker:
 
     def _load(self) -> LoadedModel:
         from workers.model import load_model
+        from workers.rows import check_independent
 
         started = time.monotonic()
-        model = load_model(self.config.model, signature=self.config.signature)
-        model.warm_up(self.batcher.buckets)
+        config = self.config
+        model = load_model(
+            config.model,
+            signature=config.signature,
+            checkpoint=config.checkpoint,
+            input_signature=config.input_signature,
+            graph_inputs=config.graph_inputs,
+            graph_outputs=config.graph_outputs,
+        )
+        self.batcher = self._batcher_for(model.batch_limit)
+        if self.alone:
+            model.warm_up([1], check_rows=False)
+        else:
+            model.warm_up(self.batcher.buckets)
+            check_independent(model.source, model, model.inputs, self.batcher.buckets)
         self.output_names = model.output_names
         if self.config.preprocess == "image":
             from workers.preprocess import ImagePreprocessor
@@ -268,10 +283,38 @@ class Worker:
         return model
 
     @property
+    def alone(self) -> bool:
+        """Each request runs in a model call of its own (``batching = "off"``)."""
+        return self.config.batching == "off"
+
+    def _batcher_for(self, batch_limit: int | None) -> Batcher[Pending]:
+        """The batcher the model allows: batches of exactly ``batch_limit`` rows when its
+        signature fixes the batch; one unpadded request per batch when batching is off."""
+        config = self.config
+        if batch_limit is not None:
+            if batch_limit < config.max_batch_size or config.buckets:
+                log.warning(
+                    "the model's signature fixes the batch at %d rows: batches of at most %d"
+                    " rows, padded to %d (max_batch_size is %d)",
+                    batch_limit, min(batch_limit, config.max_batch_size), batch_limit,
+                    config.max_batch_size,
+                )  # fmt: skip
+            return Batcher(
+                max_rows=min(batch_limit, config.max_batch_size),
+                max_latency_s=config.max_latency_ms / 1000,
+                buckets=[batch_limit],
+            )
+        if self.alone:
+            log.warning("batching is off: each request runs in a model call of its own")
+            # No company to wait for, no padding, and a request is never split.
+            return Batcher(max_rows=config.max_rows, max_latency_s=0.0, pad=False)
+        return self.batcher
+
+    @property
     def _fit(self) -> InputFitter:
         if self._fitter is None:
             assert self.model is not None
-            self._fitter = InputFitter(self.model.inputs)
+            self._fitter = InputFitter(self.model.inputs, convert=self.config.convert_inputs)
         return self._fitter
 
     def _register(self) -> None:
@@ -375,6 +418,14 @@ class Worker:
             self.stats.model_s += time.perf_counter() - started
 
     def _store_outputs(self, batch: Batch[Pending], outputs: dict[str, np.ndarray]) -> None:
+        whole = batch.parts[0].item.rows
+        if len(batch.parts) == 1 and batch.rows == batch.padded_rows == whole:
+            # A whole request, unpadded: its outputs as they are (with batching off, a model
+            # that mixes rows may answer in any shape).
+            part = batch.parts[0]
+            part.item.parts.append((part.start, outputs))
+            part.item.rows_done += part.rows
+            return
         offset = 0
         for part in batch.parts:
             rows = part.rows
@@ -407,8 +458,11 @@ class Worker:
                 name: np.concatenate([chunk[name] for _, chunk in p.parts])
                 for name in self.output_names
             }
-        if p.unbatched:
-            merged = {name: value[0] for name, value in merged.items()}
+        if p.unbatched:  # (an output with batching off may have other rows than the request)
+            merged = {
+                name: value[0] if value.ndim and len(value) == 1 else value
+                for name, value in merged.items()
+            }
         outputs: wire.Outputs = merged[self.output_names[0]] if self.single_output else merged
         self.stats.requests += 1
         return Answer(p.entry_id, p.request_id, p.reply, p.keep_s, outputs=outputs,
@@ -622,7 +676,7 @@ class Worker:
             arrays=fitted.arrays,
             rows=fitted.rows,
             unbatched=fitted.unbatched,
-            group=("alone", r.entry_id) if suspect else fitted.group,
+            group=("alone", r.entry_id) if suspect or self.alone else fitted.group,
             suspect=suspect,
             arrival=arrival,
             deadline=None if deadline_ms is None else arrival + deadline_ms / 1000,
@@ -850,22 +904,36 @@ def worker_main(
     signal.signal(signal.SIGTERM, on_term)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for module in config.preload:  # custom layers and ops register themselves on import
-        importlib.import_module(module)
-    from workers.model import configure_tensorflow
-
-    worker.settings.update(
-        configure_tensorflow(
-            intra_op_threads=slot.intra_op_threads or None,
-            inter_op_threads=slot.inter_op_threads or None,
-        )
-    )
     try:
+        # A module that cannot be imported never will be: a load failure (exit 3 stops the
+        # pool), not a crash to restart with backoff forever.
+        preload(config.preload)
+        from workers.model import configure_tensorflow
+
+        worker.settings.update(
+            configure_tensorflow(
+                intra_op_threads=slot.intra_op_threads or None,
+                inter_op_threads=slot.inter_op_threads or None,
+            )
+        )
         code = worker.run()
+    except WorkerError as e:  # says what is wrong and what to do: no traceback needed
+        log.error("worker %s cannot serve the model: %s", worker_id, e)
+        code = EXIT_LOAD_FAILED if worker.model is None else 1
     except Exception:
         log.exception("worker %s failed", worker_id)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
     raise SystemExit(code)
+
+
+def preload(modules: Sequence[str]) -> None:
+    """Import the preload modules (custom layers and ops register themselves on import).
+    Raises :class:`ModelLoadError` naming the module that failed."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # ImportError, or whatever the module's own code raises
+            raise ModelLoadError(f"cannot import preload module {module!r}: {e!r}") from e
 
 
 def consumer_name(pid: int) -> str:
