@@ -51,6 +51,7 @@ from workers.spec import InputFitter, TensorSpec
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
+    from workers.detections import Detections
     from workers.model import LoadedModel
     from workers.postprocess import TopK
     from workers.preprocess import ImagePreprocessor
@@ -167,7 +168,7 @@ class Worker:
         self.model: LoadedModel | None = None
         self._fitter: InputFitter | None = None
         self.preprocess: ImagePreprocessor | None = None
-        self.postprocess: TopK | None = None
+        self.postprocess: TopK | Detections | None = None
         self.output_names: list[str] = []
         self.single_output = False  # one output, sent as an array rather than a dict
         self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
@@ -266,11 +267,17 @@ class Worker:
 
             self.preprocess = ImagePreprocessor(self.config, model.inputs)
             self.preprocess.warm_up()
-        if self.config.postprocess:
+        if self.config.postprocess == "detections":
+            from workers.detections import Detections
+
+            self.postprocess = Detections.from_config(self.config, model.output_names,
+                                                      model.inputs)  # fmt: skip
+            self.output_names = self.postprocess.output_names
+        elif self.config.postprocess:
             from workers.postprocess import TopK
 
             self.postprocess = TopK.from_config(self.config, model.output_names)
-            scores = model(model.example(1))[self.postprocess.output]
+            scores = model(model.example(self.batcher.bucket_for(1)))[self.postprocess.output]
             self.postprocess.check(scores.shape[-1] if scores.ndim > 1 else 0)
             self.output_names = self.postprocess.output_names
         self.single_output = len(self.output_names) == 1 and self.postprocess is None
@@ -413,7 +420,7 @@ class Worker:
         started = time.perf_counter()
         try:
             outputs = self.model(arrays)
-            return outputs if self.postprocess is None else self.postprocess(outputs)
+            return outputs if self.postprocess is None else self.postprocess(outputs, arrays)
         finally:
             self.stats.model_s += time.perf_counter() - started
 
@@ -458,6 +465,8 @@ class Worker:
                 name: np.concatenate([chunk[name] for _, chunk in p.parts])
                 for name in self.output_names
             }
+        if self.postprocess is not None:
+            merged = self.postprocess.finish(merged)
         if p.unbatched:  # (an output with batching off may have other rows than the request)
             merged = {
                 name: value[0] if value.ndim and len(value) == 1 else value
