@@ -108,7 +108,8 @@ def _restore(obj: Any, checkpoint: str, target: str, *, keras_model_: bool) -> N
     if not os.path.exists(path + ".index"):
         raise ModelLoadError(f"no checkpoint at {path} (expected {path}.index)")
     try:
-        status = tf.train.Checkpoint(model=obj).restore(path)
+        # read(), not restore(): a checkpoint from write() has no save counter to match.
+        status = tf.train.Checkpoint(model=obj).read(path)
         status.assert_existing_objects_matched()
     except AssertionError as e:
         raise ModelLoadError(

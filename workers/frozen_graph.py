@@ -59,7 +59,8 @@ def load_frozen_graph(
         ) from e
 
     def run(*arrays: object) -> dict[str, tf.Tensor]:
-        return pruned(*arrays)  # type: ignore[no-any-return]
+        # A pruned function takes tensors only (its flat signature).
+        return pruned(*(tf.convert_to_tensor(a) for a in arrays))  # type: ignore[no-any-return]
 
     run.wrapped = wrapped  # type: ignore[attr-defined]  # keeps the graph alive
     return LoadedModel(
