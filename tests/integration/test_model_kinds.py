@@ -32,6 +32,7 @@ from tests.integration.conftest import PoolFactory
 from tests.waiting import wait_until
 from workers.config import PoolConfig
 from workers.errors import ModelLoadError
+from workers.inspection import inspect_model
 from workers.rows import RowsNotIndependent
 from workers.worker import Worker
 
@@ -356,3 +357,36 @@ def test_models_that_can_never_load_stop_the_pool_with_exit_code_3(
     assert done.returncode == 3, done.stderr[-2000:]
     assert message.format(path=path) in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_inspect_says_what_to_send(files: dict[str, Any]) -> None:
+    fixed = inspect_model(PoolConfig(model=files["subclassed saved_model"], name="sub"))
+    assert "  inputs: float32 [1, 4]" in fixed
+    assert "batch: fixed at 1 by the model's signature" in fixed
+    assert "client.predict('sub', np.zeros((1, 4), np.float32))" in fixed
+    leaking = inspect_model(PoolConfig(model=files["centred"]))
+    assert "rows independent: NO: output 'centred'" in leaking
+    graph = inspect_model(PoolConfig(model=files["frozen"], graph_inputs={"x": "x:0"},
+                                     graph_outputs={"probs": "probs:0"}))  # fmt: skip
+    assert "TF1 frozen GraphDef" in graph and "  probs: float32 [*, 2]" in graph
+
+
+def test_inspect_command(files: dict[str, Any]) -> None:
+    done = subprocess.run([*TFPOOL, "inspect", files["text.keras"]], capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        f"model: {files['text.keras']} (Keras Functional)",
+        "inputs:",
+        "  text: bytes [*, 1]",
+        "outputs:",
+        "  score: float32 [*, 2]",
+        "batch: any size: requests share batches of up to max_batch_size = 32",
+        "rows independent: yes (checked on batches of 1, 2, 4, 8, 16, 32 rows)",
+        "example:",
+        "  import numpy as np",
+        "  from queueing import Client",
+        "  with Client(REDIS_URL) as client:",
+        "      result = client.predict('text', np.full((2, 1), b'...', dtype=object))",
+        "  # result: an array, float32 [2, 2]",
+    ]
