@@ -30,10 +30,12 @@ from queueing import Client, InvalidInput
 from tests.integration import kinds
 from tests.integration.conftest import PoolFactory
 from tests.waiting import wait_until
+from workers.batcher import Batcher
 from workers.config import PoolConfig
 from workers.errors import ModelLoadError
 from workers.inspection import inspect_model
 from workers.rows import RowsNotIndependent
+from workers.runner import load
 from workers.worker import Worker
 
 TFPOOL = [sys.executable, "-m", "workers.cli"]
@@ -79,6 +81,11 @@ def serving(redis_url: str, model: str, **options: Any) -> Iterator[Worker]:
     finally:
         worker.stop()
         thread.join(timeout=30)
+
+
+def load_only(config: PoolConfig) -> None:
+    """What a worker does at start before it takes traffic: load, warm up, check."""
+    load(config, Batcher(max_rows=config.max_batch_size, max_latency_s=0.0))
 
 
 def request_inputs(make: Callable[[int], Any], rows: int | None) -> Any:
@@ -177,7 +184,7 @@ def test_keras_models_in_every_format_serve_their_own_answers(
         if kind == "subclassed saved_model":
             # Saved from a model built on one row: the signature fixes the batch at 1.
             assert worker.model.batch_limit == 1
-            assert worker.batcher.buckets == [1]
+            assert worker.desk.batcher.buckets == [1]
             assert worker.model.inputs[0].describe() == "float32 [1, 4]"
 
 
@@ -254,7 +261,7 @@ def test_partial_restore_is_a_load_error(files: dict[str, Any], redis_url: str) 
     config = PoolConfig(model="tests.integration.kinds:build_bigger", redis_url=redis_url,
                         checkpoint=files["checkpoints"]["folder"])  # fmt: skip
     with pytest.raises(ModelLoadError, match="does not restore all of"):
-        Worker(config, worker_id="test:partial")._load()
+        load_only(config)
 
 
 def test_frozen_graph(files: dict[str, Any], redis_url: str, client: Client) -> None:
@@ -270,7 +277,7 @@ def test_models_that_mix_rows_are_refused_naming_the_output(
 ) -> None:
     config = PoolConfig(model=files[kind], redis_url=redis_url)
     with pytest.raises(RowsNotIndependent, match=f"output '{output}'") as raised:
-        Worker(config, worker_id=f"test:{kind}")._load()
+        load_only(config)
     assert 'batching = "off"' in str(raised.value)
 
 
@@ -302,7 +309,7 @@ def test_detector_with_fixed_batch_free_size_images_and_detections(
     with serving(redis_url, files["detector"], name="detector", preprocess="image",
                  postprocess="detections", min_score=0.3, labels_file=str(labels),
                  box_units="pixels") as worker:  # fmt: skip
-        assert worker.batcher.buckets == [1]
+        assert worker.desk.batcher.buckets == [1]
         with ThreadPoolExecutor(len(images)) as pool:
             answers = list(pool.map(
                 lambda im: client.predict("detector", _png(im[0], im[1]), timeout=120),
