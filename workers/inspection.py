@@ -60,7 +60,7 @@ def inspect_model(config: PoolConfig) -> str:
         "inputs:",
         *(f"  {s.name}: {s.describe()}" for s in model.inputs),
         "outputs:",
-        *(f"  {s.name}: {s.describe()}" for s in model.outputs),
+        *(f"  {s.name}: {_describe_output(s)}" for s in model.outputs),
         f"batch: {batch}",
         f"rows independent: {rows}",
         "example:",
@@ -89,10 +89,18 @@ def _example_array(spec: TensorSpec, rows: int) -> str:
     return f"np.zeros({shape}, np.{spec.dtype})"
 
 
+def _describe_output(spec: TensorSpec) -> str:
+    if spec.batch == 0 and not spec.shape:  # rank 0 (see workers.model.output_specs)
+        return f"{spec.dtype} [] (a scalar: no rows)"
+    return spec.describe()
+
+
 def _result(outputs: Sequence[TensorSpec], rows: int) -> str:
     """What ``client.predict`` returns for ``rows`` rows: one array, or a dict of them."""
     described = [
         f"{s.dtype} [{', '.join('*' if d is None else str(d) for d in (rows, *s.shape))}]"
+        if s.batch != 0 or s.shape
+        else f"{s.dtype} []"
         for s in outputs
     ]
     if len(outputs) == 1:

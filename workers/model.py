@@ -183,8 +183,8 @@ def tf_dtype(name: str) -> tf.DType:
 
 
 def output_specs(structured: Mapping[str, Any]) -> list[TensorSpec]:
-    """Specs of a concrete function's outputs (rank-0 outputs get no batch axis: the
-    row check refuses them with a clear message)."""
+    """Specs of a concrete function's outputs. A rank-0 output gets ``batch=0`` and no
+    axes (it has no rows: the row check refuses it, and ``tfpool inspect`` says so)."""
     specs = []
     for name in sorted(structured):
         t = structured[name]
