@@ -88,6 +88,7 @@ class Batcher(Generic[T]):
         max_rows: int,
         max_latency_s: float,
         buckets: Sequence[int] | None = None,
+        pad: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_rows < 1:
@@ -99,6 +100,8 @@ class Batcher(Generic[T]):
         self.buckets = sorted(set(buckets)) if buckets else default_buckets(max_rows)
         if self.buckets[-1] < max_rows or self.buckets[0] < 1:
             raise ValueError(f"buckets {self.buckets} must be >= 1 and reach {max_rows}")
+        #: False: batches run at their own size (a model run one request per call).
+        self.pad = pad
         self.clock = clock
         #: The reader's last read found the queue empty (set by the reader).
         self.queue_empty = False
@@ -198,7 +201,9 @@ class Batcher(Generic[T]):
         return Batch(parts=parts, rows=rows, padded_rows=self.bucket_for(rows))
 
     def bucket_for(self, rows: int) -> int:
-        """The smallest bucket that holds ``rows``."""
+        """The smallest bucket that holds ``rows`` (``rows`` itself when not padding)."""
+        if not self.pad:
+            return rows
         for bucket in self.buckets:
             if bucket >= rows:
                 return bucket

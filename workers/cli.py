@@ -1,4 +1,4 @@
-"""The ``tfpool`` command: serve, predict, score, status, bench, demo.
+"""The ``tfpool`` command: serve, inspect, predict, score, status, bench, demo.
 
 Every pool option can be given as ``--option-name``, as ``TFPOOL_OPTION_NAME`` in the
 environment, or in a TOML file (``--config``); later ones win. With no Redis URL anywhere,
@@ -12,8 +12,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
+import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML file of options (see configs/example.toml)")
     _add_pool_options(serve)
     serve.set_defaults(run=_serve)
+
+    inspect = commands.add_parser(
+        "inspect", help="a model's inputs, outputs, batch limit, and what to send it"
+    )
+    inspect.add_argument("path", nargs="?", metavar="MODEL", help="the model (or --model)")
+    inspect.add_argument("--config", help="TOML file of options (see configs/example.toml)")
+    _add_pool_options(inspect)
+    inspect.set_defaults(run=_inspect)
 
     predict = commands.add_parser("predict", help="send one request, print or save the result")
     predict.add_argument("--model", required=True, help="model name")
@@ -134,6 +144,10 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)  # fmt: skip
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=option, type=kind, help=help_text)
+        elif kind is bool:
+            parser.add_argument(flag, dest=option, help=help_text + "; true or false")
+        elif typing.get_origin(kind) is dict:
+            parser.add_argument(flag, dest=option, help=help_text + "; a JSON object")
         else:  # lists: comma- or space-separated
             parser.add_argument(flag, dest=option, help=help_text + "; comma-separated")
 
@@ -164,6 +178,17 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         return supervisor.run_forever()
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as in a worker
+    from workers.inspection import inspect_model
+
+    overrides = {k: getattr(args, k) for k in option_types() if hasattr(args, k)}
+    if args.path:
+        overrides["model"] = args.path
+    print(inspect_model(PoolConfig.load(config_file=args.config, overrides=overrides)))
+    return 0
 
 
 def _load_inputs(path: str) -> Any:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -28,12 +29,29 @@ ENV_PREFIX = "TFPOOL_"
 class PoolConfig:
     """Everything a supervisor and its workers need. See ``configs/example.toml``."""
 
-    #: Model to serve: a SavedModel directory, or a Keras ``.keras`` / ``.h5`` file.
+    #: Model to serve: a SavedModel directory, a Keras ``.keras`` / ``.h5`` file, a TF1
+    #: frozen graph ``.pb``, or ``package.module:function`` building a Keras model or a
+    #: tf.Module (restored from ``checkpoint``). See the README's "Models".
     model: str = ""
     #: Name producers use for the model (default: the file or directory name, no suffix).
     name: str = ""
     #: SavedModel signature to serve.
     signature: str = "serving_default"
+    #: For a builder: a tf.train.Checkpoint folder (its latest), a ``ckpt-N`` prefix, or a
+    #: Keras ``.weights.h5`` file. Restored as ``tf.train.Checkpoint(model=...)``.
+    checkpoint: str = ""
+    #: For a builder whose model does not know its inputs: name -> "float32 [*, 4]".
+    input_signature: dict[str, str] = field(default_factory=dict)
+    #: For a frozen graph: request input name -> tensor name ("x" = "x:0").
+    graph_inputs: dict[str, str] = field(default_factory=dict)
+    #: For a frozen graph: result output name -> tensor name ("probs" = "probs:0").
+    graph_outputs: dict[str, str] = field(default_factory=dict)
+    #: "on": requests share batches (the model's rows must be independent: checked at
+    #: load). "off": one request per model call, for a model that mixes rows.
+    batching: str = "on"
+    #: Lossless input conversions: str items UTF-8 encoded for a string input, numbers
+    #: widened where numpy's can_cast(..., "safe") holds (int32 -> int64, float16 -> float32).
+    convert_inputs: bool = True
     #: Redis URL. Empty: ``tfpool serve`` starts a private redis-server.
     redis_url: str = ""
     #: Worker processes. 0: one per GPU (times ``workers_per_device``), else the CPU default.
@@ -91,12 +109,17 @@ class PoolConfig:
     image_std: list[float] = field(default_factory=list)
     #: Largest image accepted, in pixels (decompression bombs are refused before decoding).
     max_image_pixels: int = 40_000_000
-    #: Processing after inference: "" (none), "argmax" or "top_k".
+    #: Processing after inference: "" (none), "argmax", "top_k" or "detections".
     postprocess: str = ""
     #: Classes top_k returns per row.
     top_k: int = 5
-    #: File with one class label per line, naming the classes argmax / top_k find.
+    #: File with one class label per line, naming the classes argmax / top_k find (for
+    #: detections: line 1 names class 1, as in the Object Detection API's label maps).
     labels_file: str = ""
+    #: Detections scoring below this are dropped.
+    min_score: float = 0.0
+    #: Detection boxes as "normalized" [0, 1] coordinates or "pixels" of the input image.
+    box_units: str = "normalized"
     #: The output argmax / top_k reads (default: the model's only output).
     postprocess_output: str = ""
     #: Serve even on a Redis whose maxmemory-policy is not noeviction (it may delete queued
@@ -147,10 +170,15 @@ class PoolConfig:
     def _check_processing(self) -> None:
         if self.preprocess not in ("", "image"):
             raise ConfigError(f"preprocess must be '' or 'image', got {self.preprocess!r}")
-        if self.postprocess not in ("", "argmax", "top_k"):
+        if self.postprocess not in ("", "argmax", "top_k", "detections"):
             raise ConfigError(
-                f"postprocess must be '', 'argmax' or 'top_k', got {self.postprocess!r}"
+                "postprocess must be '', 'argmax', 'top_k' or 'detections',"
+                f" got {self.postprocess!r}"
             )
+        if self.batching not in ("on", "off"):
+            raise ConfigError(f"batching must be 'on' or 'off', got {self.batching!r}")
+        if self.box_units not in ("normalized", "pixels"):
+            raise ConfigError(f"box_units must be 'normalized' or 'pixels', got {self.box_units!r}")
         if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ConfigError(f"image_size must be [height, width], got {self.image_size}")
         if any(s == 0 for s in self.image_std):
@@ -194,9 +222,12 @@ class PoolConfig:
 
 
 def default_name(model_path: str) -> str:
-    """``/models/resnet50.keras`` -> ``resnet50``; ``/models/resnet/`` -> ``resnet``."""
+    """``/models/resnet50.keras`` -> ``resnet50``; ``/models/resnet/`` -> ``resnet``;
+    ``mypkg.models:build_model`` -> ``build_model``."""
+    if ":" in model_path and not os.path.exists(model_path):
+        return model_path.rsplit(":", 1)[1]
     base = Path(model_path.rstrip("/")).name
-    for suffix in (".keras", ".h5", ".hdf5"):
+    for suffix in (".keras", ".h5", ".hdf5", ".pb"):
         if base.endswith(suffix):
             return base[: -len(suffix)]
     return base
@@ -242,12 +273,18 @@ def coerce(option: str, value: Any) -> Any:
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value} is not a whole number")
             return kind(value)
+        if typing.get_origin(kind) is dict:
+            if isinstance(value, str):  # from the environment or the command line
+                value = json.loads(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise ValueError("not a table")
+            return {str(k): str(v) for k, v in value.items()}
         if typing.get_origin(kind) is list:
             (item,) = typing.get_args(kind)
             if isinstance(value, str):
                 value = [v for v in value.replace(",", " ").split() if v]
             return [item(v) for v in value]
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"option {option}: {value!r} is not a valid {_name(kind)}") from e
     raise ConfigError(f"option {option}: unsupported type {kind}")  # pragma: no cover
 

@@ -45,6 +45,20 @@ def find_redis_server() -> str:
     )
 
 
+def supports_tls(binary: str | None = None) -> bool:
+    """Whether ``binary`` (default: the one :func:`find_redis_server` finds) was built with
+    TLS. Asked with an out-of-range ``--tls-port``: a TLS build refuses the value, any other
+    build the directive; either way it exits at once without serving."""
+    try:
+        done = subprocess.run(
+            [binary or find_redis_server(), "--tls-port", "-1"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired, RedisServerError):
+        return False
+    return "Bad directive" not in done.stdout + done.stderr
+
+
 def free_port(*, outside_ephemeral: bool = False) -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now.
 

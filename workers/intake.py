@@ -47,6 +47,8 @@ class Intake:
         clock: StreamClock,
         answers: AnswerMaker,
         preprocess: ImagePreprocessor | None = None,
+        convert: bool = True,
+        alone: bool = False,
     ) -> None:
         self.model_name = model_name
         self.limits = limits
@@ -55,7 +57,9 @@ class Intake:
         self.answers = answers
         self.preprocess = preprocess
         self._single_input = len(inputs) == 1
-        self._fit = InputFitter(inputs)
+        self._fit = InputFitter(inputs, convert=convert)
+        # batching = "off": every request is a group of its own (a batch of one request).
+        self._alone = alone
 
     def admit(self, entries: list[Entry], *, suspect: bool) -> tuple[list[InHand], list[Answer]]:
         """The requests to batch, and the answers of those that cannot run. ``suspect``:
@@ -118,7 +122,7 @@ class Intake:
             arrays=fitted.arrays,
             rows=fitted.rows,
             unbatched=fitted.unbatched,
-            group=("alone", r.entry_id) if suspect else fitted.group,
+            group=("alone", r.entry_id) if suspect or self._alone else fitted.group,
             suspect=suspect,
             arrival=arrival,
             deadline=None if deadline_ms is None else arrival + deadline_ms / 1000,

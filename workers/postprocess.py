@@ -3,7 +3,7 @@ No TensorFlow here (numpy on the batch's output)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -58,7 +58,10 @@ class TopK:
                 f"the labels file has {len(self.labels)} labels for {classes} classes"
             )
 
-    def __call__(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The batch's best classes (``inputs``, the batch's, are not needed)."""
         scores = outputs[self.output]
         if scores.ndim < 2:
             raise ValueError(f"output {self.output!r} has no class axis: shape {scores.shape}")
@@ -82,6 +85,10 @@ class TopK:
         if self.labels is not None:
             result[self.output_names[2]] = self.labels[index]
         return result
+
+    def finish(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request's answer: as the batch's rows give it."""
+        return outputs
 
     def _ties_to_lower_index(self, scores: np.ndarray, best: np.ndarray) -> np.ndarray:
         """argpartition may keep a higher-index class tied with the k-th score in place of

@@ -51,17 +51,14 @@ class ImagePreprocessor:
         height, width, channels = self.spec.shape
         if config.image_size:
             height, width = config.image_size
-        if height is None or width is None:
-            raise ConfigError(
-                f"input {self.name!r} has no fixed height and width ({self.spec.describe()}):"
-                " set image_size"
-            )
-        self.size = (int(height), int(width))
+        # None: the model takes any size (a detector's [1, None, None, 3]); each image is
+        # decoded at its own size, and each size batches apart.
+        self.size = None if height is None or width is None else (int(height), int(width))
         self.channels = int(channels or 3)
         if self.channels not in (1, 3):  # what decode_image gives for every format
             raise ConfigError(f"input {self.name!r} has {self.channels} channels: need 1 or 3")
         self.max_pixels = config.max_image_pixels
-        self.row_shape = (*self.size, self.channels)
+        self.row_shape = (*(self.size or (None, None)), self.channels)
         mean = _per_channel("image_mean", config.image_mean, self.channels, 0.0)
         std = _per_channel("image_std", config.image_std, self.channels, 1.0)
         methods = sorted(v for k, v in vars(tf.image.ResizeMethod).items() if k.isupper())
@@ -85,7 +82,13 @@ class ImagePreprocessor:
         def decode_one(data: tf.Tensor) -> tf.Tensor:
             image = tf.io.decode_image(data, channels=channels_, expand_animations=False)
             image.set_shape([None, None, channels_])
+            if size is None:
+                return tf.cast(image, tf.float32)
             return tf.image.resize(image, size, method=method)
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)  # type: ignore[untyped-decorator]
+        def decode_own_size(data: tf.Tensor) -> tf.Tensor:
+            return finish(decode_one(data)[tf.newaxis])
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)  # type: ignore[untyped-decorator]
         def decode(data: tf.Tensor) -> tf.Tensor:
@@ -99,18 +102,34 @@ class ImagePreprocessor:
             autograph=False,
         )
         def from_pixels(pixels: tf.Tensor) -> tf.Tensor:
+            if size is None:
+                return finish(pixels)
             return finish(tf.image.resize(pixels, size, method=method))
 
-        self._decode = decode
+        self._decode = decode if size is not None else self._decode_own_sizes
+        self._decode_own_size = decode_own_size
         self._from_pixels = from_pixels
 
     def describe(self) -> str:
         """What producers send to the image input, for the model's info in Redis."""
-        h, w, c = self.row_shape
+        h, w, c = ("*" if d is None else d for d in self.row_shape)
         return (
             f"{self.name}: bytes [*] (encoded JPEG/PNG/GIF/BMP) or uint8 [*, h, w, {c}]"
             f" -> {self.spec.dtype} [*, {h}, {w}, {c}]"
+            + (" (each image at its own size)" if self.size is None else "")
         )
+
+    def _decode_own_sizes(self, items: np.ndarray) -> tf.Tensor:
+        """Decode images at their own sizes; they stack only if they share one (the images
+        of one request must, for a model of free height and width)."""
+        images = [self._decode_own_size(item) for item in items]
+        if len({tuple(i.shape) for i in images}) > 1:
+            sizes = sorted({f"{i.shape[1]}x{i.shape[2]}" for i in images})
+            raise InvalidInput(
+                f"input {self.name!r}: the images of one request differ in size"
+                f" ({', '.join(sizes)}); send them in requests of their own"
+            )
+        return tf.concat(images, axis=0)
 
     def warm_up(self) -> None:
         """Trace both paths once (every request size then reuses the traces)."""
@@ -163,7 +182,10 @@ class ImagePreprocessor:
                     f" the limit of {self.max_pixels}"
                 )
             return "pixels"
-        if name == self.spec.dtype and value.shape[-3:] == self.row_shape:
+        if name == self.spec.dtype and all(
+            want is None or want == have
+            for want, have in zip(self.row_shape, value.shape[-3:], strict=True)
+        ):
             return "tensor"
         raise InvalidInput(
             f"input {self.name!r}: expected encoded images (bytes), uint8 pixels"
@@ -204,9 +226,16 @@ class ImagePreprocessor:
         results: list[np.ndarray | InvalidInput | None],
     ) -> None:
         """One decode call for all the requests' images; on failure, one per request."""
+        if self.size is None and len(values) > 1:  # images of free sizes: request by request
+            for value, i in zip(values, positions, strict=True):
+                self._decode_requests([value], [i], results)
+            return
         items = [item for value in values for item in value.reshape(-1)]
         try:
             images = self._decode(_bytes_array(items)).numpy()
+        except InvalidInput as e:
+            results[positions[0]] = e
+            return
         except tf.errors.OpError:  # InvalidArgumentError for corrupt data, but any op error
             if len(values) == 1:
                 results[positions[0]] = self._explain(values[0])

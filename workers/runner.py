@@ -11,20 +11,21 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from queueing import wire
 from queueing.errors import ModelError
-from workers.batcher import Batch
+from workers.batcher import Batch, Batcher
 from workers.config import PoolConfig
 from workers.messages import Answer, AnswerMaker, InHand, WorkerStats
 from workers.spec import TensorSpec
 
 if TYPE_CHECKING:
+    from workers.detections import Detections
     from workers.model import LoadedModel
     from workers.postprocess import TopK
     from workers.preprocess import ImagePreprocessor
@@ -35,6 +36,17 @@ log = logging.getLogger(__name__)
 BatchFunction = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
+class Postprocess(Protocol):
+    """Processing after inference: on the batch's outputs (and inputs), then on each
+    request's merged outputs."""
+
+    def __call__(
+        self, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+    def finish(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
 @dataclass
 class Served:
     """The model as this worker serves it: loaded and warmed, with its pre- and
@@ -42,8 +54,9 @@ class Served:
 
     model: LoadedModel
     preprocess: ImagePreprocessor | None
-    postprocess: TopK | None
+    postprocess: TopK | Detections | None
     output_names: list[str]
+    batcher: Batcher[InHand]
 
     def describe_inputs(self) -> str:
         """The inputs as producers send them (an image input as the images it takes)."""
@@ -56,13 +69,28 @@ class Served:
         )
 
 
-def load(config: PoolConfig, buckets: Sequence[int]) -> Served:
-    """Load the model, warm it up on every bucket, and set up its pre- and post-processing."""
+def load(config: PoolConfig, batcher: Batcher[InHand]) -> Served:
+    """Load the model; choose the batches it allows (``batcher``, unless its signature fixes
+    the batch or batching is off); warm it up on every bucket and check that its rows are
+    independent; set up its pre- and post-processing."""
     from workers.model import load_model
+    from workers.rows import check_independent
 
     started = time.monotonic()
-    model = load_model(config.model, signature=config.signature)
-    model.warm_up(buckets)
+    model = load_model(
+        config.model,
+        signature=config.signature,
+        checkpoint=config.checkpoint,
+        input_signature=config.input_signature,
+        graph_inputs=config.graph_inputs,
+        graph_outputs=config.graph_outputs,
+    )
+    batcher = batcher_for(config, model.batch_limit, batcher)
+    if config.batching == "off":
+        model.warm_up([1], check_rows=False)
+    else:
+        model.warm_up(batcher.buckets)
+        check_independent(model.source, model, model.inputs, batcher.buckets)
     output_names = model.output_names
     preprocess = None
     if config.preprocess == "image":
@@ -70,17 +98,48 @@ def load(config: PoolConfig, buckets: Sequence[int]) -> Served:
 
         preprocess = ImagePreprocessor(config, model.inputs)
         preprocess.warm_up()
-    postprocess = None
-    if config.postprocess:
+    postprocess: TopK | Detections | None = None
+    if config.postprocess == "detections":
+        from workers.detections import Detections
+
+        postprocess = Detections.from_config(config, model.output_names, model.inputs)
+        output_names = postprocess.output_names
+    elif config.postprocess:
         from workers.postprocess import TopK
 
         postprocess = TopK.from_config(config, model.output_names)
-        scores = model(model.example(1))[postprocess.output]
+        scores = model(model.example(batcher.bucket_for(1)))[postprocess.output]
         postprocess.check(scores.shape[-1] if scores.ndim > 1 else 0)
         output_names = postprocess.output_names
     log.info("loaded %s in %.1fs; warmed batch sizes %s", model.source,
-             time.monotonic() - started, list(buckets))  # fmt: skip
-    return Served(model, preprocess, postprocess, output_names)
+             time.monotonic() - started, list(batcher.buckets))  # fmt: skip
+    return Served(model, preprocess, postprocess, output_names, batcher)
+
+
+def batcher_for(
+    config: PoolConfig, batch_limit: int | None, batcher: Batcher[InHand]
+) -> Batcher[InHand]:
+    """The batcher the model allows: batches of exactly ``batch_limit`` rows when its
+    signature fixes the batch; one unpadded request per batch when batching is off;
+    else ``batcher``."""
+    if batch_limit is not None:
+        if batch_limit < config.max_batch_size or config.buckets:
+            log.warning(
+                "the model's signature fixes the batch at %d rows: batches of at most %d"
+                " rows, padded to %d (max_batch_size is %d)",
+                batch_limit, min(batch_limit, config.max_batch_size), batch_limit,
+                config.max_batch_size,
+            )  # fmt: skip
+        return Batcher(
+            max_rows=min(batch_limit, config.max_batch_size),
+            max_latency_s=config.max_latency_ms / 1000,
+            buckets=[batch_limit],
+        )
+    if config.batching == "off":
+        log.warning("batching is off: each request runs in a model call of its own")
+        # No company to wait for, no padding, and a request is never split.
+        return Batcher(max_rows=config.max_rows, max_latency_s=0.0, pad=False)
+    return batcher
 
 
 class Runner:
@@ -96,7 +155,7 @@ class Runner:
         bucket_for: Callable[[int], int],
         stats: WorkerStats,
         answers: AnswerMaker,
-        postprocess: BatchFunction | None = None,
+        postprocess: Postprocess | None = None,
     ) -> None:
         self.model = model
         self.inputs = list(inputs)
@@ -126,12 +185,20 @@ class Runner:
         started = time.perf_counter()
         try:
             outputs = self.model(arrays)
-            return outputs if self.postprocess is None else self.postprocess(outputs)
+            return outputs if self.postprocess is None else self.postprocess(outputs, arrays)
         finally:
             self.stats.model_s += time.perf_counter() - started
 
     def _keep_outputs(self, batch: Batch[InHand], outputs: dict[str, np.ndarray]) -> None:
         """Each part's rows of the outputs, to its request."""
+        whole = batch.parts[0].item.rows
+        if len(batch.parts) == 1 and batch.rows == batch.padded_rows == whole:
+            # A whole request, unpadded: its outputs as they are (with batching off, a model
+            # that mixes rows may answer in any shape).
+            part = batch.parts[0]
+            part.item.output_chunks.append((part.start, outputs))
+            part.item.rows_done += part.rows
+            return
         offset = 0
         for part in batch.parts:
             rows = part.rows
@@ -161,8 +228,13 @@ class Runner:
                 name: np.concatenate([outputs[name] for _, outputs in chunks])
                 for name in self.output_names
             }
-        if request.unbatched:
-            merged = {name: value[0] for name, value in merged.items()}
+        if self.postprocess is not None:
+            merged = self.postprocess.finish(merged)
+        if request.unbatched:  # (an output with batching off may have other rows than 1)
+            merged = {
+                name: value[0] if value.ndim and len(value) == 1 else value
+                for name, value in merged.items()
+            }
         outputs: wire.Outputs = merged[self.output_names[0]] if self.single_output else merged
         return self.answers.result(request, outputs)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from queueing.errors import InvalidInput
-from queueing.wire import Inputs, dtype_name
+from queueing.wire import BYTES, STR, Inputs, dtype_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,10 +19,13 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int | None, ...]
+    #: The batch axis's size when the model fixes it (a signature of ``[1, None, 3]``).
+    batch: int | None = None
 
     def describe(self) -> str:
-        """E.g. ``float32 [*, 64]``; ``*`` is the batch axis."""
-        dims = ", ".join("*" if d is None else str(d) for d in (None, *self.shape))
+        """E.g. ``float32 [*, 64]``: ``*`` is a free axis (the batch axis included), a
+        number a fixed one."""
+        dims = ", ".join("*" if d is None else str(d) for d in (self.batch, *self.shape))
         return f"{self.dtype} [{dims}]"
 
     def example_shape(self, rows: int) -> tuple[int, ...]:
@@ -46,10 +49,13 @@ class InputFitter:
     (dtypes and shapes), so the full check runs once per layout and later requests of
     that layout only get their arrays keyed and, if needed, given a batch axis."""
 
-    def __init__(self, spec: Sequence[TensorSpec], *, cache_size: int = 4096) -> None:
+    def __init__(
+        self, spec: Sequence[TensorSpec], *, convert: bool = True, cache_size: int = 4096
+    ) -> None:
         self.spec = list(spec)
+        self.convert = convert
         self._names = [s.name for s in self.spec]
-        self._cache: dict[Hashable, tuple[int, bool, Hashable]] = {}
+        self._cache: dict[Hashable, tuple[int, bool, Hashable, bool]] = {}
         self._cache_size = cache_size
 
     def __call__(self, inputs: Inputs) -> Fitted:
@@ -58,23 +64,48 @@ class InputFitter:
         else:
             key = tuple((name, a.dtype.str, a.shape) for name, a in inputs.items())
         known = self._cache.get(key)
-        if known is None:
-            fitted = fit_inputs(self.spec, inputs)  # raises InvalidInput for a bad layout
+        if known is None or known[3]:
+            # A layout that needs conversions is fitted in full each time (conversions copy
+            # the arrays anyway).
+            fitted = fit_inputs(self.spec, inputs, convert=self.convert)  # or InvalidInput
             if len(self._cache) < self._cache_size:
-                self._cache[key] = (fitted.rows, fitted.unbatched, fitted.group)
+                converted = any(fitted.arrays[n].dtype != _dtype_of(inputs, n) for n in self._names)
+                self._cache[key] = (fitted.rows, fitted.unbatched, fitted.group, converted)
             return fitted
-        rows, unbatched, group = known
+        rows, unbatched, group, _ = known
         if isinstance(inputs, np.ndarray):
             inputs = {self._names[0]: inputs}
         arrays = {n: inputs[n][np.newaxis] if unbatched else inputs[n] for n in self._names}
         return Fitted(arrays=arrays, rows=rows, unbatched=unbatched, group=group)
 
 
-def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
+def _dtype_of(inputs: Inputs, name: str) -> np.dtype[np.generic]:
+    array = inputs if isinstance(inputs, np.ndarray) else inputs[name]
+    return array.dtype
+
+
+def convert_array(array: np.ndarray, kind: str, want: str) -> np.ndarray | None:
+    """``array`` (of wire dtype ``kind``) as dtype ``want`` when nothing is lost: str items
+    UTF-8 encoded for a bytes input; numbers widened where ``np.can_cast(..., "safe")``
+    holds. None when no lossless conversion exists."""
+    if want == BYTES and kind == STR:
+        out = np.empty(array.shape, dtype=object)
+        out.reshape(-1)[:] = [item.encode() for item in array.reshape(-1).tolist()]
+        return out
+    if BYTES in (kind, want) or STR in (kind, want):
+        return None
+    if np.can_cast(np.dtype(kind), np.dtype(want), "safe"):
+        return array.astype(want)
+    return None
+
+
+def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs, *, convert: bool = True) -> Fitted:
     """Check ``inputs`` against ``spec``. Raises :class:`InvalidInput` saying what is wrong.
 
     A single array is accepted for a model with one input. Each array either has the batch
     axis (rank = spec rank + 1) or is one row without it; all arrays of a request agree.
+    ``convert``: arrays of another dtype are converted when nothing is lost
+    (:func:`convert_array`).
     """
     if isinstance(inputs, np.ndarray):
         if len(spec) != 1:
@@ -99,7 +130,10 @@ def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
         kind = dtype_name(array)
         got = f"got {kind} {list(array.shape)}"
         if kind != s.dtype:
-            raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
+            converted = convert_array(array, kind, s.dtype) if convert else None
+            if converted is None:
+                raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
+            array = converted
         if array.ndim == len(s.shape) + 1:
             batched_flags.add(True)
             body = array.shape[1:]
@@ -122,3 +156,29 @@ def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
         raise InvalidInput("request has no rows")
     group = tuple(arrays[s.name].shape[1:] for s in spec)
     return Fitted(arrays=arrays, rows=rows, unbatched=not batched_flags.pop(), group=group)
+
+
+def parse_spec(name: str, text: str) -> TensorSpec:
+    """``"float32 [*, 4]"`` (what :meth:`TensorSpec.describe` prints; ``string`` is taken
+    for ``bytes``) as a spec. Raises ``ValueError`` saying what is wrong."""
+    dtype, _, dims = text.strip().partition(" ")
+    dims = dims.strip()
+    if not (dims.startswith("[") and dims.endswith("]")):
+        raise ValueError(f"{name}: {text!r} is not 'dtype [dims]', e.g. 'float32 [*, 4]'")
+    dtype = BYTES if dtype in ("string", BYTES) else dtype
+    if dtype != BYTES:
+        try:
+            np.dtype(dtype)
+        except TypeError as e:
+            raise ValueError(f"{name}: {dtype!r} is not a dtype") from e
+    sizes: list[int | None] = []
+    for d in (d.strip() for d in dims[1:-1].split(",") if d.strip()):
+        if d in ("*", "None", "?", "-1"):
+            sizes.append(None)
+        elif d.isdigit():
+            sizes.append(int(d))
+        else:
+            raise ValueError(f"{name}: dimension {d!r} of {text!r} is not a size or *")
+    if not sizes:
+        raise ValueError(f"{name}: {text!r} has no batch axis")
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(sizes[1:]), batch=sizes[0])

@@ -50,6 +50,7 @@ from queueing import keys
 from workers.batcher import Batcher
 from workers.claims import Claims
 from workers.config import PoolConfig
+from workers.errors import ModelLoadError, WorkerError
 from workers.intake import Intake, deadline_error
 from workers.memory import keep_large_buffers
 from workers.messages import AnswerMaker, InHand, WorkerStats
@@ -120,7 +121,8 @@ class Worker:
 
     def run(self) -> int:
         """Load, warm up, register, serve until stopped, drain. Returns the exit code."""
-        served = load(self.config, self.desk.batcher.buckets)
+        served = load(self.config, self.desk.batcher)
+        self.desk.batcher = served.batcher  # the batches the model allows
         self.model = served.model
         presence, reader, runner = self._assemble(served)
         presence.register()
@@ -188,7 +190,8 @@ class Worker:
         intake = Intake(
             model_name=self.config.name, inputs=served.model.inputs, limits=self.config.limits(),
             max_rows=self.config.max_rows, clock=self.clock, answers=self.answers,
-            preprocess=served.preprocess,
+            preprocess=served.preprocess, convert=self.config.convert_inputs,
+            alone=self.config.batching == "off",
         )  # fmt: skip
         reader = Reader(
             self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
@@ -231,22 +234,36 @@ def worker_main(
     signal.signal(signal.SIGTERM, on_term)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for module in config.preload:  # custom layers and ops register themselves on import
-        importlib.import_module(module)
-    from workers.model import configure_tensorflow
-
-    worker.settings.update(
-        configure_tensorflow(
-            intra_op_threads=slot.intra_op_threads or None,
-            inter_op_threads=slot.inter_op_threads or None,
-        )
-    )
     try:
+        # A module that cannot be imported never will be: a load failure (exit 3 stops the
+        # pool), not a crash to restart with backoff forever.
+        preload(config.preload)
+        from workers.model import configure_tensorflow
+
+        worker.settings.update(
+            configure_tensorflow(
+                intra_op_threads=slot.intra_op_threads or None,
+                inter_op_threads=slot.inter_op_threads or None,
+            )
+        )
         code = worker.run()
+    except WorkerError as e:  # says what is wrong and what to do: no traceback needed
+        log.error("worker %s cannot serve the model: %s", worker_id, e)
+        code = EXIT_LOAD_FAILED if worker.model is None else 1
     except Exception:
         log.exception("worker %s failed", worker_id)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
     raise SystemExit(code)
+
+
+def preload(modules: Sequence[str]) -> None:
+    """Import the preload modules (custom layers and ops register themselves on import).
+    Raises :class:`ModelLoadError` naming the module that failed."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # ImportError, or whatever the module's own code raises
+            raise ModelLoadError(f"cannot import preload module {module!r}: {e!r}") from e
 
 
 def consumer_name(pid: int) -> str:

@@ -42,7 +42,8 @@ def _hostile(rng: np.random.Generator, i: int) -> tuple[dict[bytes, bytes], str]
     if kind == 2:
         return {b"reply": REPLY.encode(), b"body": _body()}, "dead"  # no id
     if kind == 13:  # no reply address: the error is kept under the id instead
-        return {b"id": rid, b"body": _body(keep_s=60, inputs=["int8", [8], b"\0" * 8])}, "kept"
+        # int64 for a float32 model: not widened (that would lose precision), so refused.
+        return {b"id": rid, b"body": _body(keep_s=60, inputs=["int64", [8], b"\0" * 64])}, "kept"
     if kind == 3:
         return {b"id": b"\xff\xfe" + rid, b"reply": REPLY.encode(), b"body": _body()}, "dead"
     bad_bodies = {

@@ -148,8 +148,10 @@ def test_configuration_that_does_not_fit_the_model(options: dict[str, Any], mess
     with pytest.raises(ConfigError, match=message):
         _preprocessor(**options)
     free = [TensorSpec("image", "float32", (None, None, 3))]
-    with pytest.raises(ConfigError, match="set image_size"):
-        ImagePreprocessor(PoolConfig(model="m.keras", preprocess="image"), free)
+    own_size = ImagePreprocessor(PoolConfig(model="m.keras", preprocess="image"), free)
+    (decoded,) = own_size.run([np.array([encode_image(np.zeros((5, 7, 3), np.uint8), "png")] * 2,
+                                        dtype=object)])  # fmt: skip
+    assert isinstance(decoded, np.ndarray) and decoded.shape == (2, 5, 7, 3)  # its own size
     rgba = [TensorSpec("image", "float32", (8, 8, 4))]
     with pytest.raises(ConfigError, match="4 channels: need 1 or 3"):
         ImagePreprocessor(PoolConfig(model="m.keras", preprocess="image"), rgba)

@@ -77,3 +77,30 @@ def test_gpu_placement_one_worker_per_device_or_more() -> None:
     assert all(s.intra_op_threads == 4 for s in slots)
     two_each = PoolConfig(model="m.keras", workers_per_device=2, devices=["5", "6"])
     assert [s.device for s in plan(two_each, gpus=[], cores=8)] == ["5", "6", "5", "6"]
+
+
+def test_tables_from_toml_the_environment_and_the_command_line(tmp_path: Path) -> None:
+    toml = tmp_path / "pool.toml"
+    toml.write_text(
+        '[pool]\nmodel = "graph.pb"\n[pool.graph_inputs]\nx = "x:0"\n'
+        '[pool.graph_outputs]\nprobs = "probs:0"\n'
+    )
+    config = PoolConfig.load(config_file=str(toml), env={})
+    assert (config.graph_inputs, config.graph_outputs) == ({"x": "x:0"}, {"probs": "probs:0"})
+    assert config.name == "graph"
+    env = {"TFPOOL_GRAPH_INPUTS": '{"x": "input:0"}', "TFPOOL_CONVERT_INPUTS": "false"}
+    config = PoolConfig.load(config_file=str(toml), env=env)
+    assert config.graph_inputs == {"x": "input:0"} and config.convert_inputs is False
+    config = PoolConfig.load(
+        config_file=str(toml), env={}, overrides={"input_signature": '{"x": "float32 [*, 4]"}'}
+    )
+    assert config.input_signature == {"x": "float32 [*, 4]"}
+    with pytest.raises(ConfigError, match="option graph_inputs"):
+        PoolConfig.load(config_file=str(toml), env={"TFPOOL_GRAPH_INPUTS": "x=x:0"})
+
+
+def test_a_builder_is_named_after_its_function() -> None:
+    config = PoolConfig(model="mypkg.models:build_model", checkpoint="ckpts/")
+    assert config.name == "build_model"
+    with pytest.raises(ConfigError, match="batching must be 'on' or 'off'"):
+        PoolConfig(model="m.keras", batching="sometimes")

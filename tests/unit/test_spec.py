@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from queueing.errors import InvalidInput
-from workers.spec import InputFitter, TensorSpec, fit_inputs
+from workers.spec import InputFitter, TensorSpec, fit_inputs, parse_spec
 
 X = TensorSpec("x", "float32", (64,))
 IMG = TensorSpec("img", "uint8", (None, None, 3))
@@ -95,3 +95,68 @@ def test_model_errors_are_one_readable_line() -> None:
     )
     assert describe_model_error(ValueError("x" * 900)).startswith("ValueError: xxx")
     assert len(describe_model_error(ValueError("x" * 900))) == 500
+
+
+# --- lossless conversions ------------------------------------------------------------------
+
+TEXT = TensorSpec("text", "bytes", (1,))
+IDS = TensorSpec("ids", "int64", (3,))
+
+
+def test_str_items_are_utf8_encoded_for_a_bytes_input() -> None:
+    fitted = InputFitter([TEXT])(np.array([["héllo"], ["wörld"]]))
+    assert fitted.arrays["text"].dtype == object
+    assert fitted.arrays["text"].tolist() == [["héllo".encode()], ["wörld".encode()]]
+
+
+@pytest.mark.parametrize(
+    ("spec", "sent"),
+    [(IDS, np.arange(6, dtype=np.int32).reshape(2, 3)),
+     (IDS, np.arange(6, dtype=np.uint16).reshape(2, 3)),
+     (X, np.ones((2, 64), np.float16))],
+)  # fmt: skip
+def test_safe_widening_keeps_every_value(spec: TensorSpec, sent: np.ndarray) -> None:
+    fitter = InputFitter([spec])
+    for _ in range(2):  # the second time through the fitter's cache of layouts
+        got = fitter(sent).arrays[spec.name]
+        assert got.dtype == np.dtype(spec.dtype)
+        np.testing.assert_array_equal(got, sent)
+
+
+@pytest.mark.parametrize(
+    ("spec", "sent"),
+    [(IDS, np.ones((2, 3), np.uint64)),   # would wrap past 2**63
+     (IDS, np.ones((2, 3), np.float32)),  # would drop fractions
+     (X, np.ones((2, 64), np.float64)),   # would round
+     (X, np.ones((2, 64), np.int32)),     # float32 holds 24 bits of an int32
+     (TEXT, np.array([[120]], np.uint8))],  # numbers are not text
+)  # fmt: skip
+def test_lossy_conversions_stay_invalid_input(spec: TensorSpec, sent: np.ndarray) -> None:
+    with pytest.raises(InvalidInput, match=f"expected {spec.dtype}"):
+        InputFitter([spec])(sent)
+
+
+def test_conversions_can_be_turned_off() -> None:
+    fitter = InputFitter([IDS], convert=False)
+    with pytest.raises(InvalidInput, match="expected int64"):
+        fitter(np.zeros((1, 3), np.int32))
+    with pytest.raises(InvalidInput, match="expected bytes"):
+        InputFitter([TEXT], convert=False)(np.array([["a"]]))
+
+
+# --- fixed batch axes and written signatures ------------------------------------------------
+
+
+def test_a_fixed_batch_axis_is_shown_as_it_is() -> None:
+    assert TensorSpec("images", "uint8", (None, None, 3), batch=1).describe() == (
+        "uint8 [1, *, *, 3]"
+    )
+
+
+def test_parse_spec_reads_what_describe_prints() -> None:
+    for spec in (X, IMG, TEXT, TensorSpec("images", "uint8", (None, None, 3), batch=1)):
+        assert parse_spec(spec.name, spec.describe()) == spec
+    assert parse_spec("s", "string [None, 2]") == TensorSpec("s", "bytes", (2,))
+    for bad in ("float32", "float33 [*]", "float32 []", "float32 [*, x]"):
+        with pytest.raises(ValueError, match="s: "):
+            parse_spec("s", bad)
