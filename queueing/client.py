@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import redis
 
-from queueing import enqueue, keys, wire
+from queueing import enqueue, keys, liveness, wire
 from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
@@ -46,9 +46,10 @@ __all__ = ["DEFAULT_REDIS_URL", "DEFAULT_RESULT_TTL_S", "Client", "RequestFuture
 class RequestFuture(Future):  # type: ignore[type-arg]
     """A :class:`concurrent.futures.Future` for one request; ``request_id`` names it."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, model: str = "") -> None:
         super().__init__()
         self.request_id = request_id
+        self.model = model
 
 
 class Client(ClientBase):
@@ -140,7 +141,7 @@ class Client(ClientBase):
         """
         self._check_usable()
         bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
-        futures = [RequestFuture(self._new_id()) for _ in bodies]
+        futures = [RequestFuture(self._new_id(), model) for _ in bodies]
         with self._lock:
             for future in futures:
                 self._pending[future.request_id] = future
@@ -246,7 +247,9 @@ class Client(ClientBase):
             outputs: Outputs = future.result(timeout=timeout)
         except FutureTimeout:
             self._forget(future.request_id)
-            raise self._timeout(future.request_id, timeout) from None
+            raise liveness.timeout_error(
+                self._redis, future.model, future.request_id, timeout
+            ) from None
         return outputs
 
     @property

@@ -14,17 +14,27 @@ from typing import Any
 import redis
 
 from queueing import keys
+from queueing.liveness import ago
+
+#: Heartbeat fields that stay text; the others are numbers (in ``--json`` too).
+TEXT_FIELDS = frozenset(
+    {"host", "device", "model", "state", "cuda_visible_devices", "memory_growth"}
+)
 
 
 @dataclass(frozen=True)
 class ModelStatus:
     """One model's queue: ``waiting`` not yet read, ``pending`` read and not yet answered
-    (held by a worker, or by a dead one until taken over), ``dead_letters`` set aside."""
+    (held by a worker, or by a dead one until taken over), ``dead_letters`` set aside;
+    ``live_workers`` whose heartbeat is current and who serve; ``last_seen``: when a
+    worker last did (Unix seconds, Redis's clock; None if never recorded)."""
 
     name: str
     waiting: int
     pending: int
     dead_letters: int
+    live_workers: int
+    last_seen: float | None
     consumers: int
     max_queue: int
     inputs: str
@@ -32,11 +42,17 @@ class ModelStatus:
 
 @dataclass(frozen=True)
 class PoolStatus:
-    workers: list[dict[str, str]]
+    workers: list[dict[str, Any]]
     models: list[ModelStatus]
+    now: float  # Redis's clock when read
 
     def to_json(self) -> dict[str, Any]:
         return {"workers": self.workers, "models": [asdict(m) for m in self.models]}
+
+    @property
+    def models_without_workers(self) -> list[str]:
+        """Models that no live worker serves: requests to them wait."""
+        return [m.name for m in self.models if not m.live_workers]
 
 
 def collect(conn: redis.Redis) -> PoolStatus:
@@ -45,13 +61,34 @@ def collect(conn: redis.Redis) -> PoolStatus:
     for key in conn.scan_iter(match=keys.WORKER_PATTERN, count=500):
         fields: dict[bytes, bytes] = conn.hgetall(key)  # type: ignore[assignment]
         if fields:
-            workers.append({k.decode(): v.decode() for k, v in fields.items()})
-    workers.sort(key=lambda w: (w.get("model", ""), w.get("host", ""), int(w.get("slot", 0))))
+            workers.append({k.decode(): _typed(k.decode(), v.decode()) for k, v in fields.items()})
+    workers.sort(key=lambda w: (w.get("model", ""), w.get("host", ""), w.get("slot", 0)))
     names = sorted(n.decode() for n in conn.smembers(keys.MODELS))  # type: ignore[union-attr]
-    return PoolStatus(workers=workers, models=[_model_status(conn, n) for n in names])
+    seconds, micros = conn.time()
+    live: dict[str, int] = {}
+    for w in workers:
+        if w.get("state") == "ready":  # a heartbeat key exists only while its TTL runs
+            live[w.get("model", "")] = live.get(w.get("model", ""), 0) + 1
+    return PoolStatus(
+        workers=workers,
+        models=[_model_status(conn, n, live.get(n, 0)) for n in names],
+        now=seconds + micros / 1e6,
+    )
 
 
-def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
+def _typed(name: str, value: str) -> Any:
+    """A heartbeat field as JSON would have it: numbers as numbers."""
+    if name in TEXT_FIELDS:
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _model_status(conn: redis.Redis, name: str, live_workers: int) -> ModelStatus:
     stream = keys.stream(name)
     pipe = conn.pipeline(transaction=False)
     pipe.xlen(stream)
@@ -72,6 +109,8 @@ def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
         waiting=max(0, int(length) - pending),
         pending=pending,
         dead_letters=int(dead),
+        live_workers=live_workers,
+        last_seen=float(info[b"last_seen"]) if b"last_seen" in info else None,
         consumers=consumers,
         max_queue=int(info.get(b"max_queue", 0)),
         inputs=info.get(b"inputs", b"").decode(),
@@ -80,7 +119,7 @@ def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
 
 def render(status: PoolStatus, *, now: float | None = None) -> str:
     """A plain-text report: a workers table, then a models table."""
-    now = time.time() if now is None else now
+    now = status.now if now is None else now
     lines = []
     header = ("HOST", "PID", "SLOT", "DEVICE", "MODEL", "STATE", "BATCHES", "REQUESTS",
               "RSS MiB", "CPU %", "UP")  # fmt: skip
@@ -107,19 +146,26 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
     model_rows = [
         (
             m.name,
+            str(m.live_workers),
+            "now" if m.live_workers else _last_seen(m.last_seen, now),
             str(m.waiting),
             str(m.pending),
             str(m.dead_letters),
-            str(m.consumers),
             str(m.max_queue or "none"),
             m.inputs,
         )
         for m in status.models
     ]
     lines += _table(
-        ("MODEL", "WAITING", "PENDING", "DEAD", "CONSUMERS", "CAP", "INPUTS"), model_rows
+        ("MODEL", "LIVE", "LAST SEEN", "WAITING", "PENDING", "DEAD", "CAP", "INPUTS"), model_rows
     )
     return "\n".join(lines)
+
+
+def _last_seen(last_seen: float | None, now: float) -> str:
+    if last_seen is None:
+        return "unknown"
+    return f"{time.strftime('%H:%M:%S', time.localtime(last_seen))} ({ago(now - last_seen)})"
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
