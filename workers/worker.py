@@ -32,7 +32,7 @@ import psutil
 import redis
 from redis.typing import EncodableT, FieldT
 
-from queueing import keys, wire
+from queueing import keys, liveness, wire
 from queueing.errors import (
     DeadLettered,
     DeadlineExceeded,
@@ -45,6 +45,7 @@ from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.memory import keep_large_buffers
 from workers.placement import Slot
+from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
 from workers.spec import InputFitter, TensorSpec
 
 if TYPE_CHECKING:
@@ -763,9 +764,14 @@ class Worker:
             "updated": time.time(),
             **self.settings,
         }
+        ttl_s = max(1, int(self.config.heartbeat_s * 3 + 0.999))
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)
-        pipe.expire(key, max(1, int(self.config.heartbeat_s * 3 + 0.999)))
+        pipe.expire(key, ttl_s)
+        if fields["state"] == "ready":  # producers that time out learn from this if any is
+            redis_now = time.monotonic() + self._clock_offset
+            stamp = liveness.heartbeat_fields(redis_now, ttl_s)
+            pipe.hset(keys.model_info(self.config.name), mapping=stamp)  # type: ignore[arg-type]
         pipe.execute()
 
 
@@ -830,7 +836,8 @@ def worker_main(
     supervisor's way to stop or recycle it); a second SIGTERM exits at once."""
     # An empty CUDA_VISIBLE_DEVICES keeps a CPU worker off every GPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    debug = config.log_level.upper() == "DEBUG"
+    quiet_tensorflow_logging(debug=debug)
     worker_id = consumer_name(os.getpid())
     keep_large_buffers()
     logging.basicConfig(
@@ -850,16 +857,18 @@ def worker_main(
     signal.signal(signal.SIGTERM, on_term)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for module in config.preload:  # custom layers and ops register themselves on import
-        importlib.import_module(module)
-    from workers.model import configure_tensorflow
+    # TensorFlow starts (imported by a preload module, or here) and looks for GPUs
+    # with its start-up lines kept off the terminal (see workers.quiet).
+    with native_stderr_silenced(enabled=not debug):
+        for module in config.preload:  # custom layers and ops register themselves on import
+            importlib.import_module(module)
+        from workers.model import configure_tensorflow
 
-    worker.settings.update(
-        configure_tensorflow(
+        settings = configure_tensorflow(
             intra_op_threads=slot.intra_op_threads or None,
             inter_op_threads=slot.inter_op_threads or None,
         )
-    )
+    worker.settings.update(settings)
     try:
         code = worker.run()
     except Exception:
