@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from queueing.errors import InvalidInput
-from queueing.wire import Inputs, dtype_name
+from queueing.wire import BYTES, Inputs, dtype_name
+
+#: Said when encoded bytes (an image file, say) reach a pool whose model takes arrays.
+_IMAGES_HINT = (
+    '; this pool does not decode images: serve it with preprocess = "image"'
+    " (--preprocess image) to send JPEG/PNG files, or send arrays"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,8 @@ def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs) -> Fitted:
         kind = dtype_name(array)
         got = f"got {kind} {list(array.shape)}"
         if kind != s.dtype:
-            raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
+            hint = _IMAGES_HINT if kind == BYTES else ""
+            raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}{hint}")
         if array.ndim == len(s.shape) + 1:
             batched_flags.add(True)
             body = array.shape[1:]
