@@ -182,7 +182,8 @@ def redis_url_or_embedded(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    with RedisServer() as server:
+    # Tied to this process: a killed `tfpool serve` takes its private Redis with it.
+    with RedisServer(die_with_parent=True) as server:
         print(f"tfpool: started a private redis-server at {server.url}", flush=True)
         yield server.url
 
