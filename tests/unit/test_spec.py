@@ -95,3 +95,15 @@ def test_model_errors_are_one_readable_line() -> None:
     )
     assert describe_model_error(ValueError("x" * 900)).startswith("ValueError: xxx")
     assert len(describe_model_error(ValueError("x" * 900))) == 500
+
+
+def test_bytes_to_a_pool_of_arrays_say_how_to_send_images() -> None:
+    jpeg = np.empty(1, dtype=object)
+    jpeg[0] = b"\xff\xd8\xff\xe0 a JPEG file"
+    with pytest.raises(InvalidInput) as error:
+        fit_inputs([TensorSpec("x", "float32", (8,))], jpeg)
+    assert str(error.value) == (
+        "input 'x': expected float32 [*, 8], got bytes [1]; this pool does not decode"
+        ' images: serve it with preprocess = "image" (--preprocess image) to send JPEG/PNG'
+        " files, or send arrays"
+    )
