@@ -355,13 +355,20 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from workers.demo import DemoWeights, build_demo_model, forget_model, run_requests
     from workers.placement import describe_slots
-    from workers.supervisor import Supervisor
+    from workers.supervisor import Supervisor, check_redis_url
 
     if not args.debug:  # the demo says what happens itself
         logging.getLogger().setLevel(logging.WARNING)
     weights = DemoWeights.random()
     # On the user's Redis, a name of its own: never another pool's "demo", and removed after.
     name = f"demo-{uuid.uuid4().hex[:8]}" if args.redis_url else "demo"
+    if args.redis_url:  # said now, before TensorFlow builds the model
+        check_redis_url(args.redis_url)
+        conn = redis.Redis.from_url(args.redis_url, socket_connect_timeout=5)
+        try:
+            conn.ping()
+        finally:
+            conn.close()
     with (
         tempfile.TemporaryDirectory(prefix="tfpool-demo-") as tmp,
         redis_url_or_embedded(args.redis_url) as url,

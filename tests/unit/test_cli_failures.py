@@ -135,3 +135,11 @@ def test_every_serve_option_says_what_it_does_and_its_default() -> None:
     assert "(default: 32)" in helps["max_batch_size"]
     assert "(default: a private redis-server)" in helps["redis_url"]
     assert "(default: 1, 2, 4, ... up to max_batch_size)" in helps["buckets"]
+
+
+def test_demo_on_an_unreachable_redis_says_so_before_building_anything(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, line = _fails(["demo", "--redis-url", _closed_port_url()], capsys)
+    assert code == 4
+    assert line.startswith("tfpool demo: cannot reach Redis: Error 111 connecting to 127.0.0.1")
