@@ -223,7 +223,7 @@ def test_predict_writes_the_format_its_output_names(
                    "--redis-url", redis_url)  # fmt: skip
     assert jpeg.returncode == 2
     assert _one_line(jpeg.stderr).endswith(
-        "got bytes [1]; this pool does not decode images: serve it with preprocess ="
+        "got bytes []; this pool does not decode images: serve it with preprocess ="
         ' "image" (--preprocess image) to send JPEG/PNG files, or send arrays'
     )
 
