@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfpool",
-        description=__doc__.splitlines()[0],
+        description="A TensorFlow inference worker pool over Redis Streams.",
         epilog="Exit codes: 0 done; 1 done but incomplete (score: failed rows; status: a model"
         " with no live worker); 2 bad arguments, configuration, input or request; 3 serve:"
         " the model cannot be loaded; 4 Redis cannot be reached; 5 no result in time;"
@@ -128,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     score.set_defaults(run=_score)
 
-    status = add("status", "workers of every host, queues, dead letters")
+    status = add(
+        "status", "workers of every host, queues, dead letters; exit 1 if a model has no worker"
+    )
     status.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(run=_status)
