@@ -1,7 +1,7 @@
 """Is any worker serving a model right now, and since when has none been?
 
-Every heartbeat of a ready worker also stamps the model's info hash with the time it was
-seen and the time its heartbeat lasts until, on Redis's clock (the clock every host
+Every heartbeat of a ready worker also stamps the model's ``keys.last_alive`` hash with the
+time it was seen and the time its heartbeat lasts until, on Redis's clock (the clock every host
 shares). A request may wait in the queue while no worker runs (right for background jobs,
 which a pool started later will serve), but when a client gives up waiting, this says why:
 ``no live worker has served 'demo' since 12:03:11 (5 min ago); 8 requests waiting``.
@@ -18,13 +18,13 @@ import redis.asyncio as aioredis
 from queueing import keys
 from queueing.errors import RequestTimeout
 
-#: Fields of the model's info hash (``keys.model_info``) that heartbeats keep fresh.
+#: Fields of the model's ``keys.last_alive`` hash, which heartbeats keep fresh.
 FIELD_LAST_SEEN = "last_seen"
 FIELD_ALIVE_UNTIL = "alive_until"
 
 
 def heartbeat_fields(redis_now: float, ttl_s: float) -> dict[str, float]:
-    """What a ready worker's heartbeat writes into its model's info hash."""
+    """What a ready worker's heartbeat writes into its model's ``keys.last_alive`` hash."""
     return {FIELD_LAST_SEEN: round(redis_now, 3), FIELD_ALIVE_UNTIL: round(redis_now + ttl_s, 3)}
 
 
@@ -71,7 +71,7 @@ def ago(seconds: float) -> str:
 def read(conn: redis.Redis, model: str) -> Liveness:
     """``model``'s liveness, in one round trip."""
     pipe = conn.pipeline(transaction=False)
-    pipe.hmget(keys.model_info(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
+    pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
     pipe.xlen(keys.stream(model))
     pipe.time()
     (last_seen, alive_until), waiting, (seconds, micros) = pipe.execute()
@@ -81,7 +81,7 @@ def read(conn: redis.Redis, model: str) -> Liveness:
 async def read_async(conn: aioredis.Redis, model: str) -> Liveness:
     """:func:`read` for asyncio."""
     pipe = conn.pipeline(transaction=False)
-    pipe.hmget(keys.model_info(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
+    pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
     pipe.xlen(keys.stream(model))
     pipe.time()
     (last_seen, alive_until), waiting, (seconds, micros) = await pipe.execute()

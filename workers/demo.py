@@ -87,7 +87,7 @@ def forget_model(redis_url: str, model: str, reply_lists: list[str]) -> None:
         ]
         conn.delete(
             keys.stream(model), keys.model_info(model), keys.dead_letters(model),
-            keys.attempts(model), *beats, *reply_lists,
+            keys.attempts(model), keys.last_alive(model), *beats, *reply_lists,
         )  # fmt: skip
         conn.srem(keys.MODELS, model)
     finally:

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from queueing import keys
-from queueing.liveness import ago
+from queueing.liveness import FIELD_LAST_SEEN, ago
 
 #: Heartbeat fields that stay text; the others are numbers (in ``--json`` too).
 TEXT_FIELDS = frozenset(
@@ -94,7 +94,8 @@ def _model_status(conn: redis.Redis, name: str, live_workers: int) -> ModelStatu
     pipe.xlen(stream)
     pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.model_info(name))
-    length, dead, info = pipe.execute()
+    pipe.hget(keys.last_alive(name), FIELD_LAST_SEEN)
+    length, dead, info, last_seen = pipe.execute()
     pending, consumers = 0, 0
     try:
         groups: list[dict[str, Any]] = conn.xinfo_groups(stream)
@@ -110,7 +111,7 @@ def _model_status(conn: redis.Redis, name: str, live_workers: int) -> ModelStatu
         pending=pending,
         dead_letters=int(dead),
         live_workers=live_workers,
-        last_seen=float(info[b"last_seen"]) if b"last_seen" in info else None,
+        last_seen=None if last_seen is None else float(last_seen),
         consumers=consumers,
         max_queue=int(info.get(b"max_queue", 0)),
         inputs=info.get(b"inputs", b"").decode(),

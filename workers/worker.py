@@ -768,10 +768,10 @@ class Worker:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, ttl_s)
-        if fields["state"] == "ready":  # producers that time out learn from this if any is
+        if fields["state"] == "ready":  # what a producer that times out is told
             redis_now = time.monotonic() + self._clock_offset
             stamp = liveness.heartbeat_fields(redis_now, ttl_s)
-            pipe.hset(keys.model_info(self.config.name), mapping=stamp)  # type: ignore[arg-type]
+            pipe.hset(keys.last_alive(self.config.name), mapping=stamp)  # type: ignore[arg-type]
         pipe.execute()
 
 
