@@ -47,6 +47,8 @@ def describe(error: BaseException) -> tuple[str, int] | None:
         return _line(f"cannot reach Redis: {error}"), EXIT_NO_REDIS
     if isinstance(error, redis.ResponseError):
         return _line(f"Redis refused: {error}"), EXIT_USAGE
+    if isinstance(error, redis.RedisError):  # e.g. something else listens on that port
+        return _line(f"cannot talk to Redis: {type(error).__name__}: {error}"), EXIT_NO_REDIS
     if isinstance(error, WorkerError):
         return _line(str(error)), EXIT_USAGE
     if isinstance(error, OSError) and error.filename is not None:

@@ -130,6 +130,8 @@ class Supervisor:
                     "cannot reach Redis at %s (%s); trying again in %.0fs, no worker started",
                     safe_url, e, delay,
                 )  # fmt: skip
+            except redis.RedisError as e:  # it answers, but not as Redis does
+                raise ConfigError(f"{safe_url} does not answer as Redis: {e}") from e
             finally:
                 conn.close()
             self._draining.wait(delay)

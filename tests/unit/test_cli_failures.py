@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,24 @@ def test_demo_on_an_unreachable_redis_says_so_before_building_anything(
     code, line = _fails(["demo", "--redis-url", _closed_port_url()], capsys)
     assert code == 4
     assert line.startswith("tfpool demo: cannot reach Redis: Error 111 connecting to 127.0.0.1")
+
+
+def test_something_that_is_not_redis_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # A listener that answers like no Redis does (an HTTP server, say).
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        code, line = _fails(["status", "--redis-url", f"redis://127.0.0.1:{port}/0"], capsys)
+        thread.join(timeout=10)
+    assert code == 4
+    assert line.startswith("tfpool status: cannot talk to Redis: InvalidResponse: Protocol error")
