@@ -8,7 +8,6 @@ its future out of the client's table with it: nothing is left behind.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, cast
@@ -17,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from queueing import enqueue, keys, liveness, wire
-from queueing.base import DEFAULT_RESULT_TTL_S, READ_BLOCK_S, ClientBase
+from queueing.base import READ_BLOCK_S, ClientBase
 from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
@@ -32,33 +31,18 @@ class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
     model: str = ""
 
 
-class AsyncClient(ClientBase):
-    """A producer's asyncio connection to the pool. Create it inside the running loop;
-    use ``async with AsyncClient(url) as client:`` or ``await client.close()``."""
+class AsyncClient(ClientBase[AsyncRequestFuture]):
+    """A producer's asyncio connection to the pool, with the arguments of
+    :class:`queueing.Client`. Create it inside the running loop; use
+    ``async with AsyncClient(url) as client:`` or ``await client.close()``."""
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        *,
-        result_ttl_s: int = DEFAULT_RESULT_TTL_S,
-        socket_timeout_s: float = 10.0,
-    ) -> None:
-        super().__init__(redis_url, result_ttl_s=result_ttl_s)
-        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
+    def _connect(self) -> None:
+        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=self.socket_timeout_s)
         self._reader_redis = aioredis.Redis.from_url(
-            self.redis_url, socket_timeout=READ_BLOCK_S + socket_timeout_s
+            self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
-        # Scripts are named by their SHA1, as EVALSHA wants.
-        self._enqueue_sha = hashlib.sha1(ENQUEUE.encode()).hexdigest()
-        self._room_sha = hashlib.sha1(ROOM.encode()).hexdigest()
-        self._pending: dict[str, AsyncRequestFuture] = {}
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
-
-    @property
-    def pending(self) -> int:
-        """How many requests this client is waiting for."""
-        return len(self._pending)
 
     async def predict(
         self, model: str, inputs: Sendable, *, timeout: float = 30.0, deadline: float | None = None
@@ -105,19 +89,17 @@ class AsyncClient(ClientBase):
             future.model = model
             # A future cancelled by its owner leaves the table at once.
             future.add_done_callback(self._forget_if_cancelled)
-            self._pending[future.request_id] = future
             futures.append(future)
+        self._track(futures)
         self._ensure_reader()
         try:
-            entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
+            with self._typed_errors(model):
+                entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
         except BaseException:
             for future in futures:
-                self._pending.pop(future.request_id, None)
+                self._forget(future.request_id)
             raise
-        for future, entry_id in zip(futures, entry_ids, strict=True):
-            if entry_id == 0:
-                self._pending.pop(future.request_id, None)
-                future.set_exception(self._queue_full(model, future.request_id))
+        self._settle(model, futures, entry_ids)
         return futures
 
     async def wait(self, future: AsyncRequestFuture, *, timeout: float = 30.0) -> Outputs:
@@ -134,7 +116,7 @@ class AsyncClient(ClientBase):
             if not future.done():
                 # Timed out or cancelled: nobody will read it now. Out of the table at once
                 # (the future's own callback would only run on the loop's next turn).
-                self._pending.pop(future.request_id, None)
+                self._forget(future.request_id)
                 future.cancel()
 
     async def result(self, request_id: str, *, timeout: float = 30.0) -> Outputs:
@@ -199,7 +181,7 @@ class AsyncClient(ClientBase):
             while not sent.empty():  # sent, never to be read: no future left behind
                 item = sent.get_nowait()
                 if isinstance(item, AsyncRequestFuture):
-                    self._pending.pop(item.request_id, None)
+                    self._forget(item.request_id)
 
     async def close(self) -> None:
         """Stop the reply reader, fail what is pending, close the connections."""
@@ -212,10 +194,7 @@ class AsyncClient(ClientBase):
             # error, so the flag is what ends it, and the wait here is bounded either way.
             self._reader.cancel()
             await asyncio.wait({self._reader}, timeout=READ_BLOCK_S + 1)
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(RequestError("client closed", request_id=future.request_id))
+        self._fail_all(lambda request_id: RequestError("client closed", request_id=request_id))
         await self._redis.aclose()
         await self._reader_redis.aclose()
 
@@ -235,35 +214,25 @@ class AsyncClient(ClientBase):
 
     def _forget_if_cancelled(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
-            self._pending.pop(cast(AsyncRequestFuture, future).request_id, None)
+            self._forget(cast(AsyncRequestFuture, future).request_id)
 
     async def _enqueue(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
-        try:
-            if enqueue.is_large(bodies):
-                (room,) = await self._evalsha_all(
-                    self._room_sha, ROOM, [enqueue.room_call(model, len(bodies))]
-                )
-                pipe = self._redis.pipeline(transaction=False)
-                for request_id, body in zip(ids[:room], bodies[:room], strict=True):
-                    pipe.xadd(
-                        keys.stream(model), enqueue.entry_fields(request_id, self.reply_key, body)
-                    )
-                added: list[Any] = await pipe.execute() if room else []
-                return added + [0] * (len(bodies) - room)
+        """As :meth:`queueing.Client._enqueue_all`: the entry ids (0: no room)."""
+        if not enqueue.is_large(bodies):
             calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-            replies = await self._evalsha_all(self._enqueue_sha, ENQUEUE, calls)
+            replies = await self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
             return [entry for chunk in replies for entry in chunk]
-        except redis.RedisError as e:
-            typed = enqueue.as_request_error(e, model, self._safe_url)
-            if typed is None:
-                raise
-            raise typed from e
+        room_calls = [enqueue.room_call(model, len(bodies))]
+        (room,) = await self._run_scripts(self._room_sha, ROOM, room_calls)
+        pipe = self._redis.pipeline(transaction=False)
+        self._fill_xadds(pipe, model, ids[:room], bodies[:room])
+        added: list[Any] = await pipe.execute() if room else []
+        return added + [0] * (len(bodies) - room)
 
-    async def _evalsha_all(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
+    async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
-            for call in calls:
-                pipe.evalsha(sha, 2, *call)
+            self._fill_scripts(pipe, sha, calls)
             try:
                 replies: list[Any] = await pipe.execute()
                 return replies
@@ -281,38 +250,35 @@ class AsyncClient(ClientBase):
 
     async def _read_replies(self) -> None:
         backoff = 0.05
+        failed = True  # check which Redis this is before the first read
         while not self._closed:
             try:
+                if failed:
+                    await self._check_same_redis()
+                    failed = False
                 item = await self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
                 if item is None:
                     continue
-                batch: list[bytes] = [cast(bytes, item[1])]
                 more = await self._reader_redis.lpop(self.reply_key, 1024)
-                if more:
-                    batch.extend(cast(list[bytes], more))
                 backoff = 0.05
             except redis.RedisError as e:
                 if self._closed:
                     return
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
+                failed = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            for data in batch:
-                self._resolve(data)
+            self._resolve_all([cast(bytes, item[1]), *cast("list[bytes]", more or [])])
 
-    def _resolve(self, data: bytes) -> None:
-        result = self._decode(data)
-        if result is None:
+    async def _check_same_redis(self) -> None:
+        """As :meth:`queueing.Client._check_same_redis`."""
+        try:
+            server = await self._reader_redis.info("server")
+            persistence = await self._reader_redis.info("persistence")
+        except redis.ResponseError:
             return
-        future = self._pending.pop(result.request_id, None)
-        if future is None or future.done():
-            self.duplicates_ignored += 1
-            return
-        if result.error is not None:
-            future.set_exception(result.error)
-        else:
-            future.set_result(result.outputs)
+        self._check_run(server, persistence)
 
 
 async def _aiter(frames: Iterable[Sendable] | AsyncIterable[Sendable]) -> AsyncIterator[Sendable]:

@@ -1,19 +1,26 @@
-"""What the sync and asyncio clients share, without I/O: who a client is (its id and
-reply list), how requests are encoded, how results are read."""
+"""What the sync and asyncio clients share, without I/O: who a client is (its id, reply
+list and settings), the table of requests it waits for, how requests are encoded and
+enqueued (the commands, the typed errors), how results are read, and how a Redis restart
+that lost the queue is told apart (:class:`RequestLost`). The clients add the I/O only."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from queueing import keys, wire
-from queueing.errors import QueueFull, RequestTimeout, Unavailable
+from queueing import enqueue, keys, wire
+from queueing.errors import QueueFull, RequestError, RequestLost, RequestTimeout, Unavailable
+from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
@@ -45,14 +52,52 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class ClientBase:
-    """A producer's identity and its encoding and decoding of requests and results."""
+class RequestFutureLike(Protocol):
+    """What the clients' futures (concurrent or asyncio) have in common."""
 
-    def __init__(self, redis_url: str | None, *, result_ttl_s: int) -> None:
+    request_id: str
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
+
+
+F = TypeVar("F", bound=RequestFutureLike)
+
+
+def redis_restarted_empty(
+    known_run_id: str | None, server: Mapping[str, Any], persistence: Mapping[str, Any]
+) -> bool:
+    """Whether Redis, as its ``INFO server`` and ``INFO persistence`` now describe it, is
+    a new run (not ``known_run_id``) that kept no data: without AOF, every queued request
+    is gone."""
+    if known_run_id is None or str(server["run_id"]) == known_run_id:
+        return False
+    return not int(persistence["aof_enabled"])
+
+
+class ClientBase(Generic[F]):
+    """A producer's identity and settings, its table of waiting futures (``F``), and what
+    the sync and asyncio clients do alike. Subclasses open their connections in
+    :meth:`_connect` and do the I/O.
+
+    ``redis_url``: default ``TFPOOL_REDIS_URL``, else :data:`DEFAULT_REDIS_URL`.
+    ``result_ttl_s``: how long the reply list (and a kept result, by default) outlives its
+    last write. ``socket_timeout_s``: how long any one Redis call may take.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+        socket_timeout_s: float = 10.0,
+    ) -> None:
         if result_ttl_s < 1:
             raise ValueError(f"result_ttl_s must be >= 1, got {result_ttl_s}")
         self.redis_url = resolve_redis_url(redis_url)
         self.result_ttl_s = result_ttl_s
+        self.socket_timeout_s = socket_timeout_s
         self.client_id = uuid.uuid4().hex
         self.reply_key = keys.reply_list(self.client_id)
         #: Results that found no waiting future: repeats after a worker crash, or results
@@ -61,6 +106,47 @@ class ClientBase:
         self._safe_url = without_password(self.redis_url)
         self._ids = itertools.count()
         self._id_prefix = self.client_id[:12]
+        # Scripts are named by their SHA1, as EVALSHA wants.
+        self._enqueue_sha = hashlib.sha1(ENQUEUE.encode()).hexdigest()
+        self._room_sha = hashlib.sha1(ROOM.encode()).hexdigest()
+        # Futures by request id. The sync client's reply thread and its callers share the
+        # table; the asyncio client never holds the lock across an await.
+        self._pending: dict[str, F] = {}
+        self._lock = threading.Lock()
+        self._redis_run_id: str | None = None  # the Redis run our requests were queued in
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the connections (a subclass's): called last by ``__init__``."""
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        """How many requests this client is still waiting for."""
+        with self._lock:
+            return len(self._pending)
+
+    # --- the table of waiting futures ---------------------------------------------------
+
+    def _track(self, futures: Iterable[F]) -> None:
+        with self._lock:
+            for future in futures:
+                self._pending[future.request_id] = future
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    def _fail_all(self, error: Callable[[str], RequestError]) -> int:
+        """Fail every waiting future with ``error(request_id)``; returns how many."""
+        with self._lock:
+            waiting, self._pending = self._pending, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(error(future.request_id))
+        return len(waiting)
+
+    # --- requests -----------------------------------------------------------------------
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
@@ -81,8 +167,41 @@ class ClientBase:
             for item in inputs
         ]
 
-    def _queue_full(self, model: str, request_id: str) -> QueueFull:
-        return QueueFull(f"queue of model {model!r} is full", request_id=request_id)
+    @contextlib.contextmanager
+    def _typed_errors(self, model: str) -> Iterator[None]:
+        """Redis errors while enqueueing, as the typed errors a producer expects."""
+        try:
+            yield
+        except redis.RedisError as e:
+            typed = enqueue.as_request_error(e, model, self._safe_url)
+            if typed is None:
+                raise
+            raise typed from e
+
+    def _fill_scripts(self, pipe: Any, sha: str, calls: list[list[Any]]) -> None:
+        """EVALSHA of a two-key script once per call (``[key1, key2, *args]``). EVALSHA
+        directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second round trip
+        each time; the script is loaded only when Redis says it lacks it."""
+        for call in calls:
+            pipe.evalsha(sha, 2, *call)
+
+    def _fill_xadds(
+        self, pipe: Any, model: str, ids: Sequence[str], bodies: Sequence[bytes]
+    ) -> None:
+        """Plain XADDs, for requests the ROOM script made room for."""
+        for request_id, body in zip(ids, bodies, strict=True):
+            pipe.xadd(keys.stream(model), enqueue.entry_fields(request_id, self.reply_key, body))
+
+    def _settle(self, model: str, futures: Sequence[F], entry_ids: Sequence[Any]) -> None:
+        """Fail with QueueFull the futures of requests the queue had no room for (0)."""
+        for future, entry_id in zip(futures, entry_ids, strict=True):
+            if entry_id == 0:
+                self._forget(future.request_id)
+                future.set_exception(
+                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
+                )
+
+    # --- results ------------------------------------------------------------------------
 
     def _unavailable(self, error: redis.RedisError) -> Unavailable:
         return Unavailable(f"cannot reach Redis at {self._safe_url}: {error}")
@@ -92,6 +211,41 @@ class ClientBase:
         return RequestTimeout(
             f"no result for request {request_id} within {timeout:g}s", request_id=request_id
         )
+
+    def _resolve_all(self, replies: Iterable[bytes]) -> None:
+        """Results from the reply list, to their futures."""
+        for data in replies:
+            if data:  # b"" is the sync client's wake-up call at close
+                self._resolve(data)
+
+    def _resolve(self, data: bytes) -> None:
+        result = self._decode(data)
+        if result is None:
+            return
+        with self._lock:
+            future = self._pending.pop(result.request_id, None)
+        if future is None or future.done():
+            self.duplicates_ignored += 1  # a repeat after a worker crash, or a timed-out one
+            return
+        if result.error is not None:
+            future.set_exception(result.error)
+        else:
+            future.set_result(result.outputs)
+
+    def _check_run(self, server: Mapping[str, Any], persistence: Mapping[str, Any]) -> None:
+        """After (re)connecting, with Redis's ``INFO server`` and ``INFO persistence``: if
+        it restarted without persistence, fail the futures waiting for requests it lost
+        (RequestLost) rather than let them wait forever."""
+        if redis_restarted_empty(self._redis_run_id, server, persistence):
+            lost = self._fail_all(
+                lambda request_id: RequestLost(
+                    "Redis restarted while the request waited; submit it again",
+                    request_id=request_id,
+                )
+            )
+            if lost:
+                log.warning("Redis restarted: %d waiting requests were lost", lost)
+        self._redis_run_id = str(server["run_id"])
 
     @staticmethod
     def _decode(data: bytes) -> wire.Result | None:

@@ -28,10 +28,7 @@ from queueing.base import (
     ClientBase,
     resolve_redis_url,
 )
-from queueing.errors import (
-    RequestError,
-    RequestLost,
-)
+from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
@@ -52,31 +49,21 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         self.model = model
 
 
-class Client(ClientBase):
+class Client(ClientBase[RequestFuture]):
     """A producer's connection to the pool.
 
-    ``Client(redis_url)`` connects lazily; create it in the process that uses it (after any
-    fork). Use it as a context manager, or call :meth:`close`.
+    ``Client(redis_url, *, result_ttl_s=3600, socket_timeout_s=10.0)`` connects lazily;
+    create it in the process that uses it (after any fork). Use it as a context manager, or
+    call :meth:`close`.
     """
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        *,
-        result_ttl_s: int = DEFAULT_RESULT_TTL_S,
-        socket_timeout_s: float = 10.0,
-    ) -> None:
-        super().__init__(redis_url, result_ttl_s=result_ttl_s)
-        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout_s)
+    def _connect(self) -> None:
+        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=self.socket_timeout_s)
         # The reader blocks; it gets its own connection, with a timeout beyond its BLOCK.
         # (Pooled, so it connects lazily and reconnects after an outage.)
         self._reader_redis = redis.Redis.from_url(
-            self.redis_url, socket_timeout=READ_BLOCK_S + socket_timeout_s
+            self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
-        self._enqueue = self._redis.register_script(ENQUEUE)
-        self._room = self._redis.register_script(ROOM)
-        self._pending: dict[str, RequestFuture] = {}
-        self._lock = threading.Lock()
         self._pid = os.getpid()
         self._reader: threading.Thread | None = None
         self._closed = threading.Event()
@@ -142,9 +129,7 @@ class Client(ClientBase):
         self._check_usable()
         bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
         futures = [RequestFuture(self._new_id(), model) for _ in bodies]
-        with self._lock:
-            for future in futures:
-                self._pending[future.request_id] = future
+        self._track(futures)
         self._ensure_reader()
         try:
             self._enqueue_all(model, futures, bodies)
@@ -252,12 +237,6 @@ class Client(ClientBase):
             ) from None
         return outputs
 
-    @property
-    def pending(self) -> int:
-        """How many requests this client is still waiting for."""
-        with self._lock:
-            return len(self._pending)
-
     def close(self) -> None:
         """Stop the reply reader and close connections. Pending futures fail."""
         if self._closed.is_set():
@@ -270,10 +249,7 @@ class Client(ClientBase):
             except redis.RedisError:
                 pass
             self._reader.join(timeout=READ_BLOCK_S + 5)
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            future.set_exception(RequestError("client closed", request_id=future.request_id))
+        self._fail_all(lambda request_id: RequestError("client closed", request_id=request_id))
         self._redis.close()
         self._reader_redis.close()
 
@@ -296,42 +272,30 @@ class Client(ClientBase):
         self, model: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
     ) -> None:
         ids = [f.request_id for f in futures]
-        try:
+        with self._typed_errors(model):
             if enqueue.is_large(bodies):
                 entry_ids = self._enqueue_large(model, ids, bodies)
             else:
                 calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-                replies = self._evalsha_all(self._enqueue.sha, ENQUEUE, calls)
+                replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
                 entry_ids = [entry for chunk in replies for entry in chunk]
-        except redis.RedisError as e:
-            typed = enqueue.as_request_error(e, model, self._safe_url)
-            if typed is None:
-                raise
-            raise typed from e
-        for future, entry_id in zip(futures, entry_ids, strict=True):
-            if entry_id == 0:
-                self._forget(future.request_id)
-                future.set_exception(self._queue_full(model, future.request_id))
+        self._settle(model, futures, entry_ids)
 
     def _enqueue_large(self, model: str, ids: list[str], bodies: Sequence[bytes]) -> list[Any]:
         """Ask for room, then append with plain XADDs: two round trips, and no body passes
         through Lua. Producers racing between the two steps can overshoot the cap by what
         each of them appends at once; the queue stays bounded."""
-        (room,) = self._evalsha_all(self._room.sha, ROOM, [enqueue.room_call(model, len(bodies))])
+        (room,) = self._run_scripts(self._room_sha, ROOM, [enqueue.room_call(model, len(bodies))])
         pipe = self._redis.pipeline(transaction=False)
-        for request_id, body in zip(ids[:room], bodies[:room], strict=True):
-            pipe.xadd(keys.stream(model), enqueue.entry_fields(request_id, self.reply_key, body))
+        self._fill_xadds(pipe, model, ids[:room], bodies[:room])
         added: list[Any] = pipe.execute() if room else []
         return added + [0] * (len(bodies) - room)
 
-    def _evalsha_all(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        """Run a two-key script once per call (``[key1, key2, *args]``), in one round trip.
-        EVALSHA directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second
-        round trip each time. The script is loaded only when Redis says it lacks it."""
+    def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
+        """One round trip of script calls (see :meth:`ClientBase._fill_scripts`)."""
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
-            for call in calls:
-                pipe.evalsha(sha, 2, *call)
+            self._fill_scripts(pipe, sha, calls)
             try:
                 replies: list[Any] = pipe.execute()
                 return replies
@@ -340,10 +304,6 @@ class Client(ClientBase):
                     raise
                 self._redis.script_load(script)
         raise AssertionError("unreachable")
-
-    def _forget(self, request_id: str) -> None:
-        with self._lock:
-            self._pending.pop(request_id, None)
 
     def _ensure_reader(self) -> None:
         if self._reader is not None:
@@ -357,20 +317,16 @@ class Client(ClientBase):
 
     def _read_replies(self) -> None:
         backoff = 0.05
-        run_id: str | None = None
         failed = True  # check which Redis this is before the first read
         while not self._closed.is_set():
             try:
                 if failed:
-                    run_id = self._check_same_redis(run_id)
+                    self._check_same_redis()
                     failed = False
                 item = self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
                 if item is None:
                     continue
-                batch: list[bytes] = [cast(bytes, item[1])]
                 more = cast("list[bytes] | None", self._reader_redis.lpop(self.reply_key, 1024))
-                if more:
-                    batch.extend(more)
                 backoff = 0.05
             except redis.RedisError as e:
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
@@ -378,45 +334,14 @@ class Client(ClientBase):
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            for data in batch:
-                if data:  # b"" is close()'s wake-up call
-                    self._resolve(data)
+            self._resolve_all([cast(bytes, item[1]), *(more or [])])
 
-    def _check_same_redis(self, known: str | None) -> str | None:
-        """Redis's run id; if it changed since ``known``, Redis restarted: without
-        persistence (AOF) every queued request is gone, so fail the futures waiting for
-        them (with RequestLost) rather than let them wait forever. A user whose ACL forbids
-        INFO skips the check (its futures then end at their own timeouts)."""
+    def _check_same_redis(self) -> None:
+        """See :meth:`ClientBase._check_run`. A user whose ACL forbids INFO skips the check
+        (its futures then end at their own timeouts)."""
         try:
             server = self._reader_redis.info("server")
             persistence = self._reader_redis.info("persistence")
         except redis.ResponseError:
-            return known
-        run_id = str(server["run_id"])
-        if known is not None and run_id != known and not int(persistence["aof_enabled"]):
-            with self._lock:
-                lost, self._pending = self._pending, {}
-            if lost:
-                log.warning("Redis restarted: %d waiting requests were lost", len(lost))
-            for future in lost.values():
-                future.set_exception(
-                    RequestLost(
-                        "Redis restarted while the request waited; submit it again",
-                        request_id=future.request_id,
-                    )
-                )
-        return run_id
-
-    def _resolve(self, data: bytes) -> None:
-        result = self._decode(data)
-        if result is None:
             return
-        with self._lock:
-            future = self._pending.pop(result.request_id, None)
-        if future is None:
-            self.duplicates_ignored += 1  # a repeat after a worker crash, or a timed-out one
-            return
-        if result.error is not None:
-            future.set_exception(result.error)
-        else:
-            future.set_result(result.outputs)
+        self._check_run(server, persistence)

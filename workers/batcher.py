@@ -5,8 +5,9 @@ A batch of one group (requests of one shape) closes when
 * it is full (``max_rows`` rows), or
 * its oldest request has waited ``max_latency_s`` since it *arrived* (its stream entry id,
   not the moment this worker read it), or
-* the reader found the queue drained on its last read and the model is free: nobody else
-  is coming soon, so a lone request runs now instead of sitting out the budget.
+* the reader found the queue empty on its last read and the model is free: nobody else
+  is coming soon, so a lone request runs now instead of sitting out the budget, or
+* the worker is closing: nothing more is coming at all.
 
 Requests are counted in rows. A request that does not fit in what is left of a batch is
 split: its first rows fill this batch, the rest open the next one. Batches are padded up
@@ -99,7 +100,10 @@ class Batcher(Generic[T]):
         if self.buckets[-1] < max_rows or self.buckets[0] < 1:
             raise ValueError(f"buckets {self.buckets} must be >= 1 and reach {max_rows}")
         self.clock = clock
-        self.drained = False
+        #: The reader's last read found the queue empty (set by the reader).
+        self.queue_empty = False
+        #: The reader has stopped for good: run what is here (set when draining).
+        self.closing = False
         self._queues: dict[Hashable, _Queue[T]] = {}
         # No request can have expired before this time: pop_expired scans only after it.
         # (It may be stale-early once its request has been taken; a scan then corrects it.)
@@ -162,7 +166,8 @@ class Batcher(Generic[T]):
 
     def _is_due(self, queue: _Queue[T], now: float) -> bool:
         return (
-            self.drained
+            self.queue_empty
+            or self.closing
             or queue.rows - queue.head_taken >= self.max_rows
             or now >= queue.items[0].arrival + self.max_latency_s
         )

@@ -105,6 +105,14 @@ class Claims:
         recorded = conn.hmget(attempts_key, [entry_id for entry_id, _ in entries])
         return [1 + int(value or 0) for value in recorded]
 
+    def record_runs(self, conn: redis.Redis, attempts_key: str, entry_ids: list[bytes]) -> None:
+        """Count a run of each of these taken-over entries in ``attempts_key``, before it
+        starts: if it kills the worker, the count says so (see :meth:`fatal_runs`)."""
+        pipe = conn.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.hincrby(attempts_key, entry_id, 1)
+        pipe.execute()
+
     def renew(self, conn: redis.Redis, entry_ids: list[Any]) -> None:
         """Reset the idle time of the entries we hold (no delivery is counted)."""
         for start in range(0, len(entry_ids), 1000):

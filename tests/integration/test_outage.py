@@ -3,6 +3,7 @@ ends in its result or a clear error, and service resumes."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -10,8 +11,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import redis
 
-from queueing import Client, RequestError
+from queueing import AsyncClient, Client, RequestError, RequestLost, keys
 from tests.integration.conftest import PoolFactory
 from tests.waiting import wait_until
 from workers.embedded_redis import RedisServer, free_port
@@ -75,3 +77,46 @@ def test_redis_down_for_seconds_under_load(
     assert sum(outcomes[e] for e in errors) > 0
     assert not [e for e in supervisor.events if e[0] == "crash"]  # no worker died
     assert len(supervisor.serving_pids()) == 1
+
+
+def _queue_without_workers(server: RedisServer, model: str) -> None:
+    """Make ``model`` look served (its info hash, as workers write it) with no worker to
+    answer: its requests wait in the queue until Redis loses them."""
+    conn = redis.Redis.from_url(server.url)
+    conn.hset(keys.model_info(model), mapping={"max_queue": 0})
+    conn.close()
+
+
+def test_client_raises_request_lost_after_an_empty_restart(server: RedisServer) -> None:
+    _queue_without_workers(server, "lost-sync")
+    with Client(server.url, socket_timeout_s=2) as client:
+        future = client.submit("lost-sync", np.ones(8, np.float32))
+        # The reader must have seen this Redis once, or it has nothing to compare with.
+        wait_until(lambda: client._redis_run_id, what="the reader's first look at Redis")
+        server.stop()
+        server.start()  # no persistence: the queue and the reply list are gone
+        with pytest.raises(RequestLost):
+            client.wait(future, timeout=30)
+        assert client.pending == 0
+
+
+def test_async_client_raises_request_lost_after_an_empty_restart(server: RedisServer) -> None:
+    _queue_without_workers(server, "lost-async")
+
+    async def main() -> None:
+        async with AsyncClient(server.url, socket_timeout_s=2) as client:
+            future = await client.submit("lost-async", np.ones(8, np.float32))
+            # The reader must have seen this Redis once, or it has nothing to compare with.
+            await asyncio.wait_for(_seen_redis(client), timeout=30)
+            server.stop()
+            server.start()  # no persistence: the queue and the reply list are gone
+            with pytest.raises(RequestLost):
+                await client.wait(future, timeout=30)
+            assert client.pending == 0
+
+    asyncio.run(main())
+
+
+async def _seen_redis(client: AsyncClient) -> None:
+    while client._redis_run_id is None:
+        await asyncio.sleep(0.01)

@@ -61,11 +61,11 @@ def test_closes_when_oldest_waited_the_budget_from_its_arrival() -> None:
     assert batch is not None and names(batch) == [("old", 0, 1)]
 
 
-def test_drained_queue_closes_at_once_instead_of_waiting_for_company() -> None:
+def test_empty_queue_closes_at_once_instead_of_waiting_for_company() -> None:
     b, _ = make()
     b.add(Req("lone"))
     assert b.next_batch() is None
-    b.drained = True
+    b.queue_empty = True
     batch = b.next_batch()
     assert batch is not None and batch.rows == 1 and batch.padded_rows == 1
 
@@ -75,7 +75,7 @@ def test_shapes_are_never_mixed_and_the_oldest_group_goes_first() -> None:
     b.add(Req("a1", group="A", arrival=clock.now - 0.001))
     b.add(Req("b1", group="B", arrival=clock.now - 0.002))
     b.add(Req("a2", group="A"))
-    b.drained = True
+    b.queue_empty = True
     first = b.next_batch()
     second = b.next_batch()
     assert first is not None and second is not None
@@ -94,14 +94,14 @@ def test_rows_are_counted_and_big_requests_split_across_batches() -> None:
     second = b.next_batch()
     assert second is not None and names(second) == [("big", 1, 5)]
     assert b.rows_waiting == 1
-    b.drained = True
+    b.queue_empty = True
     third = b.next_batch()
     assert third is not None and names(third) == [("big", 5, 6)] and third.padded_rows == 1
 
 
 def test_batches_are_padded_to_the_smallest_bucket() -> None:
     b, _ = make(max_rows=8, buckets=[2, 8])
-    b.drained = True
+    b.queue_empty = True
     for rows, padded in ((1, 2), (2, 2), (3, 8), (8, 8)):
         b.add(Req("r", rows=rows))
         batch = b.next_batch()
@@ -132,7 +132,7 @@ def test_expired_requests_are_dropped_before_running_but_not_half_run_ones() -> 
     clock.now += 0.002
     expired = b.pop_expired()
     assert [r.name for r in expired] == ["late"]
-    b.drained = True
+    b.queue_empty = True
     rest = b.next_batch()
     assert rest is not None and names(rest) == [("split", 2, 3), ("fine", 0, 1)]
     assert b.rows_waiting == 1

@@ -84,7 +84,7 @@ def test_fitter_gives_what_fit_inputs_gives_and_still_refuses_bad_layouts() -> N
 
 
 def test_model_errors_are_one_readable_line() -> None:
-    from workers.worker import describe_model_error
+    from workers.runner import describe_model_error
 
     tf_like = RuntimeError(
         "Graph execution error:\n\nDetected at node x defined at (most recent call last):\n"

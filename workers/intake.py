@@ -1,0 +1,204 @@
+"""From stream entries to requests in hand, or to their answers: decode, check, pre-process,
+fit to the model's inputs; and, for entries taken over from dead workers, which go to the
+dead-letter stream. No Redis here: the reader does the I/O and hands entries in.
+
+A request that cannot be decoded or does not fit the model is answered with an error now
+and never reaches a batch; an entry whose request id cannot be read is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from queueing import keys, wire
+from queueing.errors import DeadlineExceeded, InvalidInput, ModelError, RequestError
+from workers.messages import Answer, AnswerMaker, Entry, InHand, Received
+from workers.shared import StreamClock
+from workers.spec import InputFitter, TensorSpec
+
+if TYPE_CHECKING:
+    from workers.preprocess import ImagePreprocessor
+
+log = logging.getLogger(__name__)
+
+#: A request delivered more than this many times max_deliveries is set aside even when
+#: none of its runs was under way as its workers died: a safety net, for workers that
+#: keep dying of causes other than their requests.
+SAFETY_DELIVERIES = 10
+
+
+class Intake:
+    """Turns the entries of one read into requests for the batcher and answers for the
+    writer. Used by the reader thread only."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        inputs: Sequence[TensorSpec],
+        limits: wire.Limits,
+        max_rows: int,
+        clock: StreamClock,
+        answers: AnswerMaker,
+        preprocess: ImagePreprocessor | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.limits = limits
+        self.max_rows = max_rows
+        self.clock = clock
+        self.answers = answers
+        self.preprocess = preprocess
+        self._single_input = len(inputs) == 1
+        self._fit = InputFitter(inputs)
+
+    def admit(self, entries: list[Entry], *, suspect: bool) -> tuple[list[InHand], list[Answer]]:
+        """The requests to batch, and the answers of those that cannot run. ``suspect``:
+        taken over from a worker that died, perhaps because of one of them; each then runs
+        in a batch of its own, so a request that kills its worker cannot take its
+        batch-mates to the dead-letter stream with it."""
+        received: list[Received] = []
+        refused: list[Answer] = []
+        for entry_id, fields in entries:
+            outcome = self.receive(entry_id, fields)
+            if isinstance(outcome, Received):
+                received.append(outcome)
+            else:
+                refused.append(outcome)
+        if self.preprocess is not None and received:
+            self._preprocess(received)
+        accepted: list[InHand] = []
+        for r in received:
+            try:
+                accepted.append(self.fit(r, suspect=suspect))
+            except RequestError as e:
+                refused.append(self.answers.refusal(r.entry_id, r.request_id, r.reply,
+                                                    r.body.keep_s, e))  # fmt: skip
+        return accepted, refused
+
+    def receive(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Received | Answer:
+        """Decode an entry's header and body; an answer when it cannot be served."""
+        request_id, reply = read_header(fields)
+        if not request_id:
+            return self.answers.dead_letter(entry_id, fields, "unreadable request id",
+                                            request_id=None, reply="")  # fmt: skip
+        keep_s = 0
+        try:
+            body = wire.decode_request_body(fields.get(keys.FIELD_BODY), self.limits)
+            keep_s = body.keep_s
+            if body.model != self.model_name:
+                raise InvalidInput(
+                    f"request for model {body.model!r} on the queue of {self.model_name!r}"
+                )
+        except InvalidInput as e:
+            return self.answers.refusal(entry_id, request_id, reply, keep_s, e)
+        return Received(entry_id, request_id, reply, body, body.inputs)
+
+    def fit(self, r: Received, *, suspect: bool) -> InHand:
+        """The request, fitted to the model, for the batcher. Raises its RequestError."""
+        if r.error is not None:
+            raise r.error
+        fitted = self._fit(r.inputs)
+        if fitted.rows > self.max_rows:
+            raise InvalidInput(
+                f"{fitted.rows} rows is over the limit of {self.max_rows} per request"
+            )
+        arrival = self.clock.arrival(r.entry_id)
+        deadline_ms = r.body.deadline_ms
+        return InHand(
+            entry_id=r.entry_id,
+            request_id=r.request_id,
+            reply=r.reply,
+            keep_s=r.body.keep_s,
+            arrays=fitted.arrays,
+            rows=fitted.rows,
+            unbatched=fitted.unbatched,
+            group=("alone", r.entry_id) if suspect else fitted.group,
+            suspect=suspect,
+            arrival=arrival,
+            deadline=None if deadline_ms is None else arrival + deadline_ms / 1000,
+        )
+
+    def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> Answer:
+        """The answer of an entry taken over and set aside (see :func:`triage`)."""
+        request_id, reply = read_header(fields)
+        keep_s = 0
+        with contextlib.suppress(InvalidInput):  # only to honour keep; the body may be bad
+            keep_s = wire.decode_request_body(fields.get(keys.FIELD_BODY), self.limits).keep_s
+        return self.answers.dead_letter(entry_id, fields, reason, request_id=request_id,
+                                        reply=reply, keep_s=keep_s, suspect=True)  # fmt: skip
+
+    def _preprocess(self, received: list[Received]) -> None:
+        """Images -> the model's image input, for all of one read's requests at once. A
+        request whose images fail keeps its inputs and gets the error when it is fitted."""
+        assert self.preprocess is not None
+        name = self.preprocess.name
+        # A lone array is the image when the model has one input; without the image the
+        # fitter says what is missing.
+        chosen = [
+            r
+            for r in received
+            if (name in r.inputs if isinstance(r.inputs, dict) else self._single_input)
+        ]
+        values = [r.inputs if isinstance(r.inputs, np.ndarray) else r.inputs[name] for r in chosen]
+        try:
+            results: list[np.ndarray | RequestError] = list(self.preprocess.run(values))
+        except Exception as e:  # a fault of ours, not of the images: never the reader's end
+            log.exception("pre-processing failed on %d requests", len(chosen))
+            results = [ModelError(f"pre-processing failed: {e}") for _ in chosen]
+        for r, result in zip(chosen, results, strict=True):
+            if isinstance(result, RequestError):
+                r.error = result
+            elif isinstance(r.inputs, np.ndarray):
+                r.inputs = result
+            else:
+                r.inputs = {**r.inputs, name: result}
+
+
+def triage(
+    entries: list[Entry], deliveries: list[int], fatal_runs: list[int], *, max_deliveries: int
+) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+    """Entries taken over from dead workers: those to batch again, and those to set aside
+    with the reason why. ``deliveries`` and ``fatal_runs`` are per entry, as
+    :meth:`Claims.delivery_counts` and :meth:`Claims.fatal_runs` count them."""
+    fresh: list[Entry] = []
+    dead: list[tuple[Entry, str]] = []
+    limit = max_deliveries
+    for entry, count, fatal in zip(entries, deliveries, fatal_runs, strict=True):
+        if fatal >= limit:
+            reason = (
+                f"delivered {count} times; {fatal} runs of it killed their worker"
+                f" (max_deliveries={limit})"
+            )
+        elif count > SAFETY_DELIVERIES * limit:
+            reason = f"delivered {count} times without an answer (max_deliveries={limit})"
+        else:
+            fresh.append(entry)
+            continue
+        dead.append((entry, reason))
+    return fresh, dead
+
+
+def read_header(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
+    """The request id (None if unreadable) and reply list of a stream entry."""
+    try:
+        raw_id = fields.get(keys.FIELD_ID)
+        request_id = raw_id.decode() if isinstance(raw_id, bytes) else None
+        reply = fields.get(keys.FIELD_REPLY, b"").decode()
+    except UnicodeDecodeError:
+        return None, ""
+    return request_id, reply
+
+
+def deadline_error(request: InHand, now: float | None = None) -> DeadlineExceeded:
+    """The error of a request whose deadline passed before it ran."""
+    waited_ms = ((time.monotonic() if now is None else now) - request.arrival) * 1000
+    return DeadlineExceeded(
+        f"deadline passed before the request ran ({waited_ms:.0f} ms after it was queued)",
+        request_id=request.request_id,
+    )

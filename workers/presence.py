@@ -1,0 +1,148 @@
+"""How the worker shows itself in Redis: it registers its model (whose info tells producers
+the model is served), keeps its clock in step with Redis's, and, on its heartbeat thread,
+publishes its state and renews its claim on the entries it holds.
+
+The heartbeat is not only for show: without the renewal, another worker would take over
+the requests of a long batch while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import psutil
+import redis
+from redis.typing import EncodableT, FieldT
+
+from queueing import keys, liveness
+from workers.claims import Claims
+from workers.config import PoolConfig
+from workers.messages import WorkerStats
+from workers.shared import HeldEntries, StreamClock
+
+log = logging.getLogger(__name__)
+
+
+class Presence:
+    """Registration, clock sync and the heartbeat thread (:meth:`run`) of one worker."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        conn: redis.Redis,
+        *,
+        worker_id: str,
+        slot: int,
+        device: str | None,
+        settings: Mapping[FieldT, EncodableT],
+        model_info: Mapping[FieldT, EncodableT],
+        stats: WorkerStats,
+        held: HeldEntries,
+        claims: Claims,
+        clock: StreamClock,
+        stopping: threading.Event,
+        stop: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.redis = conn
+        self.worker_id = worker_id
+        self.slot = slot
+        self.device = device
+        self.settings = dict(settings)  # what the worker set TensorFlow's thread pools to
+        self.model_info = dict(model_info)
+        self.stats = stats
+        self.held = held
+        self.claims = claims
+        self.clock = clock
+        self.stopping = stopping
+        self.stop = stop  # when the supervisor is gone
+        self._parent_pid = os.getppid()
+        self._started = time.time()
+        self._process = psutil.Process()
+
+    def register(self) -> None:
+        """Create the stream and group if needed; publish the model's info, whose presence
+        tells producers that the model is served here."""
+        stream = keys.stream(self.config.name)
+        try:
+            self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.model_info(self.config.name), mapping=self.model_info)
+        pipe.sadd(keys.MODELS, self.config.name)
+        pipe.execute()
+
+    def register_quietly(self) -> None:
+        """:meth:`register`, logging a failure (then pausing, as the caller will retry)."""
+        try:
+            self.register()
+        except redis.RedisError as e:
+            log.warning("registering: %s", e)
+            self.stopping.wait(0.5)
+
+    def sync_clock(self) -> None:
+        """Learn the offset of Redis's clock, the clock of stream entry ids, from ours."""
+        before = time.monotonic()
+        seconds, micros = self.redis.time()
+        after = time.monotonic()
+        self.clock.set_redis_time(seconds + micros / 1e6, before, after)
+
+    def run(self) -> None:
+        """The heartbeat thread: heartbeat, renew the claims on what we hold, keep the clock
+        offset fresh, and stop if the supervisor is gone (an orphan worker would serve on
+        unsupervised)."""
+        interval = min(self.config.heartbeat_s, self.config.claim_idle_ms / 3000 or 1.0)
+        self._process.cpu_percent(None)  # starts the CPU measurement
+        while not self.stopping.wait(interval):
+            if os.getppid() != self._parent_pid:
+                log.error("supervisor (pid %d) is gone; draining", self._parent_pid)
+                self.stop()
+                return
+            try:
+                self.claims.renew(self.redis, self.held.snapshot())
+                self.heartbeat("ready")
+                self.sync_clock()
+                if not self.redis.exists(keys.model_info(self.config.name)):
+                    log.warning("the model's registration is gone from Redis; registering again")
+                    self.register()
+            except redis.RedisError as e:
+                log.warning("heartbeat: %s", e)
+
+    def heartbeat(self, state: str) -> None:
+        """Publish our state and counts, with a TTL of three heartbeats."""
+        key = keys.worker_heartbeat(self.worker_id)
+        stats = self.stats
+        fields: dict[FieldT, EncodableT] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slot": self.slot,
+            "device": self.device or "cpu",
+            "model": self.config.name,
+            "state": "draining" if self.stopping.is_set() and state == "ready" else state,
+            "batches": stats.batches,
+            "requests": stats.requests,
+            "rows": stats.rows,
+            "errors": stats.errors,
+            "model_s": round(stats.model_s, 3),
+            "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
+            "cpu_percent": self._process.cpu_percent(None),
+            "started": self._started,
+            "updated": time.time(),
+            **self.settings,
+        }
+        ttl_s = max(1, int(self.config.heartbeat_s * 3 + 0.999))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, ttl_s)
+        if fields["state"] == "ready":  # what a producer that times out is told
+            redis_now = time.monotonic() + self.clock.offset
+            stamp = liveness.heartbeat_fields(redis_now, ttl_s)
+            pipe.hset(keys.last_alive(self.config.name), mapping=stamp)  # type: ignore[arg-type]
+        pipe.execute()

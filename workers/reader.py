@@ -1,0 +1,145 @@
+"""The reader thread: ``XREADGROUP`` new entries, take over those of dead workers, and hand
+them to the intake; requests go to the batcher, answers to the writer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import redis
+
+from queueing import keys
+from workers.claims import Claims
+from workers.config import PoolConfig
+from workers.intake import Intake, triage
+from workers.messages import Entry
+from workers.shared import BatchDesk, HeldEntries
+from workers.writer import Writer
+
+log = logging.getLogger(__name__)
+
+#: XREADGROUP's BLOCK: how long the reader waits for work before it looks at its flags.
+READ_BLOCK_MS = 100
+
+#: recv() size of the reader's connection (redis-py's default is 64 KiB).
+READ_BUFFER_BYTES = 1 << 20
+
+
+class Reader:
+    """Reads while the worker is not stopping; what it does not read stays in the stream
+    for other workers. ``run`` is the thread's body."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        consumer: str,
+        inherit_from: Sequence[str],
+        claims: Claims,
+        intake: Intake,
+        desk: BatchDesk,
+        writer: Writer,
+        held: HeldEntries,
+        stopping: threading.Event,
+        register: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.consumer = consumer
+        self.stream = keys.stream(config.name)
+        self.inherit_from = list(inherit_from)
+        self.claims = claims
+        self.intake = intake
+        self.desk = desk
+        self.writer = writer
+        self.held = held
+        self.stopping = stopping
+        self.register = register  # after Redis lost our stream and group
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        """Take over the dead predecessors' entries, then read until stopping."""
+        # Its own connection (it blocks), held rather than checked out of a pool per call.
+        conn = redis.Redis.from_url(
+            self.config.redis_url,
+            socket_timeout=READ_BLOCK_MS / 1000 + 10,
+            single_connection_client=True,
+            # A read of many image requests is megabytes: take it in large gulps.
+            socket_read_size=READ_BUFFER_BYTES,
+        )
+        count = self.config.max_batch_size
+        backoff = 0.05
+        # Take over entries of dead workers this often (and the idle consumers now and then).
+        claim_every = max(0.1, self.config.claim_idle_ms / 2000)
+        next_claim = time.monotonic() + claim_every
+        next_prune = time.monotonic() + 60
+        try:
+            self._take_over(conn, self.claims.inherit(conn, self.inherit_from))
+            while not self.stopping.is_set():
+                if not self.desk.wait_for_room(0.1):
+                    continue
+                try:
+                    now = time.monotonic()
+                    if now >= next_claim:
+                        next_claim = now + claim_every
+                        self._take_over(conn, self.claims.autoclaim(conn))
+                    if now >= next_prune:
+                        next_prune = now + 60
+                        self.claims.prune_consumers(conn)
+                    reply = conn.xreadgroup(
+                        keys.GROUP,
+                        self.consumer,
+                        {self.stream: ">"},
+                        count=count,
+                        block=READ_BLOCK_MS,
+                    )
+                    backoff = 0.05
+                except redis.ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    # Redis lost our stream and group (restarted without persistence, or
+                    # flushed): register again and go on reading.
+                    log.warning("reader: %s; registering the model again", e)
+                    self.register()
+                    continue
+                except redis.RedisError as e:
+                    log.warning("reader: %s; retrying in %.2fs", e, backoff)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                entries = cast(list[Entry], cast(Any, reply)[0][1]) if reply else []
+                self._accept(entries, queue_empty=len(entries) < count)
+        finally:
+            conn.close()
+            self.done.set()
+            self.desk.wake()
+
+    def _take_over(self, conn: redis.Redis, entries: list[Entry]) -> None:
+        """Entries taken from dead workers: dead-letter those whose runs kept killing their
+        worker, batch the rest like new ones (but each alone)."""
+        if not entries:
+            return
+        deliveries = self.claims.delivery_counts(conn, entries)
+        runs = self.claims.fatal_runs(conn, keys.attempts(self.config.name), entries)
+        fresh, dead = triage(entries, deliveries, runs, max_deliveries=self.config.max_deliveries)
+        if dead:
+            log.error("dead-lettering %d requests: their workers kept dying", len(dead))
+            self.held.add(entry_id for (entry_id, _), _ in dead)
+            self.writer.submit(
+                [
+                    self.intake.dead_letter(entry_id, fields, reason)
+                    for (entry_id, fields), reason in dead
+                ]
+            )
+        self._accept(fresh, queue_empty=None, suspect=True)
+
+    def _accept(
+        self, entries: list[Entry], *, queue_empty: bool | None, suspect: bool = False
+    ) -> None:
+        """Entries to the intake; its requests to the batcher, its answers to the writer."""
+        self.held.add(entry_id for entry_id, _ in entries)
+        accepted, refused = self.intake.admit(entries, suspect=suspect)
+        self.writer.submit(refused)
+        self.desk.add(accepted, queue_empty=queue_empty)

@@ -1,0 +1,201 @@
+"""Running batches: load the model (and its pre- and post-processing) once; then, per
+batch, assemble the rows, pad them to the bucket, run the model, and split the outputs back
+to their requests. No Redis here, and no TensorFlow but the model's own.
+
+A batch the model fails on is re-run request by request, so that only the request at fault
+gets the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from queueing import wire
+from queueing.errors import ModelError
+from workers.batcher import Batch
+from workers.config import PoolConfig
+from workers.messages import Answer, AnswerMaker, InHand, WorkerStats
+from workers.spec import TensorSpec
+
+if TYPE_CHECKING:
+    from workers.model import LoadedModel
+    from workers.postprocess import TopK
+    from workers.preprocess import ImagePreprocessor
+
+log = logging.getLogger(__name__)
+
+#: What runs a batch: input arrays by name -> output arrays by name.
+BatchFunction = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class Served:
+    """The model as this worker serves it: loaded and warmed, with its pre- and
+    post-processing, and the outputs its answers carry."""
+
+    model: LoadedModel
+    preprocess: ImagePreprocessor | None
+    postprocess: TopK | None
+    output_names: list[str]
+
+    def describe_inputs(self) -> str:
+        """The inputs as producers send them (an image input as the images it takes)."""
+        pre = self.preprocess
+        return ", ".join(
+            pre.describe()
+            if pre is not None and s.name == pre.name
+            else f"{s.name}: {s.describe()}"
+            for s in self.model.inputs
+        )
+
+
+def load(config: PoolConfig, buckets: Sequence[int]) -> Served:
+    """Load the model, warm it up on every bucket, and set up its pre- and post-processing."""
+    from workers.model import load_model
+
+    started = time.monotonic()
+    model = load_model(config.model, signature=config.signature)
+    model.warm_up(buckets)
+    output_names = model.output_names
+    preprocess = None
+    if config.preprocess == "image":
+        from workers.preprocess import ImagePreprocessor
+
+        preprocess = ImagePreprocessor(config, model.inputs)
+        preprocess.warm_up()
+    postprocess = None
+    if config.postprocess:
+        from workers.postprocess import TopK
+
+        postprocess = TopK.from_config(config, model.output_names)
+        scores = model(model.example(1))[postprocess.output]
+        postprocess.check(scores.shape[-1] if scores.ndim > 1 else 0)
+        output_names = postprocess.output_names
+    log.info("loaded %s in %.1fs; warmed batch sizes %s", model.source,
+             time.monotonic() - started, list(buckets))  # fmt: skip
+    return Served(model, preprocess, postprocess, output_names)
+
+
+class Runner:
+    """Runs batches through the model and makes the answers of the requests they complete.
+    Used by the main thread only."""
+
+    def __init__(
+        self,
+        *,
+        model: BatchFunction,
+        inputs: Sequence[TensorSpec],
+        output_names: Sequence[str],
+        bucket_for: Callable[[int], int],
+        stats: WorkerStats,
+        answers: AnswerMaker,
+        postprocess: BatchFunction | None = None,
+    ) -> None:
+        self.model = model
+        self.inputs = list(inputs)
+        self.output_names = list(output_names)
+        # One output, and no post-processing: sent as an array rather than a dict.
+        self.single_output = len(self.output_names) == 1 and postprocess is None
+        self.bucket_for = bucket_for
+        self.stats = stats
+        self.answers = answers
+        self.postprocess = postprocess
+
+    def run(self, batch: Batch[InHand]) -> list[Answer]:
+        """Run one batch; return the answers of the requests it completed."""
+        try:
+            self._keep_outputs(batch, self._infer(assemble(batch, self.inputs)))
+        except Exception as e:
+            log.warning("batch of %d failed (%s); running its requests one by one", batch.rows, e)
+            self._run_parts_alone(batch)
+        self.stats.batches += 1
+        self.stats.rows += batch.rows
+        return [
+            self._finish(part.item) for part in batch.parts if part.item.rows_done == part.item.rows
+        ]
+
+    def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model, then the post-processing, on one batch."""
+        started = time.perf_counter()
+        try:
+            outputs = self.model(arrays)
+            return outputs if self.postprocess is None else self.postprocess(outputs)
+        finally:
+            self.stats.model_s += time.perf_counter() - started
+
+    def _keep_outputs(self, batch: Batch[InHand], outputs: dict[str, np.ndarray]) -> None:
+        """Each part's rows of the outputs, to its request."""
+        offset = 0
+        for part in batch.parts:
+            rows = part.rows
+            chunk = {k: v[offset : offset + rows] for k, v in outputs.items()}
+            part.item.output_chunks.append((part.start, chunk))
+            part.item.rows_done += rows
+            offset += rows
+
+    def _run_parts_alone(self, batch: Batch[InHand]) -> None:
+        for part in batch.parts:
+            single = Batch(parts=[part], rows=part.rows, padded_rows=self.bucket_for(part.rows))
+            try:
+                self._keep_outputs(single, self._infer(assemble(single, self.inputs)))
+            except Exception as e:
+                part.item.error = ModelError(f"model failed: {describe_model_error(e)}")
+                part.item.rows_done += part.rows
+
+    def _finish(self, request: InHand) -> Answer:
+        if request.error is not None:
+            return self.answers.error(request, request.error)
+        chunks = request.output_chunks
+        chunks.sort(key=lambda chunk: chunk[0])
+        if len(chunks) == 1:
+            merged = chunks[0][1]
+        else:
+            merged = {
+                name: np.concatenate([outputs[name] for _, outputs in chunks])
+                for name in self.output_names
+            }
+        if request.unbatched:
+            merged = {name: value[0] for name, value in merged.items()}
+        outputs: wire.Outputs = merged[self.output_names[0]] if self.single_output else merged
+        return self.answers.result(request, outputs)
+
+
+def assemble(batch: Batch[InHand], spec: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """One array per input: the batch's rows in order, padded to its bucket."""
+    if len(batch.parts) == 1 and batch.padded_rows == batch.rows:
+        part = batch.parts[0]
+        return {s.name: part.item.arrays[s.name][part.start : part.stop] for s in spec}
+    arrays = {}
+    for s in spec:
+        first = batch.parts[0].item.arrays[s.name]
+        out = np.empty((batch.padded_rows, *first.shape[1:]), dtype=first.dtype)
+        offset = 0
+        for part in batch.parts:
+            out[offset : offset + part.rows] = part.item.arrays[s.name][part.start : part.stop]
+            offset += part.rows
+        # Padding repeats the last row: valid input for any model (zeros may not be, for
+        # a model of strings), and its outputs are dropped.
+        out[offset:] = out[offset - 1]
+        arrays[s.name] = out
+    return arrays
+
+
+def describe_model_error(error: BaseException) -> str:
+    """One line for a model's exception. TensorFlow's messages run to a page of graph
+    trace; keep their first line and the Python exception underneath, if one is named."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    summary = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    cause = next((line for line in reversed(lines) if _PYTHON_ERROR.match(line)), None)
+    if cause is not None and cause not in summary:
+        summary += f" ({cause})"
+    return summary[:500]
+
+
+_PYTHON_ERROR = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")
