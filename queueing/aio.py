@@ -16,7 +16,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
-from queueing import enqueue, keys, redis_state, wire
+from queueing import enqueue, keys, liveness, redis_state, wire
 from queueing.base import READ_BLOCK_S, READ_COUNT, ClientBase
 from queueing.errors import RequestError
 from queueing.scripts import ENQUEUE, ROOM
@@ -29,6 +29,7 @@ class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
     """An :class:`asyncio.Future` for one request; ``request_id`` names it."""
 
     request_id: str
+    model: str = ""
 
 
 class AsyncClient(ClientBase[AsyncRequestFuture]):
@@ -86,6 +87,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         for _ in bodies:
             future = AsyncRequestFuture(loop=loop)
             future.request_id = self._new_id()
+            future.model = model
             # A future cancelled by its owner leaves the table at once.
             future.add_done_callback(self._forget_if_cancelled)
             futures.append(future)
@@ -113,7 +115,9 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             outputs: Outputs = await asyncio.wait_for(asyncio.shield(future), timeout)
             return outputs
         except asyncio.TimeoutError:
-            raise self._timeout(future.request_id, timeout) from None
+            raise await liveness.timeout_error_async(
+                self._redis, future.model, future.request_id, timeout
+            ) from None
         finally:
             if not future.done():
                 # Timed out or cancelled: nobody will read it now. Out of the table at once

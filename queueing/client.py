@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import redis
 
-from queueing import enqueue, keys, redis_state, wire
+from queueing import enqueue, keys, liveness, redis_state, wire
 from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
@@ -47,9 +47,10 @@ __all__ = ["DEFAULT_REDIS_URL", "DEFAULT_RESULT_TTL_S", "Client", "RequestFuture
 class RequestFuture(Future):  # type: ignore[type-arg]
     """A :class:`concurrent.futures.Future` for one request; ``request_id`` names it."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, model: str = "") -> None:
         super().__init__()
         self.request_id = request_id
+        self.model = model
 
 
 class Client(ClientBase[RequestFuture]):
@@ -131,7 +132,7 @@ class Client(ClientBase[RequestFuture]):
         """
         self._check_usable()
         bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
-        futures = [RequestFuture(self._new_id()) for _ in bodies]
+        futures = [RequestFuture(self._new_id(), model) for _ in bodies]
         self._track(futures)
         self._ensure_reader()
         try:
@@ -235,7 +236,9 @@ class Client(ClientBase[RequestFuture]):
             outputs: Outputs = future.result(timeout=timeout)
         except FutureTimeout:
             self._forget(future.request_id)
-            raise self._timeout(future.request_id, timeout) from None
+            raise liveness.timeout_error(
+                self._redis, future.model, future.request_id, timeout
+            ) from None
         return outputs
 
     def close(self) -> None:

@@ -41,6 +41,13 @@ def dead_letters(model: str) -> str:
     return f"{PREFIX}:{{{model}}}:dead"
 
 
+def last_alive(model: str) -> str:
+    """Hash stamped by every heartbeat of a ready worker of ``model``: when one was last
+    seen and how long its heartbeat lasts (see ``queueing.liveness``). Apart from the
+    info hash, whose existence means "registered"."""
+    return f"{PREFIX}:{{{model}}}:alive"
+
+
 def attempts(model: str) -> str:
     """Hash: stream entry id -> runs of a taken-over request that were under way when a
     worker died (how poison requests are told from their innocent batch-mates)."""

@@ -7,14 +7,19 @@ as the results arrive, so memory stays flat however many rows there are. A sidec
 (``OUTPUT.progress.json``) records the chunks done; the output's data is flushed before a
 chunk is recorded, so a run interrupted at any point continues where it stopped when run
 again with the same arguments. A chunk that fails is re-run row by row; the rows that fail
-alone go to ``OUTPUT.errors.tsv`` (row, error) and their output rows are left NaN (zero
-for integer outputs). The run never aborts on a bad row.
+alone go to ``OUTPUT.errors.tsv`` (row, error) and their output rows are left NaN (-1 for
+integer outputs, such as top-k indices). A bad row never aborts the run; but when every
+row of the first chunk fails for the same reason (the wrong dtype, images sent to a pool
+that does not decode them), so will the rest: the run stops at once, with that reason and
+nothing written. Waiting for a pool that has no live worker stops the run too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -26,21 +31,48 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import redis
 
+from queueing import keys, liveness
 from queueing.client import Client, RequestFuture
 from queueing.errors import RequestError, RequestLost, RequestTimeout
+
+log = logging.getLogger(__name__)
 
 #: Seconds between progress records (and log lines when not on a terminal).
 SAVE_EVERY_S = 2.0
 LOG_EVERY_S = 5.0
 
 
+#: Output files ``score`` writes, by suffix: one output in ``.npy``, any number in ``.npz``.
+OUTPUT_SUFFIXES = (".npy", ".npz")
+
+
+def check_output_suffix(path: str) -> None:
+    """Raise ValueError unless ``path`` names an output format that is written."""
+    if not path.endswith(OUTPUT_SUFFIXES):
+        suffix = os.path.splitext(path)[1] or "no extension"
+        raise ValueError(
+            f"{path}: cannot write {suffix}; the output formats are {', '.join(OUTPUT_SUFFIXES)}"
+            " (.npy for a model with one output, .npz for any model)"
+        )
+
+
+def single_output_name(conn: redis.Redis, model: str) -> str:
+    """The name of ``model``'s one output as its workers registered it (the member of a
+    ``.npz`` it is written to); ``output`` when unknown."""
+    names = conn.hget(keys.model_info(model), "outputs")
+    listed = [n.strip() for n in names.decode().split(",")] if isinstance(names, bytes) else []
+    return listed[0] if len(listed) == 1 and listed[0] else "output"
+
+
 @dataclass
 class ScoreSummary:
     rows: int
     scored: int  # this run
-    failed_rows: int
-    seconds: float
+    failed_rows: int  # in every run of this job
+    seconds: float  # this run
+    rows_done: int = 0  # in every run of this job (a resumed run counts the earlier ones')
 
 
 class Progress:
@@ -149,6 +181,8 @@ class _Output:
         self.errors_path = path + ".errors.tsv"
         self.parts_dir = path + ".parts"
         self.done: set[int] = set()
+        self.failed_rows = 0  # in the chunks done
+        self.single_name = "output"  # the .npz member of a one-output model
         self.layout: dict[str, list[Any]] | None = None  # name -> [dtype, shape tail]
         self.single = True
         self.arrays: dict[str, np.memmap[Any, Any]] = {}
@@ -165,15 +199,24 @@ class _Output:
                 " delete it (and the partial output) to start over"
             )
         self.done = set(record["done"])
+        self.failed_rows = int(record.get("failed_rows", 0))
         self.single = record["single"]
         if record["layout"] is not None:
             self._open(record["layout"], mode="r+")
         return True
 
     def write(self, start: int, outputs: Any) -> None:
-        named = outputs if isinstance(outputs, dict) else {"": outputs}
+        bare = self.path.endswith(".npy")  # the array itself, not an archive of named ones
+        if isinstance(outputs, dict) and bare:
+            raise ValueError(
+                f"{self.path}: the model has {len(outputs)} outputs ({', '.join(outputs)});"
+                " score into a .npz to keep them all"
+            )
+        named = (
+            outputs if isinstance(outputs, dict) else {"" if bare else self.single_name: outputs}
+        )
         if self.layout is None:
-            self.single = not isinstance(outputs, dict)
+            self.single = bare
             layout = {n: [a.dtype.str, list(a.shape[1:])] for n, a in named.items()}
             self._open(layout, mode="w+")
         for name, values in named.items():
@@ -190,8 +233,12 @@ class _Output:
                 array = np.lib.format.open_memmap(
                     file, mode="w+", dtype=np.dtype(dtype), shape=(rows, *tail)
                 )
+                # Rows that fail keep a value no answer has: NaN, or -1 for integers (a
+                # top-k index of 0 is a class).
                 if array.dtype.kind in "fc":
-                    array[:] = np.nan  # rows that fail stay NaN
+                    array[:] = np.nan
+                elif array.dtype.kind in "iu":
+                    array[:] = -1 if array.dtype.kind == "i" else np.iinfo(array.dtype).max
             else:
                 array = np.load(file, mmap_mode="r+")
             self.arrays[name] = array
@@ -215,6 +262,7 @@ class _Output:
         record = {
             "fingerprint": self.fingerprint,
             "done": sorted(self.done),
+            "failed_rows": self.failed_rows,
             "layout": self.layout,
             "single": self.single,
         }
@@ -233,6 +281,17 @@ class _Output:
             self._errors.close()
         os.remove(self.sidecar)
 
+    def discard(self) -> None:
+        """Remove every file of a run that stopped before it wrote anything of use."""
+        self.arrays.clear()
+        if self._errors is not None:
+            self._errors.close()
+            self._errors = None
+        for file in (self.path, self.sidecar, self.errors_path, self.path + ".files.txt"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(file)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+
 
 def score(
     client: Client,
@@ -247,7 +306,12 @@ def score(
 ) -> ScoreSummary:
     """Score every row of ``input_path`` with ``model`` into ``output_path``; continue an
     interrupted run of the same job. See the module docstring. ``chunk_rows`` defaults to
-    1024 rows of an array, 32 images of a folder."""
+    1024 rows of an array, 32 images of a folder.
+
+    Raises the error of the first chunk's rows when every one of them failed the same way
+    (nothing is left written), and :class:`RequestTimeout` when a chunk times out while no
+    worker of ``model`` is live (what is done stays done)."""
+    check_output_suffix(output_path)
     inputs, rows = open_input(input_path)
     folder = inputs if isinstance(inputs, ImageFolder) else None
     if chunk_rows is None:
@@ -262,16 +326,42 @@ def score(
         "chunk_rows": chunk_rows,
     }
     output = _Output(output_path, fingerprint, None if folder is None else folder.files)
-    if not output.resume() and folder is not None:
+    resumed = output.resume()
+    if not resumed and folder is not None:
         # Row i of the output is the i-th file of this list.
         Path(output_path + ".files.txt").write_text("".join(f + "\n" for f in folder.files))
+    pool = _Pool(client.redis_url, model)
+    try:
+        output.single_name = pool.single_output_name()
+        pool.warn_if_down()
+        return _run(client, model, inputs, rows, chunk_rows, window, timeout, output, pool,
+                    progress, fresh=not output.done)  # fmt: skip
+    finally:
+        pool.close()
+
+
+def _run(
+    client: Client,
+    model: str,
+    inputs: Input,
+    rows: int,
+    chunk_rows: int,
+    window: int,
+    timeout: float,
+    output: _Output,
+    pool: _Pool,
+    progress: Callable[[int, int], Progress],
+    *,
+    fresh: bool,
+) -> ScoreSummary:
     chunks = [c for c in range(-(-rows // chunk_rows)) if c not in output.done]
     bar = progress(rows, rows - sum(_chunk_rows(c, chunk_rows, rows) for c in chunks))
     started = time.monotonic()
-    scored = failed = 0
+    scored = 0
     last_save = started
     in_flight: deque[tuple[int, RequestFuture]] = deque()
     pending = iter(chunks)
+    first = fresh  # the next chunk collected is the job's first
     try:
         while True:
             while len(in_flight) < window:
@@ -285,22 +375,73 @@ def score(
             span = range(
                 chunk * chunk_rows, chunk * chunk_rows + _chunk_rows(chunk, chunk_rows, rows)
             )
-            failed += _collect(client, model, inputs, span, future, output, timeout)
+            failed = _collect(client, model, inputs, span, future, output, timeout, pool,
+                              first=first)  # fmt: skip
+            first = False
+            output.failed_rows += failed
             output.done.add(chunk)
             scored += len(span)
             bar.update(len(span))
             if time.monotonic() - last_save > SAVE_EVERY_S:
                 output.save()
                 last_save = time.monotonic()
+    except _FirstChunkFailed as e:
+        output.discard()  # nothing of use was written: no files left to mislead
+        raise e.error from None
     except BaseException:
-        output.save()  # what is done stays done: the next run starts from here
+        if output.done or output.layout is not None:
+            output.save()  # what is done stays done: the next run starts from here
+        else:
+            output.discard()  # nothing done: nothing to resume, no files left behind
         raise
     finally:
         bar.close()
     output.finish()
     return ScoreSummary(
-        rows=rows, scored=scored, failed_rows=failed, seconds=time.monotonic() - started
+        rows=rows,
+        scored=scored,
+        failed_rows=output.failed_rows,
+        seconds=time.monotonic() - started,
+        rows_done=rows,
     )
+
+
+class _FirstChunkFailed(Exception):
+    """Every row of the job's first chunk failed for one reason: ``error``."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Pool:
+    """What scoring asks Redis about the pool, on a connection of its own."""
+
+    def __init__(self, redis_url: str, model: str) -> None:
+        self.model = model
+        self.conn = redis.Redis.from_url(redis_url, socket_timeout=10)
+
+    def single_output_name(self) -> str:
+        try:
+            return single_output_name(self.conn, self.model)
+        except redis.RedisError:
+            return "output"
+
+    def down(self) -> liveness.Liveness | None:
+        """The model's liveness when no worker is live; None when one is (or if unknown)."""
+        try:
+            state = liveness.read(self.conn, self.model)
+        except redis.RedisError:
+            return None
+        return None if state.live else state
+
+    def warn_if_down(self) -> None:
+        state = self.down()
+        if state is not None:
+            log.warning("%s: scoring waits for a worker (Ctrl-C to stop)", state.describe())
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def _chunk_rows(chunk: int, chunk_rows: int, rows: int) -> int:
@@ -338,6 +479,9 @@ def _collect(
     future: RequestFuture,
     output: _Output,
     timeout: float,
+    pool: _Pool,
+    *,
+    first: bool,
 ) -> int:
     """Write a chunk's outputs; if it failed, score its rows one by one. Returns how many
     rows failed."""
@@ -345,18 +489,34 @@ def _collect(
         try:
             output.write(span.start, client.wait(future, timeout=timeout))
             return 0
-        except (RequestLost, RequestTimeout):
+        except (RequestLost, RequestTimeout) as e:
+            if isinstance(e, RequestTimeout) and pool.down() is not None:
+                raise  # its message says that no worker is live: waiting more will not help
             if attempt == 2:
                 break
             (future,) = client.submit_many(model, [_rows(inputs, span)])  # lost: send again
         except RequestError:
             break
     failed = 0
+    reasons: set[str] = set()
+    first_error: RequestError | None = None
     singles = client.submit_many(model, [_rows(inputs, range(r, r + 1)) for r in span])
     for row, single in zip(span, singles, strict=True):
         try:
             output.write(row, client.wait(single, timeout=timeout))
         except RequestError as e:
+            if isinstance(e, RequestTimeout) and pool.down() is not None:
+                raise
             output.fail_rows(range(row, row + 1), e)
             failed += 1
+            reasons.add(f"{type(e).__name__}: {e}")
+            first_error = first_error or e
+    if first and failed == len(span) and len(reasons) == 1 and first_error is not None:
+        raise _FirstChunkFailed(
+            type(first_error)(
+                f"every row of the first chunk (rows {span.start}-{span.stop - 1}) failed the"
+                f" same way, so scoring stopped with nothing written: {first_error}",
+                request_id=first_error.request_id,
+            )
+        )
     return failed

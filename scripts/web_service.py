@@ -13,7 +13,7 @@ Routes (``MODEL`` is the name the pool serves the model under):
   ``preprocess = "image"``: the encoded bytes go to the workers as they are;
 * ``POST /v1/models/MODEL/submit`` (either body) -> ``202 {"id": ...}``, and later
   ``GET /v1/results/ID?wait=SECONDS`` -> the outputs, or ``404`` while there is none;
-* ``GET /healthz`` -> ``{"ok": true}``.
+* ``GET /healthz`` -> ``{"ok": true}`` while Redis answers, else ``503``.
 
 ``?deadline_ms=N`` on predict and submit drops a request not started within N ms. Errors
 come back as ``{"error": KIND, "message": ...}`` with a status that says whose fault it is:
@@ -29,6 +29,8 @@ import sys
 from typing import Any
 
 import numpy as np
+import redis
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from queueing import AsyncClient
@@ -63,6 +65,9 @@ def create_app(client: AsyncClient, *, timeout_s: float = 30.0) -> web.Applicati
     """The service, sending to the pool through ``client`` (closed by the caller)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
     app[CLIENT] = client
+    health_redis = aioredis.Redis.from_url(
+        client.redis_url, socket_timeout=2, socket_connect_timeout=2
+    )
 
     async def predict(request: web.Request) -> web.Response:
         inputs, deadline = await _inputs(request)
@@ -89,7 +94,19 @@ def create_app(client: AsyncClient, *, timeout_s: float = 30.0) -> web.Applicati
         return web.json_response({"outputs": _jsonable(outputs)})
 
     async def healthz(request: web.Request) -> web.Response:
+        # Healthy means able to queue: Redis answers. (Whether a pool serves the model is
+        # `tfpool status`'s question: requests may wait for one.)
+        try:
+            await health_redis.ping()
+        except redis.RedisError as e:
+            body = {"ok": False, "error": "Unavailable", "message": f"cannot reach Redis: {e}"}
+            return web.json_response(body, status=503, headers={"Retry-After": "1"})
         return web.json_response({"ok": True})
+
+    async def close_health_redis(_: web.Application) -> None:
+        await health_redis.aclose()
+
+    app.on_cleanup.append(close_health_redis)
 
     app.router.add_post("/v1/models/{model}/predict", predict)
     app.router.add_post("/v1/models/{model}/submit", submit)
@@ -131,6 +148,11 @@ async def _inputs(request: web.Request) -> tuple[Sendable, float | None]:
     data = await request.read()
     if not data:
         raise InvalidInput("empty body: send JSON or an encoded image")
+    if data.lstrip()[:1] in (b"{", b"["):  # no image starts so: JSON sent without its type
+        raise InvalidInput(
+            "the body looks like JSON but its Content-Type is"
+            f" {request.content_type!r}: send it with -H 'Content-Type: application/json'"
+        )
     return data, deadline
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
 import sys
 import tempfile
 import typing
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,62 +25,83 @@ from typing import Any
 import numpy as np
 import redis
 
-from queueing import Client, RequestError
+from queueing import Client
+from queueing.base import without_password
 from queueing.client import resolve_redis_url
-from queueing.score import IMAGE_SUFFIXES
+from queueing.score import IMAGE_SUFFIXES, check_output_suffix, single_output_name
+from workers import failures
 from workers.config import PoolConfig, option_types
 from workers.embedded_redis import RedisServer
-from workers.errors import WorkerError
+from workers.errors import ConfigError
+from workers.option_help import help_for
 
 log = logging.getLogger("tfpool")
-
-#: Options that get a short, documented flag of their own in ``serve``; the rest are there
-#: too, by their option name.
-_SERVE_HELP = {
-    "model": "SavedModel directory, or .keras / .h5 file",
-    "name": "name producers use (default: the model's file name)",
-    "redis_url": "Redis URL (default: TFPOOL_REDIS_URL, else a private redis-server)",
-    "workers": "worker processes (default: one per GPU, else one per 4 cores)",
-    "max_batch_size": "most rows in a batch",
-    "max_latency_ms": "longest a request waits for company, from its arrival",
-    "allow_evicting_redis": "serve even if Redis's maxmemory-policy may delete queued requests",
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    debug: bool = getattr(args, "debug", False)
     logging.basicConfig(
-        level=getattr(args, "log_level", None) or "INFO",
+        level="DEBUG" if debug else "INFO",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
         code: int = args.run(args)
-    except (WorkerError, RequestError) as e:
-        print(f"tfpool: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        sys.stdout.flush()  # a closed pipe shows here, inside the try
+    except BrokenPipeError:
+        # `tfpool status | head`: the reader has what it wanted. Point stdout at /dev/null
+        # so that Python's own flush at exit does not complain a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return failures.EXIT_BROKEN_PIPE
+    except BaseException as e:
+        failure = None if debug else failures.describe(e)
+        if failure is None:
+            raise
+        line, code = failure
+        print(f"tfpool {args.command}: {line}", file=sys.stderr)
     return code
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tfpool", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="tfpool",
+        description="A TensorFlow inference worker pool over Redis Streams.",
+        epilog="Exit codes: 0 done; 1 done but incomplete (score: failed rows; status: a model"
+        " with no live worker); 2 bad arguments, configuration, input or request; 3 serve:"
+        " the model cannot be loaded; 4 Redis cannot be reached; 5 no result in time;"
+        " 130 interrupted. Add --debug to any command to see the traceback of a failure.",
+    )
+    parser.add_argument("--version", action="version", version=f"tfpool {_version()}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help="show tracebacks, debug logs and TensorFlow's own start-up logging",
+    )
 
-    serve = commands.add_parser("serve", help="run a pool of workers for one model")
-    serve.add_argument("--config", help="TOML file of options (see configs/example.toml)")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
+
+    serve = add("serve", "run a pool of workers for one model")
+    serve.add_argument(
+        "--config",
+        help="TOML file of options (see configs/example.toml); relative paths in it are"
+        " taken from its folder (default: none)",
+    )
     _add_pool_options(serve)
     serve.set_defaults(run=_serve)
 
-    inspect = commands.add_parser(
-        "inspect", help="a model's inputs, outputs, batch limit, and what to send it"
-    )
+    inspect = add("inspect", "a model's inputs, outputs, batch limit, and what to send it")
     inspect.add_argument("path", nargs="?", metavar="MODEL", help="the model (or --model)")
     inspect.add_argument("--config", help="TOML file of options (see configs/example.toml)")
     _add_pool_options(inspect)
     inspect.set_defaults(run=_inspect)
 
-    predict = commands.add_parser("predict", help="send one request, print or save the result")
+    predict = add("predict", "send one request, print or save the result")
     predict.add_argument("--model", required=True, help="model name")
     predict.add_argument(
         "--input", required=True, help=".npy (one input), .npz (named), or an image file"
@@ -89,27 +112,37 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--deadline", type=float, help="seconds before the request expires")
     predict.set_defaults(run=_predict)
 
-    score = commands.add_parser("score", help="score a dataset file into a file, resumably")
+    score = add("score", "score a dataset file into a file, resumably")
     score.add_argument("--model", required=True, help="model name")
     score.add_argument(
         "input",
         help=".npy (memory-mapped), .npz (one array per input), or a folder of images"
         " (JPEG/PNG/GIF/BMP, for a pool with preprocess = image)",
     )
-    score.add_argument("output", help=".npy (one output) or .npz (several)")
+    score.add_argument(
+        "output", help="output file: .npy (a model with one output) or .npz (any model)"
+    )
     score.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
     score.add_argument("--chunk-rows", type=int, help="rows per request (default: 1024; 32 images)")
     score.add_argument("--window", type=int, default=8, help="chunks in flight")
+    score.add_argument(
+        "--allow-failed-rows",
+        type=_allowance,
+        default=0,
+        metavar="N",
+        help="rows that may fail with exit code 0: a count (100), or a fraction of all rows"
+        " (0.01); more failed rows exit with 1 (default: 0)",
+    )
     score.set_defaults(run=_score)
 
-    status = commands.add_parser("status", help="workers of every host, queues, dead letters")
+    status = add(
+        "status", "workers of every host, queues, dead letters; exit 1 if a model has no worker"
+    )
     status.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(run=_status)
 
-    bench = commands.add_parser(
-        "bench", help="measure throughput, latency and CPU vs the bare model"
-    )
+    bench = add("bench", "measure throughput, latency and CPU vs the bare model")
     bench.add_argument(
         "--scenario",
         action="append",
@@ -127,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", help="also write the figures here")
     bench.set_defaults(run=_bench)
 
-    demo = commands.add_parser("demo", help="build a demo model, serve it, send it requests")
+    demo = add("demo", "build a demo model, serve it, send it requests")
     demo.add_argument("--redis-url", help="Redis URL (default: a private redis-server)")
     demo.add_argument("--workers", type=int, default=1, help="worker processes")
     demo.add_argument("--requests", type=int, default=2000, help="one-row requests to send")
@@ -135,10 +168,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tfpool")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
 def _add_pool_options(parser: argparse.ArgumentParser) -> None:
     for option, kind in option_types().items():
         flag = "--" + option.replace("_", "-")
-        help_text = _SERVE_HELP.get(option, f"see configs/example.toml ({option})")
+        help_text = help_for(option)
         if kind is bool:
             parser.add_argument(flag, dest=option, action="store_true", default=None,
                                 help=help_text)  # fmt: skip
@@ -158,7 +198,8 @@ def redis_url_or_embedded(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    with RedisServer() as server:
+    # Tied to this process: a killed `tfpool serve` takes its private Redis with it.
+    with RedisServer(die_with_parent=True) as server:
         print(f"tfpool: started a private redis-server at {server.url}", flush=True)
         yield server.url
 
@@ -167,16 +208,24 @@ def _serve(args: argparse.Namespace) -> int:
     from workers.supervisor import Supervisor
 
     overrides = {k: getattr(args, k) for k in option_types() if hasattr(args, k)}
+    if args.debug:
+        overrides["log_level"] = "DEBUG"
     config = PoolConfig.load(config_file=args.config, overrides=overrides)
+    if not os.path.exists(config.model) and not _is_builder(config.model):
+        # Said now, rather than by every worker after it has imported TensorFlow.
+        where = f"; set `model` in {args.config} or pass --model" if args.config else ""
+        raise ConfigError(f"model {config.model}: no such file or directory{where}")
     with redis_url_or_embedded(config.redis_url) as url:
         config = dataclasses.replace(config, redis_url=url)
-        supervisor = Supervisor(config)
-        supervisor.check_redis()
-        print(
-            f"tfpool: serving model {config.name!r} from {config.model} on {url}"
-            f" with {len(supervisor.slots)} worker(s)",
-            flush=True,
-        )
+
+        def announce(workers: int) -> None:
+            print(
+                f"tfpool: serving model {config.name!r} from {config.model} on"
+                f" {without_password(url)} with {workers} worker(s)",
+                flush=True,
+            )
+
+        supervisor = Supervisor(config, on_ready=announce)
         return supervisor.run_forever()
 
 
@@ -201,12 +250,22 @@ def _load_inputs(path: str) -> Any:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_suffix(args.output)
     inputs = _load_inputs(args.input)
-    with Client(resolve_redis_url(args.redis_url)) as client:
+    url = resolve_redis_url(args.redis_url)
+    with Client(url) as client:
         outputs = client.predict(args.model, inputs, timeout=args.timeout, deadline=args.deadline)
     if args.output:
-        if isinstance(outputs, dict):
+        if args.output.endswith(".npz"):
+            if not isinstance(outputs, dict):
+                outputs = {_single_output_name(url, args.model): outputs}
             np.savez(args.output, **outputs)  # type: ignore[arg-type]
+        elif isinstance(outputs, dict):
+            raise ValueError(
+                f"model {args.model!r} has {len(outputs)} outputs ({', '.join(outputs)}):"
+                " write them to a .npz"
+            )
         else:
             np.save(args.output, outputs)
         print(f"wrote {args.output}")
@@ -218,12 +277,32 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _single_output_name(url: str, model: str) -> str:
+    conn = redis.Redis.from_url(url, socket_timeout=10)
+    try:
+        return single_output_name(conn, model)
+    finally:
+        conn.close()
+
+
+def _allowance(text: str) -> float:
+    """``--allow-failed-rows``: a count of rows (``100``), or a fraction of them (``0.01``)."""
+    try:
+        value = float(text) if "." in text or "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count or a fraction") from None
+    if value < 0 or (isinstance(value, float) and value > 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: a count >= 0, or a fraction from 0 to 1")
+    return value
+
+
 def _score(args: argparse.Namespace) -> int:
     from queueing.score import score
     from workers.memory import keep_large_buffers
 
     keep_large_buffers()  # a chunk is a megabyte: no fresh pages from the kernel for each
 
+    check_output_suffix(args.output)
     with Client(resolve_redis_url(args.redis_url)) as client:
         try:
             summary = score(client, args.model, args.input, args.output,
@@ -231,12 +310,23 @@ def _score(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("tfpool score: interrupted; run the same command again to continue",
                   file=sys.stderr)  # fmt: skip
-            return 130
-    print(f"scored {summary.scored:,} of {summary.rows:,} rows in {summary.seconds:.1f}s"
-          f" ({summary.scored / max(summary.seconds, 1e-9):,.0f} rows/s);"
-          f" {summary.failed_rows} failed rows" + (f", see {args.output}.errors.tsv"
-                                                   if summary.failed_rows else ""))  # fmt: skip
-    return 0
+            return failures.EXIT_INTERRUPTED
+    earlier = summary.rows_done - summary.scored
+    print(f"scored {summary.rows_done:,} of {summary.rows:,} rows"
+          + (f" ({summary.scored:,} in this run, {earlier:,} before)" if earlier else "")
+          + f" in {summary.seconds:.1f}s ({summary.scored / max(summary.seconds, 1e-9):,.0f}"
+          f" rows/s); {summary.failed_rows:,} failed rows"
+          + (f", see {args.output}.errors.tsv" if summary.failed_rows else ""))  # fmt: skip
+    allowance: float = args.allow_failed_rows
+    allowed = allowance * summary.rows if isinstance(allowance, float) else allowance
+    if summary.failed_rows > allowed:
+        print(
+            f"tfpool score: {summary.failed_rows:,} of {summary.rows:,} rows failed, more than"
+            f" --allow-failed-rows {allowance} allows; see {args.output}.errors.tsv",
+            file=sys.stderr,
+        )
+        return failures.EXIT_INCOMPLETE
+    return failures.EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -248,7 +338,15 @@ def _status(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(json.dumps(status.to_json(), indent=2) if args.json else render(status))
-    return 0
+    dead = status.models_without_workers
+    if dead:
+        sys.stdout.flush()
+        print(
+            f"tfpool status: no live worker for {', '.join(repr(n) for n in dead)}",
+            file=sys.stderr,
+        )
+        return failures.EXIT_INCOMPLETE
+    return failures.EXIT_OK
 
 
 def _bench_scenarios() -> list[str]:
@@ -282,32 +380,58 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from workers.demo import DemoWeights, build_demo_model, run_requests
-    from workers.supervisor import Supervisor
+    from workers.demo import DemoWeights, build_demo_model, forget_model, run_requests
+    from workers.placement import describe_slots
+    from workers.supervisor import Supervisor, check_redis_url
 
+    if not args.debug:  # the demo says what happens itself
+        logging.getLogger().setLevel(logging.WARNING)
     weights = DemoWeights.random()
+    # On the user's Redis, a name of its own: never another pool's "demo", and removed after.
+    name = f"demo-{uuid.uuid4().hex[:8]}" if args.redis_url else "demo"
+    if args.redis_url:  # said now, before TensorFlow builds the model
+        check_redis_url(args.redis_url)
+        conn = redis.Redis.from_url(args.redis_url, socket_connect_timeout=5)
+        try:
+            conn.ping()
+        finally:
+            conn.close()
     with (
         tempfile.TemporaryDirectory(prefix="tfpool-demo-") as tmp,
         redis_url_or_embedded(args.redis_url) as url,
     ):
-        path = build_demo_model(tmp, weights)
+        path = build_demo_model(tmp, weights, debug=args.debug)
         config = PoolConfig(
-            model=path, name="demo", redis_url=url, workers=args.workers, log_level="WARNING"
+            model=path,
+            name=name,
+            redis_url=url,
+            workers=args.workers,
+            log_level="DEBUG" if args.debug else "WARNING",
         )
         supervisor = Supervisor(config)
+        replies: list[str] = []  # the demo client's reply list, removed with the rest
+        print(f"tfpool demo: {describe_slots(supervisor.slots)}; starting...", flush=True)
         supervisor.start()
         try:
-            print(f"tfpool demo: starting {len(supervisor.slots)} worker(s)...", flush=True)
             if not supervisor.wait_ready(timeout=300):
                 print("tfpool demo: a worker failed to start", file=sys.stderr)
-                return 1
+                return failures.EXIT_LOAD_FAILED
             with Client(url) as client:
-                wrong = run_requests(client, "demo", weights, requests=args.requests)
+                replies.append(client.reply_key)
+                wrong = run_requests(client, name, weights, requests=args.requests)
         finally:
             supervisor.drain()
+            if args.redis_url:
+                forget_model(url, name, replies)
     print("tfpool demo: done" if not wrong else f"tfpool demo: {wrong} wrong results")
-    return 0 if not wrong else 1
+    return failures.EXIT_OK if not wrong else failures.EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _is_builder(model: str) -> bool:
+    """``module:callable``: a model built by the user's code, not a path."""
+    module, sep, name = model.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in [*module.split("."), name])

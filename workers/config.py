@@ -24,6 +24,9 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "TFPOOL_"
 
+#: Options that name files: relative paths in a config file are taken from its folder.
+PATH_OPTIONS = ("model", "labels_file")
+
 
 @dataclass(frozen=True, kw_only=True)
 class PoolConfig:
@@ -240,7 +243,9 @@ def option_types() -> dict[str, Any]:
 
 
 def read_toml(path: str) -> dict[str, Any]:
-    """Options from a TOML file: top-level keys, or the ``[pool]`` table."""
+    """Options from a TOML file: top-level keys, or the ``[pool]`` table. Relative paths
+    (``PATH_OPTIONS``) are taken from the file's folder, as they read, rather than from
+    wherever the command runs."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -249,7 +254,13 @@ def read_toml(path: str) -> dict[str, Any]:
     table = data.get("pool", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [pool] must be a table")
-    return dict(table)
+    folder = Path(path).resolve().parent
+    options = dict(table)
+    for option in PATH_OPTIONS:
+        value = options.get(option)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            options[option] = str(folder / value)
+    return options
 
 
 def from_env(env: Mapping[str, str]) -> dict[str, Any]:

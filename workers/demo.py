@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis
 
-from queueing import Client
+from queueing import Client, keys
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,12 @@ class DemoWeights:
         return out
 
 
-def _save_keras_mlp(path: str, weights: DemoWeights) -> None:
-    import keras
+def _save_keras_mlp(path: str, weights: DemoWeights, debug: bool) -> None:
+    from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
+
+    quiet_tensorflow_logging(debug=debug)
+    with native_stderr_silenced(enabled=not debug):
+        import keras
 
     inputs = keras.Input((16,), name="x")
     hidden = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
@@ -54,18 +59,39 @@ def _save_keras_mlp(path: str, weights: DemoWeights) -> None:
     model.save(path)
 
 
-def build_demo_model(directory: str, weights: DemoWeights) -> str:
+def build_demo_model(directory: str, weights: DemoWeights, *, debug: bool = False) -> str:
     """Save the demo MLP as ``demo.keras`` in ``directory``, in a spawned child so that
-    this process stays free of TensorFlow. Returns the path."""
+    this process stays free of TensorFlow (whose start-up lines are kept quiet unless
+    ``debug``). Returns the path."""
     path = str(Path(directory) / "demo.keras")
     child = multiprocessing.get_context("spawn").Process(
-        target=_save_keras_mlp, args=(path, weights)
+        target=_save_keras_mlp, args=(path, weights, debug)
     )
     child.start()
     child.join()
     if child.exitcode != 0:
         raise RuntimeError(f"building the demo model failed (exit code {child.exitcode})")
     return path
+
+
+def forget_model(redis_url: str, model: str, reply_lists: list[str]) -> None:
+    """Remove every key the demo's pool and client left in a user's Redis: the model's
+    queue, info and dead letters, its name in the list of models, its workers' last
+    heartbeats, and the client's reply lists."""
+    conn = redis.Redis.from_url(redis_url, socket_timeout=10)
+    try:
+        beats = [
+            key
+            for key in conn.scan_iter(match=keys.WORKER_PATTERN, count=500)
+            if conn.hget(key, "model") == model.encode()
+        ]
+        conn.delete(
+            keys.stream(model), keys.model_info(model), keys.dead_letters(model),
+            keys.attempts(model), keys.last_alive(model), *beats, *reply_lists,
+        )  # fmt: skip
+        conn.srem(keys.MODELS, model)
+    finally:
+        conn.close()
 
 
 def run_requests(client: Client, model: str, weights: DemoWeights, *, requests: int) -> int:

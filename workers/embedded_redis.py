@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -81,6 +84,25 @@ def free_port(*, outside_ephemeral: bool = False) -> int:
     raise RedisServerError("no free port between 20000 and 30000")
 
 
+#: prctl(2) option: the signal a process gets when its parent (thread) dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks the kernel to SIGTERM the child when its parent dies;
+    None where prctl does not exist (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork, not in the child
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files for a TLS server: its certificate and key, and the CA that signed it."""
@@ -95,7 +117,11 @@ class RedisServer:
 
     ``password`` turns on AUTH for the default user; ``users`` adds ACL users (name,
     password) with full access; ``tls`` serves TLS only, on ``port``. ``appendonly``
-    turns on AOF persistence, so that :meth:`restart` finds its data again.
+    turns on AOF persistence, so that :meth:`restart` finds its data again. ``die_with_parent``
+    (Linux): the server gets SIGTERM when the thread that started it ends, even if this
+    process is killed with SIGKILL, so a killed ``tfpool serve`` leaves no redis-server
+    behind. Only for a server started from a thread that lives as long as it should
+    (the main thread of the CLI).
     """
 
     def __init__(
@@ -108,6 +134,7 @@ class RedisServer:
         tls: TlsFiles | None = None,
         extra_args: Sequence[str] = (),
         appendonly: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
@@ -116,6 +143,7 @@ class RedisServer:
         self.tls = tls
         self.extra_args = list(extra_args)
         self.appendonly = appendonly
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -155,7 +183,10 @@ class RedisServer:
             *self._security_args(),  # after --port: a TLS server moves its port
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        preexec = _die_with(os.getpid()) if self.die_with_parent else None
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec
+        )
         give_up = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         try:

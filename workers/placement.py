@@ -72,3 +72,12 @@ def plan(
     intra = config.intra_op_threads or max(1, cores // total)
     inter = config.inter_op_threads or 1
     return [Slot(i, None, intra, inter) for i in range(total)]
+
+
+def describe_slots(slots: list[Slot]) -> str:
+    """E.g. ``no GPU found: 2 CPU workers`` or ``GPUs 0, 1: 2 workers``."""
+    plural = "" if len(slots) == 1 else "s"
+    devices = sorted({s.device for s in slots if s.device is not None})
+    if not devices:
+        return f"no GPU found: {len(slots)} CPU worker{plural}"
+    return f"GPU{'s' if len(devices) > 1 else ''} {', '.join(devices)}: {len(slots)} worker{plural}"

@@ -19,7 +19,7 @@ import psutil
 import redis
 from redis.typing import EncodableT, FieldT
 
-from queueing import keys
+from queueing import keys, liveness
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.messages import WorkerStats
@@ -137,7 +137,12 @@ class Presence:
             "updated": time.time(),
             **self.settings,
         }
+        ttl_s = max(1, int(self.config.heartbeat_s * 3 + 0.999))
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)
-        pipe.expire(key, max(1, int(self.config.heartbeat_s * 3 + 0.999)))
+        pipe.expire(key, ttl_s)
+        if fields["state"] == "ready":  # what a producer that times out is told
+            redis_now = time.monotonic() + self.clock.offset
+            stamp = liveness.heartbeat_fields(redis_now, ttl_s)
+            pipe.hset(keys.last_alive(self.config.name), mapping=stamp)  # type: ignore[arg-type]
         pipe.execute()

@@ -10,6 +10,12 @@ import numpy as np
 from queueing.errors import InvalidInput
 from queueing.wire import BYTES, STR, Inputs, dtype_name
 
+#: Said when encoded bytes (an image file, say) reach a pool whose model takes arrays.
+_IMAGES_HINT = (
+    '; this pool does not decode images: serve it with preprocess = "image"'
+    " (--preprocess image) to send JPEG/PNG files, or send arrays"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
@@ -132,7 +138,8 @@ def fit_inputs(spec: Sequence[TensorSpec], inputs: Inputs, *, convert: bool = Tr
         if kind != s.dtype:
             converted = convert_array(array, kind, s.dtype) if convert else None
             if converted is None:
-                raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}")
+                hint = _IMAGES_HINT if kind == BYTES else ""
+                raise InvalidInput(f"input {s.name!r}: expected {s.describe()}, {got}{hint}")
             array = converted
         if array.ndim == len(s.shape) + 1:
             batched_flags.add(True)

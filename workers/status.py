@@ -14,18 +14,28 @@ from typing import Any
 import redis
 
 from queueing import keys
+from queueing.liveness import FIELD_LAST_SEEN, ago
 from queueing.redis_state import SAFE_POLICY
+
+#: Heartbeat fields that stay text; the others are numbers (in ``--json`` too).
+TEXT_FIELDS = frozenset(
+    {"host", "device", "model", "state", "cuda_visible_devices", "memory_growth"}
+)
 
 
 @dataclass(frozen=True)
 class ModelStatus:
     """One model's queue: ``waiting`` not yet read, ``pending`` read and not yet answered
-    (held by a worker, or by a dead one until taken over), ``dead_letters`` set aside."""
+    (held by a worker, or by a dead one until taken over), ``dead_letters`` set aside;
+    ``live_workers`` whose heartbeat is current and who serve; ``last_seen``: when a
+    worker last did (Unix seconds, Redis's clock; None if never recorded)."""
 
     name: str
     waiting: int
     pending: int
     dead_letters: int
+    live_workers: int
+    last_seen: float | None
     consumers: int
     max_queue: int
     inputs: str
@@ -42,8 +52,9 @@ class RedisStatus:
 
 @dataclass(frozen=True)
 class PoolStatus:
-    workers: list[dict[str, str]]
+    workers: list[dict[str, Any]]
     models: list[ModelStatus]
+    now: float  # Redis's clock when read
     redis: RedisStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -53,6 +64,11 @@ class PoolStatus:
             "redis": None if self.redis is None else asdict(self.redis),
         }
 
+    @property
+    def models_without_workers(self) -> list[str]:
+        """Models that no live worker serves: requests to them wait."""
+        return [m.name for m in self.models if not m.live_workers]
+
 
 def collect(conn: redis.Redis) -> PoolStatus:
     """Read the status of every pool on this Redis."""
@@ -60,11 +76,19 @@ def collect(conn: redis.Redis) -> PoolStatus:
     for key in conn.scan_iter(match=keys.WORKER_PATTERN, count=500):
         fields: dict[bytes, bytes] = conn.hgetall(key)  # type: ignore[assignment]
         if fields:
-            workers.append({k.decode(): v.decode() for k, v in fields.items()})
-    workers.sort(key=lambda w: (w.get("model", ""), w.get("host", ""), int(w.get("slot", 0))))
+            workers.append({k.decode(): _typed(k.decode(), v.decode()) for k, v in fields.items()})
+    workers.sort(key=lambda w: (w.get("model", ""), w.get("host", ""), w.get("slot", 0)))
     names = sorted(n.decode() for n in conn.smembers(keys.MODELS))  # type: ignore[union-attr]
+    seconds, micros = conn.time()
+    live: dict[str, int] = {}
+    for w in workers:
+        if w.get("state") == "ready":  # a heartbeat key exists only while its TTL runs
+            live[w.get("model", "")] = live.get(w.get("model", ""), 0) + 1
     return PoolStatus(
-        workers=workers, models=[_model_status(conn, n) for n in names], redis=_redis(conn)
+        workers=workers,
+        models=[_model_status(conn, n, live.get(n, 0)) for n in names],
+        now=seconds + micros / 1e6,
+        redis=_redis(conn),
     )
 
 
@@ -85,13 +109,26 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
+def _typed(name: str, value: str) -> Any:
+    """A heartbeat field as JSON would have it: numbers as numbers."""
+    if name in TEXT_FIELDS:
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _model_status(conn: redis.Redis, name: str, live_workers: int) -> ModelStatus:
     stream = keys.stream(name)
     pipe = conn.pipeline(transaction=False)
     pipe.xlen(stream)
     pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.model_info(name))
-    length, dead, info = pipe.execute()
+    pipe.hget(keys.last_alive(name), FIELD_LAST_SEEN)
+    length, dead, info, last_seen = pipe.execute()
     pending, consumers = 0, 0
     try:
         groups: list[dict[str, Any]] = conn.xinfo_groups(stream)
@@ -106,6 +143,8 @@ def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
         waiting=max(0, int(length) - pending),
         pending=pending,
         dead_letters=int(dead),
+        live_workers=live_workers,
+        last_seen=None if last_seen is None else float(last_seen),
         consumers=consumers,
         max_queue=int(info.get(b"max_queue", 0)),
         inputs=info.get(b"inputs", b"").decode(),
@@ -114,7 +153,7 @@ def _model_status(conn: redis.Redis, name: str) -> ModelStatus:
 
 def render(status: PoolStatus, *, now: float | None = None) -> str:
     """A plain-text report: a workers table, then a models table."""
-    now = time.time() if now is None else now
+    now = status.now if now is None else now
     lines = []
     if status.redis is not None:
         lines += [_describe_redis(status.redis), ""]
@@ -143,17 +182,18 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
     model_rows = [
         (
             m.name,
+            str(m.live_workers),
+            "now" if m.live_workers else _last_seen(m.last_seen, now),
             str(m.waiting),
             str(m.pending),
             str(m.dead_letters),
-            str(m.consumers),
             str(m.max_queue or "none"),
             m.inputs,
         )
         for m in status.models
     ]
     lines += _table(
-        ("MODEL", "WAITING", "PENDING", "DEAD", "CONSUMERS", "CAP", "INPUTS"), model_rows
+        ("MODEL", "LIVE", "LAST SEEN", "WAITING", "PENDING", "DEAD", "CAP", "INPUTS"), model_rows
     )
     return "\n".join(lines)
 
@@ -168,6 +208,12 @@ def _describe_redis(r: RedisStatus) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
+
+
+def _last_seen(last_seen: float | None, now: float) -> str:
+    if last_seen is None:
+        return "unknown"
+    return f"{time.strftime('%H:%M:%S', time.localtime(last_seen))} ({ago(now - last_seen)})"
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from multiprocessing.sharedctypes import Synchronized
@@ -23,10 +24,11 @@ from types import FrameType
 import psutil
 import redis
 
+from queueing.base import without_password
 from queueing.redis_state import eviction_problem, read_policy
 from workers.config import PoolConfig
-from workers.errors import RedisSettingsError
-from workers.placement import Slot, plan
+from workers.errors import ConfigError, RedisSettingsError
+from workers.placement import Slot, describe_slots, plan
 from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ _SPAWN = multiprocessing.get_context("spawn")
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
+
+#: Waiting for Redis at start: first delay between tries, and the cap.
+REDIS_RETRY_START_S = 1.0
+REDIS_RETRY_MAX_S = 30.0
 
 
 @dataclass
@@ -71,10 +77,20 @@ class WorkerHandle:
 class Supervisor:
     """Runs the workers of one pool on this host."""
 
-    def __init__(self, config: PoolConfig, *, slots: list[Slot] | None = None) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        slots: list[Slot] | None = None,
+        on_ready: Callable[[int], None] | None = None,
+    ) -> None:
         if not config.redis_url:
             raise ValueError("the supervisor needs a Redis URL (start an embedded one first)")
+        check_redis_url(config.redis_url)
         self.config = config
+        #: Called once, with the number of workers, when every worker first serves.
+        self.on_ready = on_ready
+        self._announced = False
         self.slots = slots if slots is not None else plan(config)
         self.handles = [WorkerHandle(slot) for slot in self.slots]
         #: What happened to workers, in order: (kind, slot, pid); kind is "crash",
@@ -89,12 +105,7 @@ class Supervisor:
         """Check Redis's settings, then spawn every worker (they load and warm up in
         parallel). Raises RedisSettingsError on a Redis that would lose requests."""
         self.check_redis()
-        log.info(
-            "starting %d worker(s) for model %s: %s",
-            len(self.handles),
-            self.config.name,
-            ", ".join(h.slot.device or "cpu" for h in self.handles),
-        )
+        log.info("model %s: %s", self.config.name, describe_slots(self.slots))
         for handle in self.handles:
             self._spawn(handle)
 
@@ -115,6 +126,38 @@ class Supervisor:
         log.warning("%s. Serving anyway, as allow_evicting_redis says: requests may be "
                     "evicted and lost without an error", problem)  # fmt: skip
 
+    def wait_for_redis(self) -> bool:
+        """Reach Redis before any worker starts: a worker without Redis would only crash
+        and be restarted, each time after loading TensorFlow and the model. Unreachable,
+        Redis may still come up later (started beside us, as in Kubernetes): wait, one
+        log line per try. False if a signal stopped the wait. A refused password raises
+        ConfigError: waiting would not change it."""
+        delay = REDIS_RETRY_START_S
+        safe_url = without_password(self.config.redis_url)
+        while not self._draining.is_set():
+            conn = redis.Redis.from_url(
+                self.config.redis_url, socket_connect_timeout=5, socket_timeout=5
+            )
+            try:
+                conn.ping()
+                return True
+            except redis.AuthenticationError as e:
+                raise ConfigError(f"Redis at {safe_url} refused the credentials: {e}") from e
+            except redis.ResponseError as e:  # NOAUTH, WRONGPASS, ...
+                raise ConfigError(f"Redis at {safe_url} refused: {e}") from e
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning(
+                    "cannot reach Redis at %s (%s); trying again in %.0fs, no worker started",
+                    safe_url, e, delay,
+                )  # fmt: skip
+            except redis.RedisError as e:  # it answers, but not as Redis does
+                raise ConfigError(f"{safe_url} does not answer as Redis: {e}") from e
+            finally:
+                conn.close()
+            self._draining.wait(delay)
+            delay = min(delay * 2, REDIS_RETRY_MAX_S)
+        return False
+
     def wait_ready(self, timeout: float = 300.0) -> bool:
         """Wait until every worker has loaded and warmed its model. False if one exited
         without getting there, or on timeout."""
@@ -132,6 +175,8 @@ class Supervisor:
     def run_forever(self) -> int:
         """Serve until a signal: the loop of ``tfpool serve``. Returns the exit code."""
         self._install_signal_handlers()
+        if not self.wait_for_redis():
+            return self.exit_code  # a signal came first: nothing was started
         self.start()
         self.monitor()
         self.drain()
@@ -152,6 +197,11 @@ class Supervisor:
             if handle.is_ready and not handle.ever_ready:
                 handle.ever_ready = True
                 log.info("worker %s (slot %d) is ready", handle.worker_id, handle.slot.index)
+        if not self._announced and all(h.ever_ready for h in self.handles):
+            self._announced = True
+            if self.on_ready is not None:
+                self.on_ready(len(self.handles))
+        for handle in self.handles:
             process = handle.process
             if process is not None and not process.is_alive():
                 self._reap(handle, now)
@@ -290,6 +340,17 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ConfigError unless ``url`` is a Redis URL redis-py can connect with."""
+    try:
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as e:
+        raise ConfigError(
+            f"redis_url {without_password(url)!r} is not a Redis URL: {e}"
+            " (e.g. redis://host:6379/0, rediss://..., unix:///path/redis.sock)"
+        ) from e
 
 
 def _new_flag() -> Synchronized[int]:

@@ -56,6 +56,7 @@ from workers.memory import keep_large_buffers
 from workers.messages import AnswerMaker, InHand, WorkerStats
 from workers.placement import Slot
 from workers.presence import Presence
+from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
 from workers.reader import Reader
 from workers.runner import Runner, Served, load
 from workers.shared import BatchDesk, HeldEntries, StreamClock
@@ -214,7 +215,8 @@ def worker_main(
     supervisor's way to stop or recycle it); a second SIGTERM exits at once."""
     # An empty CUDA_VISIBLE_DEVICES keeps a CPU worker off every GPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    debug = config.log_level.upper() == "DEBUG"
+    quiet_tensorflow_logging(debug=debug)
     worker_id = consumer_name(os.getpid())
     keep_large_buffers()
     logging.basicConfig(
@@ -237,15 +239,17 @@ def worker_main(
     try:
         # A module that cannot be imported never will be: a load failure (exit 3 stops the
         # pool), not a crash to restart with backoff forever.
-        preload(config.preload)
-        from workers.model import configure_tensorflow
+        # TensorFlow starts (imported by a preload module, or here) and looks for GPUs
+        # with its start-up lines kept off the terminal (see workers.quiet).
+        with native_stderr_silenced(enabled=not debug):
+            preload(config.preload)
+            from workers.model import configure_tensorflow
 
-        worker.settings.update(
-            configure_tensorflow(
+            settings = configure_tensorflow(
                 intra_op_threads=slot.intra_op_threads or None,
                 inter_op_threads=slot.inter_op_threads or None,
             )
-        )
+        worker.settings.update(settings)
         code = worker.run()
     except WorkerError as e:  # says what is wrong and what to do: no traceback needed
         log.error("worker %s cannot serve the model: %s", worker_id, e)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import IO, cast
 
 import numpy as np
-import pytest
 
 from tests.integration import models
 from tests.integration.helpers import TFPOOL, URL_LINE, heartbeats, redis_is_up
@@ -84,11 +83,25 @@ def test_bad_configuration_is_a_clear_error() -> None:
     assert "max_batch_size must be >= 1" in done.stderr
 
 
-@pytest.mark.parametrize("path", ["/nonexistent/model.keras", "/tmp/not-a-model.txt"])
-def test_unloadable_model_stops_the_pool_with_exit_code_3(path: str, redis_url: str) -> None:
+def test_a_missing_model_is_a_one_line_error_before_any_worker_starts(redis_url: str) -> None:
     done = subprocess.run(
-        [*TFPOOL, "serve", "--model", path, "--redis-url", redis_url, "--workers", "1"],
+        [*TFPOOL, "serve", "--model", "/nonexistent/model.keras", "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        done.stderr == "tfpool serve: model /nonexistent/model.keras: no such file or directory\n"
+    )
+    assert done.stdout == ""
+
+
+def test_unloadable_model_stops_the_pool_with_exit_code_3(redis_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "not-a-model.txt"
+    path.write_text("not a model")
+    done = subprocess.run(
+        [*TFPOOL, "serve", "--model", str(path), "--redis-url", redis_url, "--workers", "1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 3, done.stderr[-2000:]
     assert "could not load the model" in done.stderr
+    assert "serving model" not in done.stdout  # it never served

@@ -231,6 +231,7 @@ def test_scoring_a_folder_of_images(pets: str, client: Client, tmp_path: Path) -
     order = sorted(files)
     assert (tmp_path / "classes.npz.files.txt").read_text().split() == order
     assert summary.rows == 7 and summary.scored == 4 and summary.failed_rows == 1
+    assert summary.rows_done == 7  # the first run's 3 rows too
     errors = (tmp_path / "classes.npz.errors.tsv").read_text().splitlines()
     assert len(errors) == 1 and errors[0].startswith(
         f"{order.index('03.jpg')}\t03.jpg: InvalidInput"
@@ -240,6 +241,7 @@ def test_scoring_a_folder_of_images(pets: str, client: Client, tmp_path: Path) -
         for row, name in enumerate(order):
             if name == "03.jpg":
                 assert np.isnan(result["scores"][row]).all()
+                assert (result["indices"][row] == -1).all()  # not 0: that is a class
                 continue
             direct = model.predict_on_batch(decoded_image_input(files[name], scale=SCALE)[None])
             np.testing.assert_array_equal(result["indices"][row], np.argsort(-direct[0])[:3])

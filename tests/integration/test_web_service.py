@@ -15,6 +15,7 @@ from scripts.web_service import create_app
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
 from tests.integration.models import IMAGE_LABELS, decoded_image_input, encode_image
+from workers.embedded_redis import free_port
 
 Call = Callable[[TestClient[Any, Any]], Awaitable[None]]
 
@@ -86,5 +87,45 @@ def test_errors_say_whose_fault_it_is(
         reply = await (http.get(path) if body is None else http.post(path, **body))
         assert reply.status == status
         assert (await reply.json())["error"] == kind
+
+    _serve(redis_url, call)
+
+
+def test_healthz_is_503_while_redis_is_unreachable() -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+    async def call(http: TestClient[Any, Any]) -> None:
+        reply = await http.get("/healthz")
+        assert reply.status == 503
+        assert reply.headers["Retry-After"] == "1"
+        body = await reply.json()
+        assert body["ok"] is False and body["error"] == "Unavailable"
+        assert body["message"].startswith("cannot reach Redis: Error 111 connecting to")
+
+    _serve(closed, call)
+
+
+def test_healthz_is_200_while_redis_answers(redis_url: str) -> None:
+    async def call(http: TestClient[Any, Any]) -> None:
+        reply = await http.get("/healthz")
+        assert reply.status == 200 and (await reply.json()) == {"ok": True}
+
+    _serve(redis_url, call)
+
+
+def test_json_sent_without_its_content_type_is_told_so(redis_url: str) -> None:
+    async def call(http: TestClient[Any, Any]) -> None:
+        # What `curl -d '{...}'` sends: application/x-www-form-urlencoded.
+        reply = await http.post(
+            "/v1/models/web-mlp/predict",
+            data=b'{"inputs": [[0.1, 0.2]]}',
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert reply.status == 400
+        assert (await reply.json())["message"] == (
+            "the body looks like JSON but its Content-Type is"
+            " 'application/x-www-form-urlencoded': send it with"
+            " -H 'Content-Type: application/json'"
+        )
 
     _serve(redis_url, call)

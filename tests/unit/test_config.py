@@ -104,3 +104,29 @@ def test_a_builder_is_named_after_its_function() -> None:
     assert config.name == "build_model"
     with pytest.raises(ConfigError, match="batching must be 'on' or 'off'"):
         PoolConfig(model="m.keras", batching="sometimes")
+
+
+def test_relative_paths_in_a_config_file_are_taken_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    (folder / "labels.txt").write_text("cat\ndog\n")
+    (folder / "pool.toml").write_text(
+        '[pool]\nmodel = "models/pets.keras"\nlabels_file = "labels.txt"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # run from elsewhere, with a relative --config too
+    config = PoolConfig.load(config_file="deploy/pool.toml", env={})
+    assert config.model == str(folder / "models" / "pets.keras")
+    assert config.labels_file == str(folder / "labels.txt")
+    # The command line's paths stay as given: relative to where the command runs.
+    given = PoolConfig.load(config_file="deploy/pool.toml", env={}, overrides={"model": "m.h5"})
+    assert given.model == "m.h5"
+
+
+def test_describe_slots_says_when_no_gpu_was_found() -> None:
+    from workers.placement import describe_slots
+
+    assert describe_slots([Slot(0, None, 2, 1)]) == "no GPU found: 1 CPU worker"
+    assert describe_slots([Slot(i, None, 1, 1) for i in range(2)]) == "no GPU found: 2 CPU workers"
+    assert describe_slots([Slot(0, "0", 1, 0), Slot(1, "1", 1, 0)]) == "GPUs 0, 1: 2 workers"

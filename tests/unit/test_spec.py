@@ -160,3 +160,15 @@ def test_parse_spec_reads_what_describe_prints() -> None:
     for bad in ("float32", "float33 [*]", "float32 []", "float32 [*, x]"):
         with pytest.raises(ValueError, match="s: "):
             parse_spec("s", bad)
+
+
+def test_bytes_to_a_pool_of_arrays_say_how_to_send_images() -> None:
+    jpeg = np.empty(1, dtype=object)
+    jpeg[0] = b"\xff\xd8\xff\xe0 a JPEG file"
+    with pytest.raises(InvalidInput) as error:
+        fit_inputs([TensorSpec("x", "float32", (8,))], jpeg)
+    assert str(error.value) == (
+        "input 'x': expected float32 [*, 8], got bytes [1]; this pool does not decode"
+        ' images: serve it with preprocess = "image" (--preprocess image) to send JPEG/PNG'
+        " files, or send arrays"
+    )
