@@ -77,10 +77,9 @@ def test_every_bucket_is_warmed_up_before_the_pool_is_ready(pool: Pool) -> None:
 
 def test_a_batch_is_padded_to_its_bucket_with_copies_of_its_last_row(pool: Pool) -> None:
     rows = _rows(1.0, 2.0, 3.0)
-    with Client(pool.supervisor.config.redis_url) as client:
-        _busy(client)
-        got = [np.asarray(client.wait(f, timeout=60)) for f in client.submit_many(MODEL, rows)]
-    np.testing.assert_allclose(np.stack(got), _want(pool, rows), rtol=1e-5, atol=1e-6)
+    with Client(pool.supervisor.config.redis_url) as client:  # one request of 3 rows
+        got = client.predict(MODEL, np.stack(rows), timeout=60)
+    np.testing.assert_allclose(np.asarray(got), _want(pool, rows), rtol=1e-5, atol=1e-6)
     sent = [r.tolist() for r in rows]
     batch = next(b for b in pool.batches() if b[:3] == sent)  # the three, run together
     assert len(batch) == 4 and batch[3] == sent[2]  # padded to 4 with the last row
