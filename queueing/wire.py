@@ -216,6 +216,10 @@ def _check_shape(shape: object, limits: Limits, where: str) -> int:
     elements = math.prod(shape)
     if elements > limits.max_elements:
         raise InvalidInput(f"{where}: {elements} elements is over the limit {limits.max_elements}")
+    # An empty array may still claim huge dimensions ([0, 2**40, 2**40]): numpy refuses to
+    # make such a shape at all, so the other dimensions are bounded as if the 0 were a 1.
+    if elements == 0 and math.prod(dim for dim in shape if dim) > limits.max_elements:
+        raise InvalidInput(f"{where}: shape {list(shape)} is over the limit {limits.max_elements}")
     return elements
 
 
@@ -318,7 +322,14 @@ def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> Reques
         raise InvalidInput(f"keep_s must be a non-negative integer, got {keep_s!r}")
     if "inputs" not in obj:
         raise InvalidInput("request has no inputs")
-    inputs = _decode_arrays(obj["inputs"], limits, "inputs")
+    try:
+        inputs = _decode_arrays(obj["inputs"], limits, "inputs")
+    except InvalidInput:
+        raise
+    except Exception as e:
+        # The checks above are meant to leave numpy nothing to refuse; if one ever misses a
+        # case, the request still gets its typed error and the worker reads on.
+        raise InvalidInput(f"inputs cannot be decoded: {type(e).__name__}: {e}") from e
     return RequestBody(model=model, inputs=inputs, deadline_ms=deadline_ms, keep_s=keep_s)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import keras
@@ -103,7 +104,13 @@ def decoded_image_input(data: bytes, *, scale: float) -> np.ndarray:
 
 
 def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
-    """``pixels`` (uint8 [h, w, c]) as PNG or JPEG bytes."""
+    """``pixels`` (uint8 [h, w, c]) as PNG, JPEG, GIF or BMP bytes."""
+    if fmt in ("gif", "bmp"):  # TensorFlow decodes these but cannot encode them
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(out, fmt)
+        return out.getvalue()
     if fmt == "png":
         return tf.io.encode_png(pixels).numpy()  # type: ignore[no-any-return]
     return tf.io.encode_jpeg(pixels, quality=90).numpy()  # type: ignore[no-any-return]

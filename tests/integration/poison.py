@@ -3,6 +3,7 @@ the fault tests. Workers import this module (``preload``) so the layer can be lo
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -22,14 +23,23 @@ FAIL = 555.0
 SLOW = 777.0
 SLOW_S = 1.5
 
+#: When set in a worker's environment, the file to which every batch the model runs is
+#: appended, one JSON list of rows per line: what the model was given, padding included.
+BATCH_LOG = "TFPOOL_TEST_BATCH_LOG"
+
 
 @keras.saving.register_keras_serializable(package="tfpool_tests")
 class ExitOnMarker(keras.layers.Layer):
     """Passes its input through; exits the process (code 17) if any value is MARKER,
-    sleeps SLOW_S seconds if any value is SLOW, raises if any value is FAIL."""
+    sleeps SLOW_S seconds if any value is SLOW, raises if any value is FAIL; logs the
+    batch first when BATCH_LOG is set."""
 
     def call(self, x: Any) -> Any:
         def check(values: Any) -> Any:
+            log = os.environ.get(BATCH_LOG)
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(values.numpy().tolist()) + "\n")
             if np.any(values.numpy() == MARKER):
                 os._exit(17)
             if np.any(values.numpy() == SLOW):

@@ -28,7 +28,7 @@ from tests.integration.helpers import (
 from tests.integration.poison import MARKER, SLOW, build_poison_model
 from tests.waiting import wait_until
 from workers.config import PoolConfig
-from workers.placement import plan
+from workers.placement import detect_gpus, plan
 from workers.supervisor import Supervisor
 
 
@@ -50,33 +50,41 @@ def _kill_a_ready_worker(supervisor: Supervisor, killed: list[int]) -> None:
 def test_one_worker_per_listed_gpu_each_seeing_only_its_device(
     start_pool: PoolFactory, mlp_path: str, redis_url: str
 ) -> None:
-    config = PoolConfig(model=mlp_path, name="placed", devices=["0", "1"])
+    # On a GPU host the real devices (up to two); here, two listed devices that do not exist.
+    gpus = detect_gpus()[:2]
+    devices = gpus or ["0", "1"]
+    config = PoolConfig(model=mlp_path, name="placed", devices=devices)
     slots = plan(config, cores=2)
-    assert [(s.device, s.intra_op_threads) for s in slots] == [("0", 1), ("1", 1)]
-    start_pool(mlp_path, name="placed", devices=["0", "1"], slots=slots)
+    assert [(s.device, s.intra_op_threads) for s in slots] == [
+        (d, 2 // len(devices)) for d in devices
+    ]
+    start_pool(mlp_path, name="placed", devices=devices, slots=slots)
 
-    def two_beats() -> list[dict[str, str]] | None:
+    def all_beats() -> list[dict[str, str]] | None:
         beats = heartbeats(redis_url, "placed")
-        return beats if len(beats) == 2 else None
+        return beats if len(beats) == len(devices) else None
 
-    beats = wait_until(two_beats, what="two heartbeats")
+    beats = wait_until(all_beats, what="a heartbeat per device")
     by_device = {b["device"]: b for b in beats}
-    assert sorted(by_device) == ["0", "1"]
+    assert sorted(by_device) == sorted(devices)
     for device, beat in by_device.items():
         # Set in the child before TensorFlow was imported; read back from its environment.
         assert beat["cuda_visible_devices"] == device
-        assert beat["intra_op_threads"] == "1"
-        assert beat["inter_op_threads"] == "0" or beat["inter_op_threads"] == "1"
-        # This machine has no GPU: TensorFlow sees none, and says so.
-        assert beat["visible_gpus"] == "0"
-        assert beat["memory_growth"] == "n/a"
+        assert beat["intra_op_threads"] == str(2 // len(devices))
+        assert beat["inter_op_threads"] == "0"  # TensorFlow's own default on a GPU
+        if gpus:  # each worker sees exactly its one GPU, with memory growth on
+            assert beat["visible_gpus"] == "1"
+            assert beat["memory_growth"] == "on"
+        else:  # no GPU here: TensorFlow sees none, and says so
+            assert beat["visible_gpus"] == "0"
+            assert beat["memory_growth"] == "n/a"
 
     # `tfpool status` shows what was set up, as a table and as JSON. (Its exit code says
     # whether every model on this Redis has a live worker: other tests' pools have stopped.)
     table = subprocess.run([*TFPOOL, "status", "--redis-url", redis_url], capture_output=True,
                            text=True, timeout=60).stdout  # fmt: skip
     placed_rows = [line.split() for line in table.splitlines() if " placed " in line]
-    assert sorted(row[3] for row in placed_rows) == ["0", "1"]
+    assert sorted(row[3] for row in placed_rows) == sorted(devices)
     assert all(row[5] == "ready" for row in placed_rows)
     status = json.loads(subprocess.run([*TFPOOL, "status", "--redis-url", redis_url, "--json"],
                         capture_output=True, text=True, timeout=60).stdout)  # fmt: skip
@@ -90,8 +98,19 @@ def test_one_worker_per_listed_gpu_each_seeing_only_its_device(
 def test_sigkill_workers_under_load_loses_and_repeats_nothing(
     start_pool: PoolFactory, mlp_path: str, redis_url: str
 ) -> None:
-    supervisor = start_pool(mlp_path, name="chaos", workers=2, max_batch_size=8,
+    # Placed as `tfpool serve --workers 2` places CPU workers on 2 cores: one intra-op and
+    # one inter-op thread each, no GPU visible.
+    slots = plan(PoolConfig(model=mlp_path, workers=2), gpus=[], cores=2)
+    assert [(s.device, s.intra_op_threads, s.inter_op_threads) for s in slots] == [
+        (None, 1, 1), (None, 1, 1)
+    ]  # fmt: skip
+    supervisor = start_pool(mlp_path, name="chaos", workers=2, max_batch_size=8, slots=slots,
                             claim_idle_ms=1000, max_deliveries=5)  # fmt: skip
+    beats = heartbeats(redis_url, "chaos")
+    assert len(beats) == 2
+    for beat in beats:  # what TensorFlow says it was given
+        assert (beat["intra_op_threads"], beat["inter_op_threads"]) == ("1", "1")
+        assert beat["cuda_visible_devices"] == "" and beat["visible_gpus"] == "0"
     total, producers = 1200, 4
     x = np.random.default_rng(2).standard_normal((total, 8)).astype(np.float32)
     want = next(iter(models.keras_outputs(mlp_path, x).values()))
@@ -121,15 +140,21 @@ def test_sigkill_workers_under_load_loses_and_repeats_nothing(
         return sorted(pid for kind, _, pid in supervisor.events if kind == "crash")
 
     wait_until(lambda: crashed_pids() == sorted(killed), timeout=30, what="every kill reaped")
+    conn = redis.Redis.from_url(redis_url)
+    dead: int = conn.xlen(keys.dead_letters("chaos"))
+    left: int = conn.xlen(keys.stream("chaos"))
+    conn.close()
     print(f"\nchaos: sent {total}, answered {len(results)}, worker kills {len(killed)},"
-          f" duplicates suppressed {sum(duplicates)}, dead-lettered 0")  # fmt: skip
+          f" duplicates suppressed {sum(duplicates)}, dead-lettered {dead}")  # fmt: skip
     assert sorted(results) == list(range(total))  # every request answered, none lost
     got = np.stack([results[i] for i in range(total)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    conn = redis.Redis.from_url(redis_url)
-    assert conn.xlen(keys.stream("chaos")) == 0  # nothing left behind
-    assert conn.xlen(keys.dead_letters("chaos")) == 0
-    conn.close()
+    # A repeat can only come from a batch whose answers were posted but not yet acked
+    # when its worker died: at most what one worker holds (a batch in the model, one
+    # being written, 2 x max_batch_size read ahead) per kill. More is work done twice.
+    assert sum(duplicates) <= len(killed) * 4 * 8, sum(duplicates)
+    assert left == 0  # nothing left behind
+    assert dead == 0
 
 
 def test_poison_request_is_dead_lettered_while_other_traffic_flows(
@@ -165,7 +190,9 @@ def test_poison_request_is_dead_lettered_while_other_traffic_flows(
             t.result(timeout=180)  # raises if any good request failed
 
     crashes = [e for e in supervisor.events if e[0] == "crash"]
-    assert 2 <= len(crashes) <= 3  # one death per delivery, never a good request's
+    # max_deliveries=2: the batched run and the lone run; the third delivery dead-letters
+    # it without running it. A good request never costs a worker.
+    assert len(crashes) == 2, crashes
     conn = redis.Redis.from_url(redis_url)
     dead = cast(list[Any], conn.xrange(keys.dead_letters("poison")))
     assert len(dead) == 1
@@ -236,7 +263,8 @@ def test_two_supervisors_share_the_load_and_survive_one_dying(
     mlp_path: str, redis_url: str
 ) -> None:
     common = ["--model", mlp_path, "--name", "shared", "--redis-url", redis_url, "--workers", "1",
-              "--max-batch-size", "8", "--claim-idle-ms", "1500"]  # fmt: skip
+              "--max-batch-size", "8", "--claim-idle-ms", "1500",
+              "--heartbeat-s", "0.2"]  # fmt: skip
     first = start_serve(*common, new_session=True)
     second = start_serve(*common, new_session=True)
     try:
@@ -247,12 +275,19 @@ def test_two_supervisors_share_the_load_and_survive_one_dying(
             for start in range(0, 2000, 100):
                 futures += c.submit_many("shared", list(x[start : start + 100]))
             wait_until(lambda: sum(f.done() for f in futures) >= 300, timeout=60, what="progress")
-            served = {b["pid"]: int(b["requests"]) for b in heartbeats(redis_url, "shared")}
+
+            def both_served() -> dict[str, int] | None:
+                beats = heartbeats(redis_url, "shared")
+                served = {b["pid"]: int(b["requests"]) for b in beats}
+                return served if len(served) == 2 and min(served.values()) > 0 else None
+
+            # Redis spreads the load: each host has served some (as its heartbeat says).
+            served = wait_until(both_served, timeout=60, what="requests served on both hosts")
             os.killpg(first.pid, signal.SIGKILL)  # the supervisor and its worker, at once
             got = np.stack([np.asarray(c.wait(f, timeout=120)) for f in futures])
         want = next(iter(models.keras_outputs(mlp_path, x).values()))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        assert len(served) == 2
+        print(f"\ntwo hosts: requests served by each before one died: {sorted(served.values())}")
     finally:
         stop_process(first)
         stop_process(second)

@@ -172,8 +172,8 @@ def pets(start_pool: PoolFactory, image_model: tuple[str, str]) -> str:
 
 def test_images_to_top_k_labels_match_the_model_run_directly(pets: str, client: Client) -> None:
     images = [
-        encode_image(_pixels(10 + i, 6 + i, 9 + 2 * i), "png" if i % 2 else "jpeg")
-        for i in range(12)
+        encode_image(_pixels(10 + i, 6 + i, 9 + 2 * i), ("jpeg", "png", "gif", "bmp")[i % 4])
+        for i in range(12)  # every format the README lists
     ]
     broken = images[4][:-40]
     sent = [*images[:4], broken, *images[4:]]

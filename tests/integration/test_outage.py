@@ -7,13 +7,15 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from math import inf
 
 import numpy as np
 import pytest
 import redis
 
-from queueing import AsyncClient, Client, RequestError, RequestLost, keys
+from queueing import AsyncClient, Client, RequestError, RequestLost, Unavailable, keys
+from queueing.client import RequestFuture
 from tests.integration.conftest import PoolFactory
 from tests.waiting import wait_until
 from workers.embedded_redis import RedisServer, free_port
@@ -36,6 +38,8 @@ def test_redis_down_for_seconds_under_load(
     supervisor = start_pool(mlp_path, name="outage", url=server.url, heartbeat_s=0.5)
     x = np.ones((2, 8), np.float32)
     outcomes: Counter[str] = Counter()
+    # Every request queued, with when it was queued and when it ended (monotonic clock).
+    queued: list[tuple[RequestFuture, float, list[float]]] = []
     stop = threading.Event()
     recovered = threading.Event()
     outage_over = threading.Event()
@@ -44,11 +48,20 @@ def test_redis_down_for_seconds_under_load(
         with Client(server.url, socket_timeout_s=2) as client:
             while not stop.is_set():
                 try:
-                    client.predict("outage", x, timeout=15)
+                    future = client.submit("outage", x)
+                except RequestError as e:  # Unavailable, UnknownModel: nothing was queued
+                    outcomes[type(e).__name__] += 1
+                    time.sleep(0.05)
+                    continue
+                ended: list[float] = []
+                future.add_done_callback(_stamp(ended))
+                queued.append((future, time.monotonic(), ended))
+                try:
+                    client.wait(future, timeout=15)
                     outcomes["ok"] += 1
                     if outage_over.is_set():
                         recovered.set()
-                except RequestError as e:  # the typed errors: Unavailable, RequestLost, ...
+                except RequestError as e:  # RequestLost, or RequestTimeout if one vanished
                     outcomes[type(e).__name__] += 1
                     time.sleep(0.05)
 
@@ -58,8 +71,12 @@ def test_redis_down_for_seconds_under_load(
     try:
         wait_until(lambda: outcomes["ok"] >= 50, timeout=60, what="traffic before the outage")
         server.stop()
+        down_at = time.monotonic()  # Redis answers until it has shut down: stop() waits
+        with Client(server.url, socket_timeout_s=2) as late_comer, pytest.raises(Unavailable):
+            late_comer.submit("outage", x)  # refused at once while Redis is down
         time.sleep(OUTAGE_S)  # the outage itself: a duration, not a wait for a condition
         server.start()
+        restarted_at = time.monotonic()
         outage_over.set()
         wait_until(recovered.is_set, timeout=60, what="a result after the outage")
     finally:
@@ -68,15 +85,43 @@ def test_redis_down_for_seconds_under_load(
         t.join(timeout=60)
         assert not t.is_alive(), "a producer hung"
 
-    print(f"\noutage of {OUTAGE_S:.0f}s: {dict(outcomes)}")
+    # Queued on the Redis that stopped and still unanswered once the empty one was up: the
+    # restarted Redis no longer has them, so each producer must be told (RequestLost).
+    across = [f for f, at, ended in queued if at < down_at and (ended or [inf])[0] > restarted_at]
+    kinds = Counter(_outcome(f) for f in across)
+    # RequestLost for a request queued on the restarted Redis (before the client's reply
+    # reader noticed the restart) is a false alarm: printed, not yet asserted (issue 13).
+    lost_after = sum(_outcome(f) == "RequestLost" for f, at, _ in queued if at > restarted_at)
+    silent = outcomes["RequestTimeout"]
+    print(
+        f"\noutage of {OUTAGE_S:.0f}s, 3 producers: {dict(outcomes)}; queued before the stop"
+        f" and unanswered at the restart: {len(across)} ({dict(kinds)});"
+        f" RequestLost for requests queued after the restart: {lost_after};"
+        f" lost without a typed error: {silent}"
+    )
     # Unavailable while Redis is down; RequestLost for requests it lost on restart (no
     # persistence here); UnknownModel in the moment after the restart before the workers
     # have registered the model again on the empty Redis.
-    errors = {"Unavailable", "RequestLost", "RequestTimeout", "UnknownModel"}
-    assert set(outcomes) <= {"ok"} | errors
-    assert sum(outcomes[e] for e in errors) > 0
+    assert silent == 0  # no request ended in the client's own timeout: none went silently
+    assert set(outcomes) <= {"ok", "Unavailable", "RequestLost", "UnknownModel"}
+    assert across, "no request was waiting across the restart: the test proved nothing"
+    # Answered after all (a worker held it and posted to the new Redis), or its producer
+    # was told it is lost; never left to time out.
+    assert set(kinds) <= {"ok", "RequestLost"} and kinds["RequestLost"] > 0, kinds
     assert not [e for e in supervisor.events if e[0] == "crash"]  # no worker died
     assert len(supervisor.serving_pids()) == 1
+
+
+def _outcome(future: RequestFuture) -> str:
+    if not future.done():
+        return "never resolved"
+    error = future.exception()
+    return type(error).__name__ if error else "ok"
+
+
+def _stamp(ended: list[float]) -> Callable[[object], None]:
+    """A done-callback that notes when its future ended."""
+    return lambda _: ended.append(time.monotonic())
 
 
 def _queue_without_workers(server: RedisServer, model: str) -> None:

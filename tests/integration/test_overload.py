@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections import Counter
 
 import numpy as np
+import pytest
 import redis
 
-from queueing import Client, QueueFull, keys
+from queueing import Client, QueueFull, RequestFuture, keys
 from tests.integration.conftest import PoolFactory
 from tests.integration.helpers import heartbeats
 from tests.waiting import wait_until
+from workers.supervisor import Supervisor
 
 CAP = 200
 
 
+@pytest.fixture(scope="module")
+def pool(start_pool: PoolFactory, mlp_path: str) -> Supervisor:
+    """One worker behind a queue capped at CAP, shared by this module's tests."""
+    return start_pool(mlp_path, name="overload", max_queue=CAP, max_batch_size=32,
+                      heartbeat_s=0.25)  # fmt: skip
+
+
 def test_past_capacity_producers_get_queue_full_at_once_and_the_pool_keeps_serving(
-    start_pool: PoolFactory, mlp_path: str, redis_url: str
+    pool: Supervisor, redis_url: str
 ) -> None:
-    start_pool(mlp_path, name="overload", max_queue=CAP, max_batch_size=32, heartbeat_s=0.25)
-    conn = redis.Redis.from_url(redis_url)
     outcomes: Counter[str] = Counter()
-    longest_queue = [0]
     stop = threading.Event()
 
     def flood() -> None:
@@ -47,13 +55,7 @@ def test_past_capacity_producers_get_queue_full_at_once_and_the_pool_keeps_servi
                     if outcome != ("DeadlineExceeded" if late else "ok"):
                         outcomes["unexpected"] += 1
 
-    def watch_queue() -> None:
-        while not stop.wait(0.005):  # sample the queue length every 5 ms
-            length: int = conn.xlen(keys.stream("overload"))
-            longest_queue[0] = max(longest_queue[0], length)
-
     threads = [threading.Thread(target=flood) for _ in range(3)]
-    threads.append(threading.Thread(target=watch_queue))
     for t in threads:
         t.start()
     served_before = wait_until(lambda: _served(redis_url), timeout=60, what="served requests")
@@ -69,12 +71,66 @@ def test_past_capacity_producers_get_queue_full_at_once_and_the_pool_keeps_servi
     stop.set()
     for t in threads:
         t.join(timeout=120)
-    conn.close()
 
-    print(f"\noverload: {dict(outcomes)}, longest queue {longest_queue[0]} (cap {CAP})")
+    print(f"\noverload: {dict(outcomes)} (cap {CAP})")
     assert set(outcomes) == {"ok", "QueueFull", "DeadlineExceeded"}  # nothing unexpected
-    assert longest_queue[0] <= CAP  # Redis holds at most the cap, whatever comes
 
 
 def _served(url: str) -> int:
     return sum(int(b["requests"]) for b in heartbeats(url, "overload"))
+
+
+def test_the_cap_is_exact_when_producers_race_for_the_last_places(
+    pool: Supervisor, redis_url: str
+) -> None:
+    """Counted from what Redis appended, not sampled: with the worker stopped, producers
+    racing for the room left get exactly that many places, and the queue ends at the cap."""
+    conn = redis.Redis.from_url(redis_url)
+    stream = keys.stream("overload")
+    with Client(redis_url) as c:  # some traffic first, so the stream exists and has moved
+        c.wait(c.submit("overload", np.ones(8, np.float32)), timeout=60)
+    (worker,) = pool.serving_pids()
+    os.kill(worker, signal.SIGSTOP)  # nothing leaves the queue from here on
+    try:
+        room = CAP - conn.xlen(stream)
+        added_before = _entries_added(conn, stream)
+        admitted: list[RequestFuture] = []
+        refused: Counter[str] = Counter()
+        start = threading.Barrier(3)
+
+        clients = [Client(redis_url) for _ in range(3)]
+
+        def race(client: Client) -> None:
+            start.wait()
+            for _ in range(4):
+                for f in client.submit_many("overload", [np.ones(8, np.float32)] * 250):
+                    if f.done() and isinstance(f.exception(), QueueFull):
+                        refused["QueueFull"] += 1
+                    else:
+                        admitted.append(f)
+
+        threads = [threading.Thread(target=race, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        added = _entries_added(conn, stream) - added_before
+        length = conn.xlen(stream)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    print(
+        f"\nexact cap: 3 producers raced 3000 requests for {room} places: {added} appended,"
+        f" {len(admitted)} admitted, {refused['QueueFull']} QueueFull; queue {length}/{CAP}"
+    )
+    assert added == room and len(admitted) == room  # not one place more, none wasted
+    assert refused["QueueFull"] == 3000 - room and length == CAP
+    for f in admitted:  # and served once the worker runs again
+        assert f.exception(timeout=60) is None
+    for c in clients:
+        c.close()
+    conn.close()
+
+
+def _entries_added(conn: redis.Redis, stream: str) -> int:
+    """Entries ever appended to ``stream`` (Redis >= 7 counts them, deletions aside)."""
+    return int(conn.xinfo_stream(stream)["entries-added"])

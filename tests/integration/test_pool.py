@@ -220,3 +220,30 @@ def test_raw_msgpack_body_with_wrong_field_types(ragged: str, redis_client: redi
     (result,) = read_results(redis_client, reply, 1)
     assert isinstance(result.error, InvalidInput)
     assert "data must be bytes" in str(result.error)
+
+
+def test_one_client_shared_by_many_threads(twin: str, client: Client) -> None:
+    """The README's 'one per process; it is thread-safe': 8 threads, one Client, each
+    thread's results its own."""
+    inputs = [_twin_inputs(3) for _ in range(8 * 25)]
+
+    def run(thread: int) -> list[Any]:
+        mine = inputs[thread::8]
+        futures = [client.submit("twin", x) for x in mine[:12]]
+        futures += client.submit_many("twin", mine[12:])
+        return [client.wait(f, timeout=60) for f in futures]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(run, range(8)))
+    for thread, got in enumerate(results):
+        assert len(got) == 25
+        # Every result belongs to its own input: the model on the same rows, all at once.
+        mine = inputs[thread::8]
+        direct = models.keras_outputs(
+            twin, {k: np.concatenate([x[k] for x in mine]) for k in ("a", "b")}
+        )
+        for name, array in direct.items():
+            np.testing.assert_allclose(
+                np.concatenate([r[name] for r in got]), array, rtol=1e-5, atol=1e-6
+            )
+    assert client.pending == 0 and client.duplicates_ignored == 0

@@ -103,6 +103,10 @@ _DROP = object()
         (_body(inputs=["float32", [True], b"1234"]), "non-negative integers"),
         (_body(inputs=["float32", [2], b"1234"]), "needs 8 bytes, got 4"),
         (_body(inputs=["float32", [1], "abcd"]), "data must be bytes"),
+        # Empty, yet claiming dimensions numpy cannot make (found by the fuzz tests).
+        (_body(inputs=["float32", [0, 2**40, 2**40], b""]), "is over the limit"),
+        (_body(inputs=["str", [0, 2**62, 4], []]), "is over the limit"),
+        (_body(inputs=["bytes", [2**40, 0, 2**40], []]), "is over the limit"),
         (_body(inputs={"x": ["float32", [3], b"1234"]}), "input 'x': float32 \\[3\\] needs 12"),
         (_body(inputs={1: ["float32", [1], b"1234"]}), "not valid msgpack"),
         (
