@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 import tensorflow as tf
+from redis.typing import EncodableT, FieldT
 
 from queueing import keys
 from tests.integration import models
@@ -78,7 +79,7 @@ def _register_ghosts(redis_url: str) -> None:
     try:
         for name, cap in ((GHOST, 1000), (TINY_QUEUE, 1)):
             conn.xgroup_create(keys.stream(name), keys.GROUP, id="0", mkstream=True)
-            info: dict[str, str | int] = {
+            info: dict[FieldT, EncodableT] = {
                 "max_queue": cap,
                 "inputs": "x: float32 [*, 8]",
                 "outputs": "y",
