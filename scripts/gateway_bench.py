@@ -23,10 +23,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import IO, cast
 
 import grpc
 import numpy as np
+import psutil
 
 from queueing import AsyncClient
 from workers.bench import build_model
@@ -40,14 +42,31 @@ from workers.supervisor import Supervisor
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
 
+@dataclass
+class _Run:
+    """One path's figures: calls/s, latencies (ms), CPU seconds of this process and of
+    the gateway's over the measured window."""
+
+    rate: float
+    latencies: list[float]
+    own_cpu_s: float
+    gateway_cpu_s: float
+
+
 async def _closed_loop(
-    call: Callable[[], Awaitable[object]], *, concurrency: int, warmup_s: float, seconds: float
-) -> tuple[float, list[float]]:
-    """Calls per second and each call's latency (ms), ``concurrency`` in flight."""
+    call: Callable[[], Awaitable[object]],
+    *,
+    concurrency: int,
+    warmup_s: float,
+    seconds: float,
+    gateway: psutil.Process,
+) -> _Run:
+    """``concurrency`` calls in flight; figures from the window after ``warmup_s``."""
     latencies: list[float] = []
     loop = asyncio.get_running_loop()
     start = loop.time()
     measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+    cpu: dict[str, float] = {}
 
     async def one_slot() -> None:
         while (now := loop.time()) < stop_at:
@@ -55,19 +74,35 @@ async def _closed_loop(
             if now >= measure_from:
                 latencies.append((loop.time() - now) * 1000)
 
+    async def mark_start() -> None:
+        await asyncio.sleep(warmup_s)
+        cpu["own"], cpu["gateway"] = time.process_time(), sum(gateway.cpu_times()[:2])
+
+    marker = asyncio.create_task(mark_start())
     await asyncio.gather(*(one_slot() for _ in range(concurrency)))
-    return len(latencies) / seconds, latencies
-
-
-def _line(name: str, rate: float, latencies: list[float], rows: int) -> str:
-    p50, p99 = np.percentile(latencies, [50, 99])
-    return (
-        f"{name:<22} {rate:>9,.0f} req/s {rate * rows:>10,.0f} rows/s"
-        f"   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
+    await marker
+    return _Run(
+        rate=len(latencies) / seconds,
+        latencies=latencies,
+        own_cpu_s=time.process_time() - cpu["own"],
+        gateway_cpu_s=sum(gateway.cpu_times()[:2]) - cpu["gateway"],
     )
 
 
-async def _measure(args: argparse.Namespace, redis_url: str, grpc_port: int) -> list[str]:
+def _line(name: str, run: _Run, rows: int) -> str:
+    p50, p99 = np.percentile(run.latencies, [50, 99])
+    calls = len(run.latencies)
+    return (
+        f"{name:<22} {run.rate:>7,.0f} req/s {run.rate * rows:>8,.0f} rows/s"
+        f"   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
+        f"   CPU/req: caller {run.own_cpu_s / calls * 1e6:4.0f} us,"
+        f" gateway {run.gateway_cpu_s / calls * 1e6:4.0f} us"
+    )
+
+
+async def _measure(
+    args: argparse.Namespace, redis_url: str, grpc_port: int, gateway: psutil.Process
+) -> list[str]:
     x = np.random.default_rng(0).standard_normal((args.rows, 64)).astype(np.float32)
     lines = []
     async with AsyncClient(redis_url) as client:
@@ -75,10 +110,11 @@ async def _measure(args: argparse.Namespace, redis_url: str, grpc_port: int) -> 
         async def direct() -> object:
             return await client.predict("mlp", x)
 
-        rate, latencies = await _closed_loop(
-            direct, concurrency=args.concurrency, warmup_s=1.0, seconds=args.seconds
-        )
-        lines.append(_line("direct AsyncClient", rate, latencies, args.rows))
+        run = await _closed_loop(
+            direct, concurrency=args.concurrency, warmup_s=1.0, seconds=args.seconds,
+            gateway=gateway,
+        )  # fmt: skip
+        lines.append(_line("direct AsyncClient", run, args.rows))
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         predict = channel.unary_unary(
@@ -94,10 +130,11 @@ async def _measure(args: argparse.Namespace, redis_url: str, grpc_port: int) -> 
             response = await predict(request, timeout=30.0)
             return tensors.from_tensor_proto(response.outputs["y"], "y")
 
-        rate, latencies = await _closed_loop(
-            through_gateway, concurrency=args.concurrency, warmup_s=1.0, seconds=args.seconds
-        )
-        lines.append(_line("gateway gRPC Predict", rate, latencies, args.rows))
+        run = await _closed_loop(
+            through_gateway, concurrency=args.concurrency, warmup_s=1.0, seconds=args.seconds,
+            gateway=gateway,
+        )  # fmt: skip
+        lines.append(_line("gateway gRPC Predict", run, args.rows))
     return lines
 
 
@@ -128,7 +165,7 @@ def main() -> int:
                 print(f"gateway_bench: the pool or the gateway did not start: {line}")
                 return 1
             started = time.monotonic()
-            lines = asyncio.run(_measure(args, url, int(port[1])))
+            lines = asyncio.run(_measure(args, url, int(port[1]), psutil.Process(gateway.pid)))
         finally:
             gateway.terminate()
             gateway.wait(timeout=30)
