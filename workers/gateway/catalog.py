@@ -150,9 +150,13 @@ class Catalog:
                 return counts
             counts = Counter()
             try:
-                async for key in self._redis.scan_iter(match=keys.WORKER_PATTERN, count=500):
-                    fields = await self._redis.hmget(key, ["model", "state"])
-                    model, state = cast(list[bytes | None], fields)
+                found = [
+                    k async for k in self._redis.scan_iter(match=keys.WORKER_PATTERN, count=500)
+                ]
+                pipe = self._redis.pipeline(transaction=False)
+                for key in found:
+                    pipe.hmget(key, ["model", "state"])
+                for model, state in cast(list[list[bytes | None]], await pipe.execute()):
                     if model is not None and state == b"ready":
                         counts[model.decode()] += 1
             except redis.RedisError as e:

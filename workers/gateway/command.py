@@ -47,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         server = GatewayServer(config)
-        await server.start()
+        try:
+            await server.start()
+        except OSError as e:  # a port in use, most often
+            print(f"tfpool gateway: cannot listen: {e}", file=sys.stderr)
+            await server.stop(0)
+            raise SystemExit(2) from e
         print(
             f"tfpool gateway: gRPC on port {server.grpc_port}, REST on port {server.rest_port}",
             flush=True,

@@ -17,7 +17,7 @@ from workers.gateway import tensors
 from workers.gateway.catalog import ModelEntry
 from workers.gateway.errors import grpc_code
 from workers.gateway.proto import oip_pb2, tfs_pb2
-from workers.gateway.service import DEFAULT_SIGNATURE, SERVED_VERSION, Gateway
+from workers.gateway.service import DEFAULT_SIGNATURE, SERVED_VERSION, Gateway, tfpool_version
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class _OpenInference:
     async def server_metadata(
         self, request: oip_pb2.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip_pb2.ServerMetadataResponse:
-        return oip_pb2.ServerMetadataResponse(name="tfpool", version=_tfpool_version())
+        return oip_pb2.ServerMetadataResponse(name="tfpool", version=tfpool_version())
 
     async def model_ready(
         self, request: oip_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -285,12 +285,3 @@ class _OpenInference:
             response.outputs.append(tensor)
             response.raw_output_contents.append(contents)
         return response
-
-
-def _tfpool_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tfpool")
-    except PackageNotFoundError:
-        return "unknown"

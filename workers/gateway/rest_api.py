@@ -20,7 +20,7 @@ from workers.gateway import tensors
 from workers.gateway.catalog import ModelEntry
 from workers.gateway.errors import RETRY_AFTER_S, http_status
 from workers.gateway.grpc_api import model_status, oip_tensor_metadata, signature_def_map
-from workers.gateway.service import DEFAULT_SIGNATURE, SERVED_VERSION, Gateway
+from workers.gateway.service import DEFAULT_SIGNATURE, SERVED_VERSION, Gateway, tfpool_version
 from workers.spec import TensorSpec
 
 _GATEWAY = web.AppKey("gateway", Gateway)
@@ -234,9 +234,7 @@ def _to_json(name: str, array: np.ndarray) -> Any:
 
 
 async def _v2_server(request: web.Request) -> web.Response:
-    from workers.gateway.grpc_api import _tfpool_version
-
-    return web.json_response({"name": "tfpool", "version": _tfpool_version(), "extensions": []})
+    return web.json_response({"name": "tfpool", "version": tfpool_version(), "extensions": []})
 
 
 async def _v2_live(request: web.Request) -> web.Response:

@@ -119,7 +119,11 @@ class GatewayServer:
         )
         self._grpc.add_generic_rpc_handlers(grpc_api.handlers(self.gateway))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:  # grpcio's way of saying the port is taken
+            raise OSError(f"gRPC cannot bind {address}: {e}") from e
         await self._grpc.start()
         self._rest = web.AppRunner(
             rest_api.create_app(self.gateway, max_body_mb=self.config.max_message_mb),

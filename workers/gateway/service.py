@@ -5,6 +5,7 @@ translations around it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
@@ -72,3 +73,11 @@ class Gateway:
         if outputs:
             return {name: result[name] for name in outputs}
         return result
+
+
+def tfpool_version() -> str:
+    """The installed tfpool's version, for the APIs' server metadata."""
+    try:
+        return version("tfpool")
+    except PackageNotFoundError:
+        return "unknown"
