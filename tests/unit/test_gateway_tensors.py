@@ -91,6 +91,11 @@ def test_huge_shapes_are_refused_before_any_allocation() -> None:
     proto.tensor_shape.dim.add(size=2**20)
     with pytest.raises(InvalidInput, match="over the limit"):
         tensors.from_tensor_proto(proto, "x")
+    empty = tfs_pb2.TensorProto(dtype=tfs_pb2.DT_BOOL)
+    for size in (0, 2**20, 2**20):
+        empty.tensor_shape.dim.add(size=size)
+    with pytest.raises(InvalidInput, match="over the limit"):
+        tensors.from_tensor_proto(empty, "x")
 
 
 def test_oip_raw_and_typed_inputs() -> None:

@@ -97,10 +97,10 @@ def check_shape(shape: Sequence[int], where: str) -> int:
         raise InvalidInput(
             f"{where}: rank {len(shape)} is over the limit {DEFAULT_LIMITS.max_rank}"
         )
-    elements = math.prod(shape)
-    if elements > MAX_ELEMENTS:
-        raise InvalidInput(f"{where}: {elements} elements is over the limit {MAX_ELEMENTS}")
-    return elements
+    # Zero dimensions left out of the bound: numpy refuses [0, 10**6, 10**6, 10**7] too.
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"{where}: shape {list(shape)} is over the limit {MAX_ELEMENTS}")
+    return math.prod(shape)
 
 
 def bytes_array(items: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
