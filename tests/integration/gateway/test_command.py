@@ -27,7 +27,8 @@ def test_the_command_serves_until_sigterm(redis_url: str) -> None:
         ready = requests.get(f"http://127.0.0.1:{match[2]}/v2/health/ready", timeout=10)
         assert ready.status_code == 200 and ready.json() == {"ready": True}
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        _, err = process.communicate(timeout=30)  # drains the pipes while it stops
+        assert process.returncode == 0, err[-2000:]
     finally:
         if process.poll() is None:
             process.kill()
