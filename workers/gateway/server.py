@@ -4,6 +4,7 @@ the health they report."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -105,6 +106,7 @@ class GatewayServer:
         self._rest: web.AppRunner | None = None
         self._health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self.client = AsyncClient(self.redis_url)
@@ -128,6 +130,8 @@ class GatewayServer:
         self._rest = web.AppRunner(
             rest_api.create_app(self.gateway, max_body_mb=self.config.max_message_mb),
             access_log=None,
+            # Idle keep-alive connections would otherwise hold a stop for 60 s.
+            shutdown_timeout=5.0,
         )
         await self._rest.setup()
         site = web.TCPSite(self._rest, self.config.host, self.config.rest_port)
@@ -143,9 +147,13 @@ class GatewayServer:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking calls, let those under way finish (up to ``grace_s``), close."""
+        # The flag is what ends the health task: redis-py may turn a cancellation during a
+        # read into a connection error, which the task would take for Redis being down.
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=HEALTH_INTERVAL_S + 1)
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
         if self._rest is not None:
@@ -158,7 +166,7 @@ class GatewayServer:
         while Redis answers; each model (service = its name) while a worker of it is alive."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        while True:
+        while not self._stopping.is_set():
             up = await self.catalog.ping()
             for service in ("", grpc_api.TFS_PREDICTION_SERVICE, grpc_api.OIP_SERVICE):
                 await self._health.set(service, serving if up else not_serving)
@@ -170,4 +178,5 @@ class GatewayServer:
                         await self._health.set(name, serving if alive else not_serving)
                 except RequestError as e:
                     log.warning("health: %s", e)
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), HEALTH_INTERVAL_S)

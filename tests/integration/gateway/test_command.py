@@ -24,8 +24,8 @@ def test_the_command_serves_until_sigterm(redis_url: str) -> None:
         line = cast(IO[str], process.stdout).readline()
         match = re.search(r"gRPC on port (\d+), REST on port (\d+)", line)
         assert match, line + (process.stderr.read() if process.stderr else "")
-        ready = requests.get(f"http://127.0.0.1:{match[2]}/v2/health/ready", timeout=10)
-        assert ready.status_code == 200 and ready.json() == {"ready": True}
+        with requests.get(f"http://127.0.0.1:{match[2]}/v2/health/ready", timeout=10) as ready:
+            assert ready.status_code == 200 and ready.json() == {"ready": True}
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)  # drains the pipes while it stops
         assert process.returncode == 0, err[-2000:]
