@@ -1,4 +1,4 @@
-"""The ``tfpool`` command: serve, inspect, predict, score, status, bench, demo.
+"""The ``tfpool`` command: serve, inspect, predict, score, status, bench, demo, gateway.
 
 Every pool option can be given as ``--option-name``, as ``TFPOOL_OPTION_NAME`` in the
 environment, or in a TOML file (``--config``); later ones win. With no Redis URL anywhere,
@@ -165,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=1, help="worker processes")
     demo.add_argument("--requests", type=int, default=2000, help="one-row requests to send")
     demo.set_defaults(run=_demo)
+
+    from workers.gateway.command import add_parser as add_gateway_parser
+
+    add_gateway_parser(commands)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""What the gateway knows about models: read from Redis, where the workers publish it (the
+same records ``tfpool status`` reads), and cached for a moment.
+
+A model's inputs come from its info hash (``keys.model_info``), written by its workers from
+the loaded model itself; its live workers from their heartbeats, which expire three
+heartbeats after a worker dies. The outputs' names are in the info hash too; their dtypes
+and shapes are not (a worker learns them only by running the model), so the catalog
+learns them from the first answer it forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import cast
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+
+from queueing import keys
+from queueing.base import without_password
+from queueing.errors import Unavailable
+from queueing.wire import dtype_name
+from workers.spec import TensorSpec
+
+#: How long what was read from Redis is trusted: a dead worker shows within this (plus its
+#: heartbeat's TTL), and a busy gateway reads Redis for metadata once per this, not per call.
+DEFAULT_TTL_S = 1.0
+
+# One input as the info hash describes it: "name: float32 [*, 4]". A pre-processed input
+# reads "image: bytes [*] (encoded ...) or uint8 [...] -> ...": its first form is taken.
+_INPUT = re.compile(r"(?:^|, )([^\s:,]+): (\w+) \[([^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model: its inputs (shapes without the batch axis), output names, and how many
+    workers are ready to serve it now."""
+
+    name: str
+    inputs: list[TensorSpec]
+    output_names: list[str]
+    ready_workers: int
+    #: Output specs learned from answers, by name (see the module docstring).
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.ready_workers > 0
+
+
+def parse_inputs(text: str) -> list[TensorSpec]:
+    """The input specs in an info hash's ``inputs`` field (see ``Worker._register``)."""
+    specs = []
+    for name, dtype, dims in _INPUT.findall(text):
+        sizes = [d.strip() for d in dims.split(",") if d.strip()]
+        # The first axis is the batch axis ("*"); other "*" are free sizes.
+        shape = tuple(None if d == "*" else int(d) for d in sizes[1:])
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=shape))
+    return specs
+
+
+def learned_spec(name: str, array: np.ndarray) -> TensorSpec:
+    """An output's spec as one answer shows it (the batch axis left out)."""
+    return TensorSpec(name=name, dtype=dtype_name(array), shape=tuple(array.shape[1:]))
+
+
+class Catalog:
+    """Models served on one Redis. Create inside the running loop; ``await close()``."""
+
+    def __init__(self, redis_url: str, *, ttl_s: float = DEFAULT_TTL_S) -> None:
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=10)
+        self._safe_url = without_password(redis_url)
+        self._ttl_s = ttl_s
+        # Written and read on the event loop only: no lock.
+        self._entries: dict[str, tuple[float, ModelEntry | None]] = {}
+        self._workers: tuple[float, Counter[str]] = (-1e9, Counter())
+        self._outputs: dict[str, dict[str, TensorSpec]] = {}
+        self._refresh_lock = asyncio.Lock()
+
+    async def get(self, name: str) -> ModelEntry | None:
+        """The model called ``name``, or None if no pool has served it on this Redis.
+        Raises :class:`Unavailable` when Redis cannot be reached."""
+        now = time.monotonic()
+        cached = self._entries.get(name)
+        if cached is None or now - cached[0] > self._ttl_s:
+            cached = (now, await self._read(name))
+            self._entries[name] = cached
+        entry = cached[1]
+        if entry is None:
+            return None
+        return ModelEntry(
+            name=entry.name,
+            inputs=entry.inputs,
+            output_names=entry.output_names,
+            ready_workers=entry.ready_workers,
+            outputs=dict(self._outputs.get(name, {})),
+        )
+
+    async def names(self) -> list[str]:
+        """Every model a pool has served on this Redis."""
+        try:
+            members = await self._redis.smembers(keys.MODELS)
+        except redis.RedisError as e:
+            raise self._unavailable(e) from e
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    async def ping(self) -> bool:
+        """Whether Redis answers."""
+        try:
+            return bool(await self._redis.ping())
+        except redis.RedisError:
+            return False
+
+    def learn_outputs(self, name: str, outputs: dict[str, np.ndarray]) -> None:
+        """Note the dtypes and shapes of a model's outputs from one of its answers."""
+        if name not in self._outputs:
+            self._outputs[name] = {k: learned_spec(k, v) for k, v in outputs.items()}
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # --- internals ----------------------------------------------------------------------
+
+    async def _read(self, name: str) -> ModelEntry | None:
+        try:
+            info = cast(dict[bytes, bytes], await self._redis.hgetall(keys.model_info(name)))
+        except redis.RedisError as e:
+            raise self._unavailable(e) from e
+        if not info:
+            return None
+        workers = await self._ready_workers()
+        outputs = info.get(b"outputs", b"").decode()
+        return ModelEntry(
+            name=name,
+            inputs=parse_inputs(info.get(b"inputs", b"").decode()),
+            output_names=[o for o in outputs.split(", ") if o],
+            ready_workers=workers[name],
+        )
+
+    async def _ready_workers(self) -> Counter[str]:
+        """Ready workers per model, from one scan of the heartbeats (shared by all models)."""
+        async with self._refresh_lock:
+            read_at, counts = self._workers
+            if time.monotonic() - read_at <= self._ttl_s:
+                return counts
+            counts = Counter()
+            try:
+                found = [
+                    k async for k in self._redis.scan_iter(match=keys.WORKER_PATTERN, count=500)
+                ]
+                pipe = self._redis.pipeline(transaction=False)
+                for key in found:
+                    pipe.hmget(key, ["model", "state"])
+                for model, state in cast(list[list[bytes | None]], await pipe.execute()):
+                    if model is not None and state == b"ready":
+                        counts[model.decode()] += 1
+            except redis.RedisError as e:
+                raise self._unavailable(e) from e
+            self._workers = (time.monotonic(), counts)
+            return counts
+
+    def _unavailable(self, error: redis.RedisError) -> Unavailable:
+        return Unavailable(f"cannot reach Redis at {self._safe_url}: {error}")
