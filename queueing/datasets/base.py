@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import pyarrow as pa
 
 
+@runtime_checkable
 class Source(Protocol):
     """Rows of one dataset file (or of an iterator), read in order."""
 
@@ -46,6 +47,7 @@ class Source(Protocol):
         ...
 
 
+@runtime_checkable
 class Sink(Protocol):
     """Where the scored rows of one source go, appended in input order."""
 

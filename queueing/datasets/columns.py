@@ -158,13 +158,13 @@ def to_numpy(array: pa.Array, dtype: str | None, base_dir: str) -> np.ndarray:
         size = int(lengths[0]) if len(lengths) else 0
         if (lengths != size).any():
             raise ValueError(f"lists of different lengths {sorted(set(lengths.tolist()))[:5]}")
-        values = to_numpy(array.flatten(), dtype, base_dir)
-        return values.reshape(len(array), size, *values.shape[1:])
+        inner = to_numpy(array.flatten(), dtype, base_dir)
+        return inner.reshape(len(array), size, *inner.shape[1:])
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return _objects(array.to_pylist())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return _from_text(array, dtype, base_dir)
-    values = array.to_numpy(zero_copy_only=False)
+    values: np.ndarray = array.to_numpy(zero_copy_only=False)
     if dtype is not None and dtype != BYTES and values.dtype != np.dtype(dtype):
         values = values.astype(dtype)
     return values
@@ -181,7 +181,7 @@ def _from_text(array: pa.Array, dtype: str | None, base_dir: str) -> np.ndarray:
             raise ValueError(f"not JSON arrays of one shape: {e}") from None
         return values
     try:
-        numbers = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+        numbers: np.ndarray = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
     except pa.ArrowInvalid as e:
         raise ValueError(f"not a number: {e}") from None
     return numbers.astype(dtype or np.float32)

@@ -218,6 +218,7 @@ class _Run:
                 except (RequestLost, RequestTimeout):
                     if attempt == 2:
                         break
+                    assert chunk.inputs is not None  # a future was sent for them
                     (chunk.future,) = self.client.submit_many(self.model, [chunk.inputs])
                     continue
                 except RequestError:
@@ -229,20 +230,19 @@ class _Run:
 
     def _rows_alone(self, chunk: _Chunk) -> tuple[list[Outputs | None], list[str | None]]:
         mapping = self.mappings[chunk.job.key]
-        futures: list[RequestFuture | None] = []
+        sendable: dict[int, Sendable] = {}
         errors: list[str | None] = []
         for row in range(chunk.rows.num_rows):
             try:
-                inputs = mapping.convert(chunk.rows.slice(row, 1), chunk.job.source.base_dir)
+                sendable[row] = mapping.convert(chunk.rows.slice(row, 1), chunk.job.source.base_dir)
+                errors.append(None)
             except ValueError as e:
-                futures.append(None)
                 errors.append(f"InvalidInput: {e}")
-                continue
-            (future,) = self.client.submit_many(self.model, [inputs])
-            futures.append(future)
-            errors.append(None)
+        sent = self.client.submit_many(self.model, list(sendable.values()))  # one round trip
+        futures = dict(zip(sendable, sent, strict=True))
         results: list[Outputs | None] = []
-        for row, future in enumerate(futures):
+        for row in range(chunk.rows.num_rows):
+            future = futures.get(row)
             if future is None:
                 results.append(None)
                 continue

@@ -75,9 +75,8 @@ class BatchesSource:
 def open_jobs(source: str | Source | Iterable[pa.RecordBatch], output: str | Sink) -> list[Job]:
     """The jobs of a run: one per input file (a folder gives one per file in it)."""
     if not isinstance(source, str):
-        if not hasattr(source, "batches") or not hasattr(source, "schema"):
-            source = BatchesSource(source)  # type: ignore[arg-type]
-        return [_job(source.name, source, output)]  # type: ignore[union-attr]
+        own = source if isinstance(source, Source) else BatchesSource(source)
+        return [_job(own.name, own, output)]
     if os.path.isdir(source):
         fmt = table_format_of_folder(source)
         if fmt is None:

@@ -31,7 +31,7 @@ _MASK_DELTA = 0xA282EAD8
 def masked_crc(data: bytes) -> int:
     """TFRecord's masked CRC-32C (rotated, plus a constant, so that a CRC of data holding
     CRCs is not itself a CRC)."""
-    crc = google_crc32c.value(data)
+    crc = int(google_crc32c.value(data))
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
@@ -67,9 +67,9 @@ def _example_class() -> Any:
         name="tfpool_example.proto", package="tensorflow", syntax="proto3"
     )
     label, repeated = descriptor_pb2.FieldDescriptorProto, 3
-    for name, kind in (("BytesList", 12), ("FloatList", 2), ("Int64List", 3)):
+    for name, value_type in (("BytesList", 12), ("FloatList", 2), ("Int64List", 3)):
         message = proto.message_type.add(name=name)
-        message.field.add(name="value", number=1, type=kind, label=repeated)
+        message.field.add(name="value", number=1, type=value_type, label=repeated)
     feature = proto.message_type.add(name="Feature")
     feature.oneof_decl.add(name="kind")
     for number, (name, kind) in enumerate(

@@ -89,10 +89,10 @@ def read(path: Path, fmt: str) -> list[dict[str, Any]]:
     rows = []
     for record in tf.data.TFRecordDataset(str(path)):  # TensorFlow checks the framing
         example = tf.train.Example.FromString(record.numpy())
-        row: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         for name, feature in example.features.feature.items():
             kind = feature.WhichOneof("kind")
             values = list(getattr(feature, kind).value)
-            row[name] = [v.decode() for v in values] if kind == "bytes_list" else values
-        rows.append(row)
+            fields[name] = [v.decode() for v in values] if kind == "bytes_list" else values
+        rows.append(fields)
     return rows

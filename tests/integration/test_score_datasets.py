@@ -242,8 +242,10 @@ def test_a_folder_of_parquet_files_scores_across_files_and_resumes_per_file(
 def test_record_batches_from_python(mlp_pool: str, redis_url: str, tmp_path: Path) -> None:
     x = _x(500, 5)
     batches = (
-        pa.record_batch({"x": pa.FixedSizeListArray.from_arrays(pa.array(x[i : i + 77].reshape(-1)), 8),
-                         "n": np.arange(i, min(i + 77, 500))})
+        pa.record_batch({
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x[i : i + 77].reshape(-1)), 8),
+            "n": np.arange(i, min(i + 77, 500)),
+        })
         for i in range(0, 500, 77)
     )  # fmt: skip
     with Client(redis_url) as client:
@@ -283,7 +285,8 @@ def test_a_dataset_larger_than_the_memory_allowed(
     writer = None
     for start in range(0, rows, per_group):
         x = _x(per_group, start)
-        note = np.char.add("a note of text carried through for row ", np.arange(start, start + per_group).astype(str))
+        numbers = np.arange(start, start + per_group).astype(str)
+        note = np.char.add("a note of text carried through for row ", numbers)
         table = pa.table({
             "id": np.arange(start, start + per_group),
             "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8),
