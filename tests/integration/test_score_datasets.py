@@ -21,6 +21,7 @@ from queueing.score import Progress, score
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
 from tests.integration.datasets import SUFFIX, read, write
+from tests.integration.helpers import TFPOOL
 from tests.integration.poison import FAIL, build_poison_model
 
 FORMATS = list(SUFFIX)
@@ -311,3 +312,77 @@ def test_a_dataset_larger_than_the_memory_allowed(
     print(f"input {size >> 20} MB; peak RSS {peak >> 20} MB ({before >> 20} MB after imports)")
     assert peak < allowed < size
     assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_rows == rows
+
+
+# --- an image model fed from a column of bytes or of file paths ---------------------------
+
+
+@pytest.fixture(scope="module")
+def pets_pool(start_pool: PoolFactory, image_model: tuple[str, str]) -> str:
+    path, labels = image_model
+    start_pool(
+        path, name="ds-pets", preprocess="image", image_scale=1 / 255, postprocess="top_k",
+        top_k=2, labels_file=labels, max_batch_size=8,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("column", ["bytes", "paths"])
+def test_images_from_a_column_of_bytes_or_of_paths(
+    pets_pool: str, redis_url: str, tmp_path: Path, column: str
+) -> None:
+    import keras
+
+    rng = np.random.default_rng(7)
+    images = [
+        models.encode_image(rng.integers(0, 256, (9 + i, 11, 3), dtype=np.uint8), "png")
+        for i in range(20)
+    ]
+    images[6] = images[6][:-50]  # broken
+    if column == "bytes":
+        pq.write_table(pa.table({"name": [f"{i}.png" for i in range(20)], "image": images}),
+                       tmp_path / "in.parquet")  # fmt: skip
+        source, mapping = tmp_path / "in.parquet", None  # the column has the input's name
+    else:
+        (tmp_path / "photos").mkdir()
+        for i, data in enumerate(images):
+            (tmp_path / "photos" / f"{i}.png").write_bytes(data)
+        names = [f"photos/{i}.png" for i in range(20)]
+        (tmp_path / "in.csv").write_text("name,file\n" + "".join(f"{n},{n}\n" for n in names))
+        source, mapping = tmp_path / "in.csv", {"image": ["file"]}
+    with Client(redis_url) as client:
+        summary = score(client, "ds-pets", str(source), str(tmp_path / "out.parquet"),
+                        chunk_rows=4, input_columns=mapping, keep_columns=["name"],
+                        progress=_quiet)  # fmt: skip
+    assert summary.failed_rows == 1
+    got = pq.read_table(tmp_path / "out.parquet")
+    assert got.column_names == ["name", "indices", "scores", "labels", "error"]
+    errors = got.column("error").to_pylist()
+    assert errors[6].startswith("InvalidInput") and "decoded" in errors[6]
+    assert [e is None for e in errors] == [i != 6 for i in range(20)]
+    assert got.column("labels")[6].as_py() is None
+    model = keras.models.load_model(pets_pool, compile=False)
+    for i, data in enumerate(images):
+        if i == 6:
+            continue
+        direct = model.predict_on_batch(models.decoded_image_input(data, scale=1 / 255)[None])
+        assert got.column("indices")[i].as_py() == np.argsort(-direct[0])[:2].tolist()
+        labels = [models.IMAGE_LABELS[k] for k in got.column("indices")[i].as_py()]
+        assert got.column("labels")[i].as_py() == labels
+
+
+def test_the_command_line_maps_and_keeps_columns(
+    mlp_pool: str, redis_url: str, tmp_path: Path
+) -> None:
+    x = _x(300, 8)
+    write(tmp_path / "in.csv", "csv", {"id": np.arange(300), "x": x})
+    command = [*TFPOOL, "score", "--model", "ds-mlp", str(tmp_path / "in.csv"),
+               str(tmp_path / "out.jsonl"), "--redis-url", redis_url, "--input-column", "x=x*",
+               "--keep-columns", "id", "--chunk-rows", "64"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "scored 300 of 300 rows" in run.stdout
+    rows = read(tmp_path / "out.jsonl", "jsonl")
+    assert [r["id"] for r in rows] == list(range(300))
+    want = next(iter(models.keras_outputs(mlp_pool, x).values()))
+    np.testing.assert_allclose([r["output"] for r in rows], want, rtol=1e-5, atol=1e-6)
