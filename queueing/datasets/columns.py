@@ -153,7 +153,10 @@ def to_numpy(array: pa.Array, dtype: str | None, base_dir: str) -> np.ndarray:
         first = np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0]
         raise ValueError(f"a null value (row {first} of the request)")
     kind = array.type
-    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
+    if pa.types.is_fixed_size_list(kind):  # one length by its type: nothing to check
+        inner = to_numpy(array.flatten(), dtype, base_dir)
+        return inner.reshape(len(array), kind.list_size, *inner.shape[1:])
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
         size = int(lengths[0]) if len(lengths) else 0
         if (lengths != size).any():

@@ -101,14 +101,21 @@ def score_dataset(
     }
     state = _load(sidecar, fingerprint) if os.path.exists(sidecar) else _State(fingerprint)
     spec = _model_inputs(client, model)
-    run = _Run(client, model, state, sidecar, spec, input_columns, keep_columns)
-    run.chunk_rows, run.timeout = chunk_rows, timeout
+    run = _Run(client, model, state, sidecar, keep_columns, chunk_rows, timeout)
     for job in jobs:
         record = state.files.get(job.key)
         if record is not None and not record.get("finished"):
             job.sink.resume(record["sink"])
+    for job in jobs:  # a column missing or unmapped is said now, before anything is written
+        if not state.files.get(job.key, {}).get("finished"):
+            run.mappings[job.key] = InputMapping(
+                job.source.schema(),
+                spec=spec,
+                input_columns=input_columns,
+                keep_columns=keep_columns,
+            )
     counts = [job.source.count_rows() for job in jobs]
-    total = sum(c or 0 for c in counts)
+    total = 0 if None in counts else sum(c or 0 for c in counts)  # 0: not known
     done = sum(_rows_done(state, job) for job in jobs)
     bar = progress(total, done)
     run.bar = bar
@@ -142,13 +149,12 @@ class _Run:
         model: str,
         state: _State,
         sidecar: str,
-        spec: list[InputSpec] | None,
-        input_columns: dict[str, list[str]] | None,
         keep_columns: Sequence[str],
+        chunk_rows: int,
+        timeout: float,
     ) -> None:
         self.client, self.model, self.state, self.sidecar = client, model, state, sidecar
-        self.spec, self.input_columns, self.keep = spec, input_columns, list(keep_columns)
-        self.chunk_rows, self.timeout = 1024, 300.0
+        self.keep, self.chunk_rows, self.timeout = list(keep_columns), chunk_rows, timeout
         self.scored = self.failed = 0
         self.bar: Any = None
         # Rows held back because they failed before any output's type was known (a
@@ -189,12 +195,7 @@ class _Run:
                 continue
             skip = int(record.get("rows", 0))
             self.rows_written[job.key] = skip
-            mapping = self.mappings[job.key] = InputMapping(
-                job.source.schema(),
-                spec=self.spec,
-                input_columns=self.input_columns,
-                keep_columns=self.keep,
-            )
+            mapping = self.mappings[job.key]
             columns = list(dict.fromkeys(mapping.columns + self.keep))
             batches = job.source.batches(columns, skip, self.chunk_rows, as_text=mapping.columns)
             for rows in rechunk(batches, self.chunk_rows):

@@ -67,6 +67,8 @@ class ParquetSink:
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
+            if self.part == 0:  # a fresh start: parts of an earlier attempt are not ours
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
             os.makedirs(self.parts_dir, exist_ok=True)
             self.writer = pq.ParquetWriter(self._part(self.part), table.schema)
         self.writer.write_table(table, row_group_size=max(len(table), 1))
