@@ -28,14 +28,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import redis
 
 from queueing import keys, liveness
 from queueing.client import Client, RequestFuture
+from queueing.datasets.formats import is_table_path
 from queueing.errors import RequestError, RequestLost, RequestTimeout
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    import pyarrow as pa
+
+    from queueing.datasets.base import Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +97,19 @@ class Progress:
     def update(self, rows: int) -> None:
         self.done += rows
         now = time.monotonic()
-        if now - self._shown < (0.1 if self.tty else LOG_EVERY_S) and self.done < self.total:
+        if now - self._shown < (0.1 if self.tty else LOG_EVERY_S) and (
+            self.done < self.total or self.total <= 0
+        ):
             return
         self._shown = now
         rate = (self.done - self.start_done) / max(now - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 1e7 else "?"
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if 0 <= eta < 1e7 else "?"
         text = f"{self.done:,}/{self.total:,} rows  {rate:,.0f} rows/s  ETA {eta_text}"
+        if self.total <= 0:  # not known (record batches from Python): no bar, no ETA
+            text = f"{self.done:,} rows  {rate:,.0f} rows/s"
         if self.tty:
-            filled = int(30 * self.done / max(self.total, 1))
+            filled = min(int(30 * self.done / max(self.total, 1)), 30) if self.total > 0 else 0
             print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text}", end="", file=self.stream)
         else:
             print(f"scored {text}", file=self.stream, flush=True)
@@ -296,13 +308,15 @@ class _Output:
 def score(
     client: Client,
     model: str,
-    input_path: str,
-    output_path: str,
+    input_path: str | Source | Iterable[pa.RecordBatch],
+    output_path: str | Sink,
     *,
     chunk_rows: int | None = None,
     window: int = 8,
     timeout: float = 300.0,
     progress: Callable[[int, int], Progress] = Progress,
+    input_columns: Mapping[str, Sequence[str]] | None = None,
+    keep_columns: Sequence[str] = (),
 ) -> ScoreSummary:
     """Score every row of ``input_path`` with ``model`` into ``output_path``; continue an
     interrupted run of the same job. See the module docstring. ``chunk_rows`` defaults to
@@ -310,7 +324,21 @@ def score(
 
     Raises the error of the first chunk's rows when every one of them failed the same way
     (nothing is left written), and :class:`RequestTimeout` when a chunk times out while no
-    worker of ``model`` is live (what is done stays done)."""
+    worker of ``model`` is live (what is done stays done).
+
+    A table dataset (Parquet, CSV, JSON Lines, TFRecord: a file, a folder of files, a
+    :class:`~queueing.datasets.base.Source`, or an iterable of ``pyarrow.RecordBatch``)
+    goes to a table format or a :class:`~queueing.datasets.base.Sink`, through
+    :mod:`queueing.datasets.engine`: ``input_columns`` maps model inputs to columns
+    (``{"x": ["features"]}``), ``keep_columns`` are carried through to the output."""
+    if not (isinstance(input_path, str) and isinstance(output_path, str)) or any(
+        is_table_path(p) for p in (input_path, output_path)
+    ):
+        return _score_dataset(
+            client, model, input_path, output_path, chunk_rows=chunk_rows or 1024,
+            window=window, timeout=timeout, progress=progress,
+            input_columns=input_columns, keep_columns=keep_columns,
+        )  # fmt: skip
     check_output_suffix(output_path)
     inputs, rows = open_input(input_path)
     folder = inputs if isinstance(inputs, ImageFolder) else None
@@ -442,6 +470,39 @@ class _Pool:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _score_dataset(
+    client: Client,
+    model: str,
+    source: str | Source | Iterable[pa.RecordBatch],
+    output: str | Sink,
+    *,
+    chunk_rows: int,
+    window: int,
+    timeout: float,
+    progress: Callable[[int, int], Progress],
+    input_columns: Mapping[str, Sequence[str]] | None,
+    keep_columns: Sequence[str],
+) -> ScoreSummary:
+    try:
+        from queueing.datasets.engine import score_dataset
+    except ImportError as e:
+        raise ImportError(
+            f"scoring Parquet, CSV, JSON Lines or TFRecord needs {e.name}:"
+            " pip install 'tfpool[datasets]'"
+        ) from e
+    if chunk_rows < 1 or window < 1:
+        raise ValueError("chunk_rows and window must be >= 1")
+    rows, scored, failed, seconds = score_dataset(
+        client, model, source, output,
+        input_columns=None if not input_columns else {k: list(c) for k, c in input_columns.items()},
+        keep_columns=keep_columns, chunk_rows=chunk_rows, window=window, timeout=timeout,
+        progress=progress,
+    )  # fmt: skip
+    return ScoreSummary(
+        rows=rows, scored=scored, failed_rows=failed, seconds=seconds, rows_done=rows
+    )
 
 
 def _chunk_rows(chunk: int, chunk_rows: int, rows: int) -> int:

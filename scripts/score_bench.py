@@ -4,10 +4,16 @@
     python scripts/score_bench.py --rows 200000 --chunk-rows 4096 --window 8
     python scripts/score_bench.py --images 2000   # JPEG files through mobilenet, decoded in
                                                   # the worker, against bare float batches
+    python scripts/score_bench.py --parquet       # Parquet in -> Parquet out (id kept)
+    python scripts/score_bench.py --parquet --images 1500   # a Parquet column of JPEG bytes
 
-Writes the rows to a temporary .npy, scores them with `tfpool score`'s code into another
-.npy through a pool on a private Redis, and prints rows/s next to the bare model's best
-rows/s (measured in the same run, placed like the pool's worker).
+Writes the rows to a temporary .npy (or with --parquet a Parquet file: an id column and
+the rows as a fixed-size list column, or the JPEG files' bytes in a binary column), scores
+them with `tfpool score`'s code into another .npy (Parquet: the id, the outputs and the
+error column) through a pool on a private Redis, and prints rows/s next to the bare
+model's best rows/s (measured in the same run, placed like the pool's worker). Where Ray
+Data is installed, the same Parquet file also goes through `read_parquet -> map_batches ->
+write_parquet` with the same model, and its rows/s is printed too.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ def main() -> int:
         help="instead: a folder of this many 320x240 JPEGs through the bench mobilenet,"
         " decoded and resized in the worker (chunk and batch default to 16)",
     )
+    parser.add_argument("--parquet", action="store_true", help="Parquet in, Parquet out")
     args = parser.parse_args()
     if args.images:
         args.rows = args.images
@@ -65,6 +72,8 @@ def main() -> int:
         if args.images:
             source = str(Path(tmp) / "photos")
             _write_jpegs(source, args.images)
+            if args.parquet:
+                source = _folder_to_parquet(source, str(Path(tmp) / "photos.parquet"))
             processing: dict[str, Any] = {
                 "preprocess": "image", "image_scale": 1 / 127.5, "image_offset": -1.0,
                 "postprocess": "top_k",
@@ -73,6 +82,8 @@ def main() -> int:
             source = str(Path(tmp) / "x.npy")
             x = np.random.default_rng(0).standard_normal((args.rows, 64)).astype(np.float32)
             np.save(source, x)
+            if args.parquet:
+                source = _array_to_parquet(x, str(Path(tmp) / "x.parquet"))
             del x
             processing = {}
         config = PoolConfig(
@@ -93,25 +104,36 @@ def main() -> int:
             pids = supervisor.serving_pids()
             before = (process_cpu(pids), redis_cpu(conn), _own_cpu())
             model_before = _model_seconds(conn)
+            if args.parquet:
+                output = str(Path(tmp) / "scores.parquet")
+            else:
+                output = str(Path(tmp) / ("top5.npz" if args.images else "y.npy"))
             with Client(url) as client:
                 summary = score(
                     client,
                     name,
                     source,
-                    str(Path(tmp) / ("top5.npz" if args.images else "y.npy")),
+                    output,
                     chunk_rows=args.chunk_rows,
                     window=args.window,
                     progress=lambda total, done: Progress(total, done),
+                    keep_columns=["id"] if args.parquet else (),
                 )
             after = (process_cpu(pids), redis_cpu(conn), _own_cpu())
             time.sleep(config.heartbeat_s * 1.5)  # the workers' next heartbeat has the total
             model_s = _model_seconds(conn) - model_before
         finally:
             supervisor.drain()
+        ray_rate = _ray_data(path, source, tmp, args) if args.parquet else None
     rate = summary.scored / summary.seconds
     print(f"scored {summary.scored:,} rows in {summary.seconds:.1f}s: {rate:,.0f} rows/s")
     print(f"bare model best: {bare['rows_per_s']:,.0f} rows/s at batch {bare['best_batch']}")
     print(f"scoring / bare: {rate / bare['rows_per_s']:.3f}")
+    if args.parquet:
+        if ray_rate is None:
+            print("Ray Data: not installed (pip install 'ray[data]' to compare)")
+        else:
+            print(f"Ray Data read_parquet -> map_batches -> write_parquet: {ray_rate:,.0f} rows/s")
     # Where the CPU went, per 1,000 rows: the worker includes the model itself; the bare
     # model's own cost is its threads' time at its best rate.
     per_k = 1e6 / summary.scored  # seconds -> ms per 1,000 rows
@@ -135,6 +157,71 @@ def _model_seconds(conn: redis.Redis) -> float:
         float(cast(dict[bytes, bytes], conn.hgetall(key)).get(b"model_s", 0))
         for key in conn.scan_iter(keys.worker_heartbeat("*"))
     )
+
+
+def _array_to_parquet(x: np.ndarray, path: str) -> str:
+    """Rows as a Parquet file: ``id`` and ``x`` (a fixed-size list of float32 per row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    table = pa.table({"id": np.arange(len(x)), "x": values})
+    pq.write_table(table, path, row_group_size=128 * 1024)
+    return path
+
+
+def _folder_to_parquet(folder: str, path: str) -> str:
+    """The JPEG files of ``folder`` as a Parquet file: ``id`` and ``image`` (the bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = sorted(os.listdir(folder))
+    images = [Path(folder, name).read_bytes() for name in names]
+    pq.write_table(pa.table({"id": np.arange(len(names)), "image": images}), path)
+    return path
+
+
+def _ray_data(model_path: str, source: str, tmp: str, args: argparse.Namespace) -> float | None:
+    """Rows/s of Ray Data on the same file and model: one actor holding the model, batches
+    of the same size as the pool's chunks; None where Ray is not installed."""
+    try:
+        import ray  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+
+    class Predict:
+        def __init__(self) -> None:
+            import keras
+
+            self.model = keras.models.load_model(model_path, compile=False)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if args.images:
+                import tensorflow as tf
+
+                pixels = [
+                    tf.image.resize(tf.io.decode_image(b, channels=3, expand_animations=False),
+                                    (224, 224)) / 127.5 - 1.0
+                    for b in batch["image"]
+                ]  # fmt: skip
+                x = np.stack(pixels)
+            else:
+                x = np.stack(list(batch["x"])).astype(np.float32)
+            y = np.asarray(self.model.predict_on_batch(x))
+            return {"id": batch["id"], "output": y}
+
+    ray.init(num_cpus=cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        started = time.monotonic()
+        dataset = ray.data.read_parquet(source)
+        scored = dataset.map_batches(
+            Predict, batch_size=args.chunk_rows, concurrency=1, batch_format="numpy"
+        )
+        scored.write_parquet(str(Path(tmp) / "ray_out"))
+        seconds = time.monotonic() - started
+    finally:
+        ray.shutdown()
+    return float(args.rows / seconds)
 
 
 def _write_jpegs(folder: str, count: int) -> None:

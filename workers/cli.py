@@ -116,11 +116,14 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True, help="model name")
     score.add_argument(
         "input",
-        help=".npy (memory-mapped), .npz (one array per input), or a folder of images"
-        " (JPEG/PNG/GIF/BMP, for a pool with preprocess = image)",
+        help=".npy (memory-mapped), .npz (one array per input), a folder of images"
+        " (JPEG/PNG/GIF/BMP, for a pool with preprocess = image), or a table: .parquet, .csv,"
+        " .jsonl, .tfrecord (tf.train.Example), or a folder of such files",
     )
     score.add_argument(
-        "output", help="output file: .npy (a model with one output) or .npz (any model)"
+        "output",
+        help=".npy (one output) or .npz (several) for array inputs; for a table, a table"
+        " format (a folder for a folder)",
     )
     score.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
     score.add_argument("--chunk-rows", type=int, help="rows per request (default: 1024; 32 images)")
@@ -132,6 +135,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="rows that may fail with exit code 0: a count (100), or a fraction of all rows"
         " (0.01); more failed rows exit with 1 (default: 0)",
+    )
+    score.add_argument(
+        "--input-column",
+        action="append",
+        default=[],
+        metavar="NAME=COLUMN",
+        help="tables: feed model input NAME from COLUMN (COLUMN,COLUMN,... or a pattern such"
+        " as f* stacks scalar columns); repeat per input (default: columns named as the"
+        " inputs, or the only column for a one-input model)",
+    )
+    score.add_argument(
+        "--keep-columns",
+        default="",
+        metavar="COLUMN,...",
+        help="tables: columns copied to the output beside the scores (e.g. id,ts)",
     )
     score.set_defaults(run=_score)
 
@@ -306,11 +324,21 @@ def _score(args: argparse.Namespace) -> int:
 
     keep_large_buffers()  # a chunk is a megabyte: no fresh pages from the kernel for each
 
-    check_output_suffix(args.output)
+    from queueing.datasets.formats import is_table_path
+
+    if not (is_table_path(args.input) or is_table_path(args.output)):
+        check_output_suffix(args.output)
+    input_columns = None
+    if args.input_column:
+        from queueing.datasets.columns import parse_input_columns
+
+        input_columns = parse_input_columns(args.input_column)
+    keep = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
     with Client(resolve_redis_url(args.redis_url)) as client:
         try:
             summary = score(client, args.model, args.input, args.output,
-                            chunk_rows=args.chunk_rows, window=args.window)  # fmt: skip
+                            chunk_rows=args.chunk_rows, window=args.window,
+                            input_columns=input_columns, keep_columns=keep)  # fmt: skip
         except KeyboardInterrupt:
             print("tfpool score: interrupted; run the same command again to continue",
                   file=sys.stderr)  # fmt: skip
@@ -320,17 +348,25 @@ def _score(args: argparse.Namespace) -> int:
           + (f" ({summary.scored:,} in this run, {earlier:,} before)" if earlier else "")
           + f" in {summary.seconds:.1f}s ({summary.scored / max(summary.seconds, 1e-9):,.0f}"
           f" rows/s); {summary.failed_rows:,} failed rows"
-          + (f", see {args.output}.errors.tsv" if summary.failed_rows else ""))  # fmt: skip
+          + (_where_errors_are(args.output) if summary.failed_rows else ""))  # fmt: skip
     allowance: float = args.allow_failed_rows
     allowed = allowance * summary.rows if isinstance(allowance, float) else allowance
     if summary.failed_rows > allowed:
         print(
             f"tfpool score: {summary.failed_rows:,} of {summary.rows:,} rows failed, more than"
-            f" --allow-failed-rows {allowance} allows; see {args.output}.errors.tsv",
+            f" --allow-failed-rows {allowance} allows{_where_errors_are(args.output)}",
             file=sys.stderr,
         )
         return failures.EXIT_INCOMPLETE
     return failures.EXIT_OK
+
+
+def _where_errors_are(output: str) -> str:
+    from queueing.datasets.formats import is_table_path
+
+    if is_table_path(output):
+        return f", see the column 'error' of {output}"
+    return f", see {output}.errors.tsv"
 
 
 def _status(args: argparse.Namespace) -> int:
