@@ -77,7 +77,7 @@ def test_example_config_from_elsewhere_says_what_to_set(
     assert "set `model` below to your model" in Path(EXAMPLE_TOML).read_text()[:300]
 
 
-@pytest.mark.parametrize("output", ["out.csv", "out", "out.npy.gz"])
+@pytest.mark.parametrize("output", ["out.txt", "out", "out.npy.gz"])
 def test_score_refuses_an_output_format_it_cannot_write(
     output: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -123,8 +123,8 @@ def test_answers_become_replies_then_acks() -> None:
         ("DEL", kept), ("RPUSH", kept, payloads[1]), ("EXPIRE", kept, 30),
         ("XADD", keys.dead_letters(MODEL), "*", b"id", b"\xff", b"reason",
          "unreadable request id", b"entry", b"4-0"),
-        ("RPUSH", "r1", payloads[0], payloads[1]), ("EXPIRE", "r1", 100),
-        ("RPUSH", "r2", payloads[2]), ("EXPIRE", "r2", 100),
+        ("XADD", "r1", "*", b"0", payloads[0], b"1", payloads[1]), ("EXPIRE", "r1", 100),
+        ("XADD", "r2", "*", b"0", payloads[2]), ("EXPIRE", "r2", 100),
         ("XACK", stream, keys.GROUP, b"1-0", b"2-0", b"3-0", b"4-0"),
         ("XDEL", stream, b"1-0", b"2-0", b"3-0", b"4-0"),
     ]  # fmt: skip
