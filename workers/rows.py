@@ -74,7 +74,8 @@ def check_independent(
         alone = model(single)
         check_output_rows(source, alone, alone_rows)
         for name, value in together.items():
-            difference = _difference(value[row], alone[name][0])
+            # np.asarray: a row of a 1-D output is a scalar (a bytes object for text).
+            difference = _difference(np.asarray(value[row]), np.asarray(alone[name][0]))
             if difference is not None:
                 raise RowsNotIndependent(
                     f"{source}: output {name!r} of row {row} of a batch of {rows} random rows"
