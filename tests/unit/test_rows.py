@@ -76,3 +76,12 @@ def test_strings_and_ids_get_random_rows_a_model_can_take() -> None:
     check_independent("m", lookup, [text, ids], BUCKETS)
     assert all(isinstance(item, bytes) for item in seen[0]["t"].reshape(-1))
     assert len({item for item in seen[0]["t"].reshape(-1)}) > 1  # not all the same row
+
+
+def test_one_value_per_row_of_text_is_compared_as_a_value() -> None:
+    """A text model answers one bytes object per row: a row is a scalar, not an array."""
+
+    def words(x: np.ndarray) -> np.ndarray:
+        return np.array([b"pos" if row.sum() > 0 else b"neg" for row in x], dtype=object)
+
+    check(words)
