@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,12 +32,11 @@ from queueing.base import (
     resolve_redis_url,
 )
 from queueing.errors import RequestError
+from queueing.frames import frames_in_order
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
-
-_END = object()  # the end of a stream's frames
 
 __all__ = ["DEFAULT_REDIS_URL", "DEFAULT_RESULT_TTL_S", "Client", "RequestFuture",
            "resolve_redis_url"]  # fmt: skip
@@ -164,51 +162,8 @@ class Client(ClientBase[RequestFuture]):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         deadline = None if deadline_ms is None else deadline_ms / 1000
-        # A feeder thread pulls and sends the frames, so that a result is yielded as soon
-        # as it is in, not when the source (a camera: one frame per 1/fps) next has a frame.
-        slots = threading.Semaphore(window)
-        sent: queue.Queue[RequestFuture | BaseException | None] = queue.Queue()
-        stop = threading.Event()
-
-        def feed() -> None:
-            try:
-                source = iter(frames)
-                while True:
-                    while not slots.acquire(timeout=0.1):  # a free place in the window
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    frame = next(source, _END)
-                    if frame is _END:
-                        break
-                    (future,) = self.submit_many(model, [cast(Sendable, frame)], deadline=deadline)
-                    sent.put(future)
-                sent.put(None)
-            except BaseException as e:  # the source's own error, raised to the consumer
-                sent.put(e)
-
-        feeder = threading.Thread(target=feed, name="tfpool-stream-feeder", daemon=True)
-        feeder.start()
-        try:
-            while (item := sent.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield self._outcome(item, timeout)
-                slots.release()  # the consumer is done with that frame
-        finally:
-            stop.set()
-            slots.release()  # a feeder waiting for a place sees the stop at once
-            while not sent.empty():  # sent, never to be read: no future left behind
-                item = sent.get_nowait()
-                if isinstance(item, RequestFuture):
-                    self._forget(item.request_id)
-
-    def _outcome(self, future: RequestFuture, timeout: float) -> Outputs | RequestError:
-        try:
-            return self.wait(future, timeout=timeout)
-        except RequestError as e:
-            return e
+        return frames_in_order(self, model, frames, window=window, deadline=deadline,
+                               timeout=timeout)  # fmt: skip
 
     def result(self, request_id: str, *, timeout: float = 30.0) -> Outputs:
         """The kept result of ``request_id`` (see ``submit(..., keep=True)``), waiting up

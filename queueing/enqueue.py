@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from queueing import keys
+from queueing import keys, redis_state
 from queueing.errors import RedisOutOfMemory, RequestError, Unavailable, UnknownModel
 
 #: Requests per Lua call: bounds how long one call holds Redis.
@@ -53,7 +53,7 @@ def as_request_error(error: redis.RedisError, model: str, url: str) -> RequestEr
     """The typed error a producer should see for a Redis error while enqueueing, if any."""
     if isinstance(error, redis.ResponseError) and "UNKNOWN_MODEL" in str(error):
         return UnknownModel(f"no pool serves model {model!r} on this Redis")
-    if isinstance(error, redis.exceptions.OutOfMemoryError) or str(error).startswith("OOM"):
+    if redis_state.out_of_memory(error):
         return RedisOutOfMemory(
             f"Redis at {url} is out of memory (maxmemory) and refuses new requests: {error}"
         )

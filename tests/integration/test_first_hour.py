@@ -308,5 +308,6 @@ def test_demo_on_a_users_redis_is_quiet_and_leaves_nothing_behind() -> None:
         for noise in ("cuInit", "I0000", "E0000", "absl::InitializeLog", "oneDNN"):
             assert noise not in done.stderr, done.stderr
         conn = redis.Redis.from_url(server.url)
-        assert conn.keys("*") == []
+        # All but the epoch marker, which every tfpool process on this Redis shares.
+        assert conn.keys("*") == [b"tfpool:epoch"]
         conn.close()
