@@ -39,6 +39,8 @@ _SERVE_HELP = {
     "workers": "worker processes (default: one per GPU, else one per 4 cores)",
     "max_batch_size": "most rows in a batch",
     "max_latency_ms": "longest a request waits for company, from its arrival",
+    "metrics_port": "serve /metrics, /healthz, /readyz on this port (0: any free port;"
+    " default: none)",
 }
 
 
@@ -130,6 +132,8 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
         help_text = _SERVE_HELP.get(option, f"see configs/example.toml ({option})")
         if kind in (int, float, str):
             parser.add_argument(flag, dest=option, type=kind, help=help_text)
+        elif kind is bool:
+            parser.add_argument(flag, dest=option, help=help_text + "; true or false")
         else:  # lists: comma- or space-separated
             parser.add_argument(flag, dest=option, help=help_text + "; comma-separated")
 

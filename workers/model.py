@@ -158,3 +158,12 @@ def _load_keras(path: str) -> LoadedModel:
     # canonicalisation (the signature is fixed, so there is nothing to choose).
     concrete = run.get_concrete_function()
     return LoadedModel(inputs=inputs, output_names=output_names, function=concrete, source=path)
+
+
+def gpu_memory_in_use() -> float:
+    """Bytes of GPU memory TensorFlow holds in this process (its one visible GPU: each
+    worker sees only its own), 0 when it cannot tell."""
+    try:
+        return float(tf.config.experimental.get_memory_info("GPU:0")["current"])
+    except (ValueError, RuntimeError):  # no GPU, or a TensorFlow build without the figure
+        return 0.0
