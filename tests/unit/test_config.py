@@ -77,3 +77,16 @@ def test_gpu_placement_one_worker_per_device_or_more() -> None:
     assert all(s.intra_op_threads == 4 for s in slots)
     two_each = PoolConfig(model="m.keras", workers_per_device=2, devices=["5", "6"])
     assert [s.device for s in plan(two_each, gpus=[], cores=8)] == ["5", "6", "5", "6"]
+
+
+def test_metrics_options_from_the_environment_and_the_command_line() -> None:
+    assert PoolConfig(model="m.keras").metrics_port == -1  # no endpoint unless asked
+    env = {"TFPOOL_METRICS_PORT": "0", "TFPOOL_METRICS": "false"}
+    config = PoolConfig.load(env=env, overrides={"model": "m.keras"})
+    assert config.metrics_port == 0 and config.metrics is False
+    from workers.cli import _parser
+
+    args = _parser().parse_args(["serve", "--model", "m.keras", "--metrics-port", "9100"])
+    assert args.metrics_port == 9100
+    with pytest.raises(ConfigError, match="metrics_port"):
+        PoolConfig(model="m.keras", metrics_port=70000)
