@@ -464,10 +464,12 @@ def run(
     workers: int = 1,
     intra_op_threads: int = 0,
     model_dir: str | None = None,
+    metrics: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Figures]:
     """Run the named scenarios ``runs`` times each; return the median run of each (by
-    rows/s, and by p50 for the lone-request scenario)."""
+    rows/s, and by p50 for the lone-request scenario). ``metrics``: the workers record
+    metrics (the default, as in production); off measures what recording costs."""
     scenarios = [SCENARIOS[n] for n in names]
     cores = cpu_count()
     threads = intra_op_threads or max(1, cores // workers)
@@ -499,6 +501,7 @@ def run(
                     max_latency_ms=s.max_latency_ms,
                     heartbeat_s=0.25,
                     max_queue=0,
+                    metrics=metrics,
                     log_level="WARNING",
                 )
                 supervisor = Supervisor(config, slots=slots)
