@@ -4,6 +4,7 @@ parsed with prometheus_client's own parser."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import urllib.error
@@ -185,6 +186,20 @@ def test_queue_gauges_follow_a_backlog(
     assert value(drained, "tfpool_queue_pending", **m) == 0
     assert value(drained, "tfpool_oldest_waiting_seconds", **m) == 0
     assert value(drained, "tfpool_estimated_drain_seconds", **m) == 0
+
+    # The README documents every metric served, and the dashboard queries only those.
+    served = {f.name for f in text_string_to_metric_families(get(port, "/metrics")[1])}
+    root = Path(__file__).parents[2]
+    documented = set(re.findall(r"^\| `(tfpool_\w+)", (root / "README.md").read_text(), re.M))
+    assert {_family(name) for name in documented} == served
+    dashboard = (root / "configs" / "grafana-dashboard.json").read_text()
+    queried = {_family(name) for name in re.findall(r"tfpool_\w+", dashboard)}
+    assert queried and queried <= served
+
+
+def _family(sample_name: str) -> str:
+    """A family's name from one of its samples' (what the text parser names families)."""
+    return re.sub(r"_(total|bucket|count|sum)$", "", sample_name)
 
 
 def test_readyz_follows_warm_up_and_drain_while_healthz_stays_up(
