@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from queueing import Client, DeadLettered, DeadlineExceeded, InvalidInput, ModelError
 from tests.integration.conftest import PoolFactory
+from tests.integration.helpers import TFPOOL
 from tests.integration.poison import FAIL, MARKER, build_poison_model
 from tests.waiting import wait_until
 from workers.config import PoolConfig
@@ -232,3 +235,33 @@ def test_readyz_follows_warm_up_and_drain_while_healthz_stays_up(
         supervisor.close_metrics()
     with pytest.raises(urllib.error.URLError):  # the endpoint stops with the pool
         get(port, "/healthz")
+
+
+def test_serve_with_metrics_port_zero_from_the_environment_logs_the_port_it_took(
+    mlp_path: str, redis_url: str
+) -> None:
+    env = {**os.environ, "TFPOOL_METRICS_PORT": "0"}
+    serve = subprocess.Popen(
+        [*TFPOOL, "serve", "--model", mlp_path, "--name", "cli-metrics", "--workers", "1",
+         "--redis-url", redis_url, "--metrics-host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        stderr = cast(IO[str], serve.stderr)
+        logged = None
+        while logged is None:  # logged before any worker starts
+            line = stderr.readline()
+            assert line, "serve exited before logging its metrics port"
+            logged = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+        port = int(logged.group(1))
+        assert port > 0
+        wait_until(lambda: get(port, "/readyz")[0] == 200, timeout=180, what="ready")
+        samples = scrape(port)
+        assert value(samples, "tfpool_worker_ready", model="cli-metrics", slot="0",
+                     device="cpu") == 1  # fmt: skip
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        serve.communicate(timeout=30)
