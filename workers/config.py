@@ -107,6 +107,10 @@ class PoolConfig:
     #: Workers count requests, batches and latencies (for /metrics and ``tfpool status``).
     #: Off saves about a microsecond of CPU per request.
     metrics: bool = True
+    #: OpenTelemetry spans for requests that carry their producer's trace context:
+    #: "" (off), "console", "otlp" (OTEL_EXPORTER_OTLP_* settings), or "module:callable"
+    #: returning a SpanExporter.
+    trace_exporter: str = ""
     #: Log level of the supervisor and workers.
     log_level: str = "INFO"
 
