@@ -23,6 +23,7 @@ from queueing import enqueue, keys, wire
 from queueing.errors import QueueFull, RequestError, RequestLost, RequestTimeout, Unavailable
 from queueing.redis_state import EpochWatch, eviction_problem
 from queueing.scripts import ENQUEUE, ROOM
+from queueing.tracing import current_traceparent
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,11 @@ class ClientBase(Generic[F]):
     ) -> list[bytes]:
         deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
         keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
+        trace = current_traceparent()  # the producer's span, if it records one
         return [
-            wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
+            wire.encode_request_body(
+                model, item, deadline_ms=deadline_ms, keep_s=keep_s, traceparent=trace
+            )
             for item in inputs
         ]
 

@@ -26,6 +26,7 @@ the dtype allow-list: whoever can write to Redis can submit work, nothing more.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -105,6 +106,8 @@ class RequestBody:
     inputs: Inputs
     deadline_ms: int | None
     keep_s: int
+    #: The producer's W3C trace context (``traceparent``), when it sent one.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,19 +272,25 @@ def _decode_arrays(obj: object, limits: Limits, what: str) -> Inputs:
 
 
 def encode_request_body(
-    model: str, inputs: Sendable, *, deadline_ms: int | None = None, keep_s: int = 0
+    model: str,
+    inputs: Sendable,
+    *,
+    deadline_ms: int | None = None,
+    keep_s: int = 0,
+    traceparent: str | None = None,
 ) -> bytes:
-    """The msgpack body of a request for ``model``."""
-    return msgpack.packb(  # type: ignore[no-any-return]
-        {
-            "v": PROTOCOL_VERSION,
-            "model": model,
-            "inputs": _encode_arrays(inputs),
-            "deadline_ms": deadline_ms,
-            "keep_s": keep_s,
-        },
-        use_bin_type=True,
-    )
+    """The msgpack body of a request for ``model``; ``traceparent``: the producer's W3C
+    trace context, for the worker's spans (absent from the body when None)."""
+    body: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "model": model,
+        "inputs": _encode_arrays(inputs),
+        "deadline_ms": deadline_ms,
+        "keep_s": keep_s,
+    }
+    if traceparent is not None:
+        body["traceparent"] = traceparent
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> RequestBody:
@@ -330,7 +339,17 @@ def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> Reques
         # The checks above are meant to leave numpy nothing to refuse; if one ever misses a
         # case, the request still gets its typed error and the worker reads on.
         raise InvalidInput(f"inputs cannot be decoded: {type(e).__name__}: {e}") from e
-    return RequestBody(model=model, inputs=inputs, deadline_ms=deadline_ms, keep_s=keep_s)
+    # A trace context is a hint, not part of the request: a malformed one is ignored (as
+    # W3C Trace Context asks), never a reason to refuse the request.
+    traceparent = obj.get("traceparent")
+    if not isinstance(traceparent, str) or not _TRACEPARENT.match(traceparent):
+        traceparent = None
+    return RequestBody(model=model, inputs=inputs, deadline_ms=deadline_ms, keep_s=keep_s,
+                       traceparent=traceparent)  # fmt: skip
+
+
+#: W3C Trace Context ``traceparent``: version, trace id, parent span id, flags.
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 # --- results ----------------------------------------------------------------------------

@@ -174,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="TensorFlow intra-op threads per worker (default: cores / workers)",
     )
+    bench.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="workers record no metrics (to measure what recording costs)",
+    )
     bench.add_argument("--redis-url", help="Redis URL (default: a private redis-server)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures here")
     bench.set_defaults(run=_bench)
@@ -410,6 +416,7 @@ def _bench(args: argparse.Namespace) -> int:
             runs=args.runs,
             workers=args.workers,
             intra_op_threads=args.intra_op_threads,
+            metrics=args.metrics,
         )
     print()
     print(bench.render(figures))

@@ -128,6 +128,18 @@ class PoolConfig:
     #: Serve even on a Redis whose maxmemory-policy is not noeviction (it may delete queued
     #: and pending requests without an error when it fills). Logged loudly at start.
     allow_evicting_redis: bool = False
+    #: Port of the supervisor's HTTP endpoint (/metrics, /healthz, /readyz). -1: none;
+    #: 0: a free port, logged.
+    metrics_port: int = -1
+    #: Address the endpoint listens on.
+    metrics_host: str = "0.0.0.0"
+    #: Workers count requests, batches and latencies (for /metrics and ``tfpool status``).
+    #: Off saves about a microsecond of CPU per request.
+    metrics: bool = True
+    #: OpenTelemetry spans for requests that carry their producer's trace context:
+    #: "" (off), "console", "otlp" (OTEL_EXPORTER_OTLP_* settings), or "module:callable"
+    #: returning a SpanExporter.
+    trace_exporter: str = ""
     #: Log level of the supervisor and workers.
     log_level: str = "INFO"
 
@@ -155,6 +167,9 @@ class PoolConfig:
         for option in non_negative:
             if getattr(self, option) < 0:
                 raise ConfigError(f"{option} must be >= 0, got {getattr(self, option)}")
+        if self.metrics_port < -1 or self.metrics_port > 65535:
+            raise ConfigError(f"metrics_port must be -1 (none), 0 (any) or a port, got"
+                              f" {self.metrics_port}")  # fmt: skip
         if self.heartbeat_s <= 0:
             raise ConfigError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
         if self.buckets and (min(self.buckets) < 1 or max(self.buckets) < self.max_batch_size):

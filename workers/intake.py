@@ -126,6 +126,7 @@ class Intake:
             suspect=suspect,
             arrival=arrival,
             deadline=None if deadline_ms is None else arrival + deadline_ms / 1000,
+            traceparent=r.body.traceparent,
         )
 
     def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> Answer:

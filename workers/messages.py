@@ -49,6 +49,7 @@ class InHand:
     group: Hashable
     arrival: float  # on time.monotonic()'s clock
     deadline: float | None
+    traceparent: str | None = None  # the producer's trace context (workers.tracing)
     suspect: bool = False  # taken over from a worker that died: runs alone, attempts counted
     #: (first row, outputs of the rows from there), one per run, in the order they ran.
     output_chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)

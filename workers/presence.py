@@ -8,6 +8,7 @@ the requests of a long batch while it runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from queueing import keys, liveness
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.messages import WorkerStats
+from workers.metrics import Recorder, Snapshot, Window
 from workers.shared import HeldEntries, StreamClock
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Presence:
         clock: StreamClock,
         stopping: threading.Event,
         stop: Callable[[], None],
+        metrics: Recorder,
     ) -> None:
         self.config = config
         self.redis = conn
@@ -61,6 +64,8 @@ class Presence:
         self.clock = clock
         self.stopping = stopping
         self.stop = stop  # when the supervisor is gone
+        self.metrics = metrics
+        self._window = Window()
         self._parent_pid = os.getppid()
         self._started = time.time()
         self._process = psutil.Process()
@@ -133,6 +138,7 @@ class Presence:
             "model_s": round(stats.model_s, 3),
             "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
             "cpu_percent": self._process.cpu_percent(None),
+            "window": json.dumps(self._window_figures()),
             "started": self._started,
             "updated": time.time(),
             **self.settings,
@@ -146,3 +152,12 @@ class Presence:
             stamp = liveness.heartbeat_fields(redis_now, ttl_s)
             pipe.hset(keys.last_alive(self.config.name), mapping=stamp)  # type: ignore[arg-type]
         pipe.execute()
+
+    def _window_figures(self) -> dict[str, object]:
+        """This slot's last minute (workers.metrics.Window), for ``tfpool status`` and the
+        drain estimate; and the GPU memory gauge, on a GPU."""
+        if self.device is not None:
+            from workers.model import gpu_memory_in_use
+
+            self.metrics.gpu_memory(gpu_memory_in_use())
+        return self._window.figures(Snapshot.read(self.metrics.layout, self.metrics.cells))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import psutil
 import redis
@@ -28,8 +29,12 @@ from queueing.base import without_password
 from queueing.redis_state import eviction_problem, read_policy
 from workers.config import PoolConfig
 from workers.errors import ConfigError, RedisSettingsError
+from workers.metrics import Cells, Layout
 from workers.placement import Slot, describe_slots, plan
 from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
+
+if TYPE_CHECKING:
+    from workers.exporter import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,9 @@ class WorkerHandle:
     """A slot and the process currently filling it."""
 
     slot: Slot
+    #: The slot's counters in shared memory (workers.metrics): made once, kept by every
+    #: process that fills the slot, so that a crash loses none of them.
+    metrics: Cells
     process: SpawnProcess | None = None
     worker_id: str = ""  # the live process's consumer name
     predecessors: list[str] = field(default_factory=list)  # dead consumers to take over
@@ -67,6 +75,7 @@ class WorkerHandle:
     restart_at: float | None = None
     ever_ready: bool = False
     recycling: bool = False
+    restarts: int = 0  # processes started after the first
 
     @property
     def is_ready(self) -> bool:
@@ -92,22 +101,52 @@ class Supervisor:
         self.on_ready = on_ready
         self._announced = False
         self.slots = slots if slots is not None else plan(config)
-        self.handles = [WorkerHandle(slot) for slot in self.slots]
+        self.layout = Layout.for_config(config)
+        self.handles = [
+            WorkerHandle(slot, _SPAWN.RawArray("d", self.layout.size)) for slot in self.slots
+        ]
         #: What happened to workers, in order: (kind, slot, pid); kind is "crash",
         #: "recycle" or "exit".
         self.events: list[tuple[str, int, int]] = []
         self._draining = threading.Event()
         self.exit_code = EXIT_DRAINED
+        self.metrics_server: MetricsServer | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Check Redis's settings, then spawn every worker (they load and warm up in
-        parallel). Raises RedisSettingsError on a Redis that would lose requests."""
+        """Check Redis's settings, start the metrics endpoint if the config asks for one,
+        then spawn every worker (they load and warm up in parallel). Raises
+        RedisSettingsError on a Redis that would lose requests, ConfigError when the
+        endpoint cannot listen."""
         self.check_redis()
+        if self.config.metrics_port >= 0 and self.metrics_server is None:
+            self.serve_metrics()
         log.info("model %s: %s", self.config.name, describe_slots(self.slots))
         for handle in self.handles:
             self._spawn(handle)
+
+    def serve_metrics(self, port: int | None = None) -> int:
+        """Start the HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) on ``port``
+        (default: the config's; 0: a free one). Returns the port bound."""
+        from workers.exporter import MetricsServer  # prometheus_client: only when asked
+
+        port = max(0, self.config.metrics_port if port is None else port)
+        host = self.config.metrics_host
+        try:
+            self.metrics_server = MetricsServer(self, host=host, port=port)
+        except OSError as e:  # a port in use, most often: one line and exit 2, no traceback
+            raise ConfigError(f"metrics_port: cannot listen on {host}:{port}: {e}") from e
+        self.metrics_server.start()
+        return self.metrics_server.port
+
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` says: a worker of the model serves, and the pool is not
+        draining."""
+        return not self._draining.is_set() and any(
+            h.is_ready and h.process is not None and h.process.is_alive() for h in self.handles
+        )
 
     def check_redis(self) -> None:
         """Refuse an evicting Redis (see queueing.redis_state), unless the config allows
@@ -229,6 +268,13 @@ class Supervisor:
                 handle.process.kill()
                 handle.process.join()
         log.info("all workers stopped")
+        self.close_metrics()
+
+    def close_metrics(self) -> None:
+        """Stop the HTTP endpoint, if it runs."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     def kill(self) -> None:
         """Stop every worker at once, without draining."""
@@ -259,12 +305,14 @@ class Supervisor:
         slot = handle.slot
         process = _SPAWN.Process(
             target=worker_main,
-            args=(self.config, slot, list(handle.predecessors), handle.ready),
+            args=(self.config, slot, list(handle.predecessors), handle.ready, handle.metrics),
             name=f"tfpool-worker-{slot.index}",
             daemon=False,
         )
         process.start()
         assert process.pid is not None
+        if handle.worker_id:  # the slot had a process before this one
+            handle.restarts += 1
         handle.process = process
         handle.worker_id = consumer_name(process.pid)
         handle.predecessors = []

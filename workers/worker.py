@@ -28,7 +28,13 @@ object         written by                       read by               guarded by
                writer's callers (answers)                             answer counts
 ``writer``     reader, main (submit)            writer thread         its queue
 ``stopping``   signal handler, heartbeat        all                   an Event
+``metrics``    main (batches), writer and main  heartbeat (window),   its lock for answers
+               (answers stored), heartbeat      the supervisor        (batches: main only)
+               (GPU memory)                     (scrapes)
 ============== ================================ ===================== =====================
+
+``metrics`` is the slot's block of shared memory (:mod:`workers.metrics`): it outlives
+this process, so what it counted survives a crash.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from workers.errors import ModelLoadError, WorkerError
 from workers.intake import Intake, deadline_error
 from workers.memory import keep_large_buffers
 from workers.messages import AnswerMaker, InHand, WorkerStats
+from workers.metrics import Cells, Layout, Recorder
 from workers.placement import Slot
 from workers.presence import Presence
 from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
@@ -66,6 +73,7 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
     from workers.model import LoadedModel
+    from workers.tracing import BatchTracer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,7 @@ class Worker:
         inherit_from: Sequence[str] = (),
         settings: Mapping[FieldT, EncodableT] | None = None,
         ready: Synchronized[int] | None = None,
+        metrics: Cells | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -101,6 +110,11 @@ class Worker:
         self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
         self.clock = StreamClock()
         self.held = HeldEntries()
+        # The slot's counters in the supervisor's shared memory; a private array without.
+        layout = Layout.for_config(config)
+        self.metrics = Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
+                                enabled=config.metrics)  # fmt: skip
+        self.tracer: BatchTracer | None = None  # set in run() when trace_exporter is
         batcher: Batcher[InHand] = Batcher(
             max_rows=config.max_batch_size,
             max_latency_s=config.max_latency_ms / 1000,
@@ -116,7 +130,7 @@ class Worker:
         )  # fmt: skip
         self.writer = Writer(
             redis_url=config.redis_url, model=config.name, result_ttl_s=config.result_ttl_s,
-            held=self.held, shared=self.redis,
+            held=self.held, shared=self.redis, metrics=self.metrics, clock=self.clock,
         )  # fmt: skip
         self._ready_flag = ready
 
@@ -125,6 +139,12 @@ class Worker:
         served = load(self.config, self.desk.batcher)
         self.desk.batcher = served.batcher  # the batches the model allows
         self.model = served.model
+        if self.config.trace_exporter:
+            from workers.tracing import BatchTracer
+
+            self.tracer = BatchTracer(
+                self.config.trace_exporter, model=self.config.name, worker_id=self.worker_id
+            )
         presence, reader, runner = self._assemble(served)
         presence.register()
         presence.sync_clock()
@@ -146,6 +166,8 @@ class Worker:
         with contextlib.suppress(redis.RedisError):
             self.claims.release_if_idle(self.redis)
         presence.heartbeat("stopped")
+        if self.tracer is not None:
+            self.tracer.close()  # sends the spans still buffered
         log.info("worker %s stopped after %d batches, %d requests", self.worker_id,
                  self.stats.batches, self.stats.requests)  # fmt: skip
         return EXIT_OK
@@ -187,6 +209,7 @@ class Worker:
             self.config, self.redis, worker_id=self.worker_id, slot=self.slot, device=self.device,
             settings=self.settings, model_info=info, stats=self.stats, held=self.held,
             claims=self.claims, clock=self.clock, stopping=self.stopping, stop=self.stop,
+            metrics=self.metrics,
         )  # fmt: skip
         intake = Intake(
             model_name=self.config.name, inputs=served.model.inputs, limits=self.config.limits(),
@@ -202,13 +225,17 @@ class Worker:
         runner = Runner(
             model=served.model, inputs=served.model.inputs, output_names=served.output_names,
             bucket_for=self.desk.batcher.bucket_for, stats=self.stats, answers=self.answers,
-            postprocess=served.postprocess,
+            metrics=self.metrics, postprocess=served.postprocess, tracer=self.tracer,
         )  # fmt: skip
         return presence, reader, runner
 
 
 def worker_main(
-    config: PoolConfig, slot: Slot, inherit_from: list[str], ready: Synchronized[int]
+    config: PoolConfig,
+    slot: Slot,
+    inherit_from: list[str],
+    ready: Synchronized[int],
+    metrics: Cells | None = None,
 ) -> None:
     """Entry point of a spawned worker process. Sets the device environment *before*
     TensorFlow is imported, so that a worker sees only its own GPU. SIGTERM drains (the
@@ -225,7 +252,7 @@ def worker_main(
     )
     worker = Worker(
         config, worker_id=worker_id, slot=slot.index, device=slot.device,
-        inherit_from=inherit_from, ready=ready,
+        inherit_from=inherit_from, ready=ready, metrics=metrics,
     )  # fmt: skip
 
     def on_term(signum: int, frame: object) -> None:

@@ -22,7 +22,8 @@ from redis.typing import EncodableT
 from queueing import keys, redis_state, wire
 from queueing.errors import ModelError
 from workers.messages import Answer
-from workers.shared import HeldEntries
+from workers.metrics import Recorder, outcome
+from workers.shared import HeldEntries, StreamClock
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,16 @@ class Writer:
         result_ttl_s: int,
         held: HeldEntries,
         shared: redis.Redis,
+        metrics: Recorder,
+        clock: StreamClock,
     ) -> None:
         self.redis_url = redis_url
         self.model = model
         self.result_ttl_s = result_ttl_s
         self.held = held
         self._shared = shared  # the worker's pooled client, for post_now on other threads
+        self.metrics = metrics
+        self.clock = clock
         self._queue: queue.Queue[list[Answer] | None] = queue.Queue()
 
     def submit(self, answers: list[Answer]) -> None:
@@ -175,6 +180,7 @@ class Writer:
             pipe.execute_command(*command)
         try:
             pipe.execute()
+            self._count(answers)
         except redis.RedisError as e:
             if passing(e):
                 log.warning("writer: %d answers not stored (%s); keeping them", len(answers), e)
@@ -183,6 +189,15 @@ class Writer:
             log.exception("writer: Redis refused part of a round of %d answers", len(answers))
         self.held.discard(a.entry_id for a in answers)
         return True
+
+    def _count(self, answers: list[Answer]) -> None:
+        """Outcomes and latencies (arrival -> now) of answers just stored. Counted here,
+        not when made: a request delivered again after a crash is counted once."""
+        now = time.monotonic()
+        self.metrics.answered(
+            (outcome(a.error, dead=a.dead_reason is not None), now - self.clock.arrival(a.entry_id))
+            for a in answers
+        )
 
 
 def passing(error: redis.RedisError) -> bool:

@@ -25,10 +25,12 @@ def run(
     workers: int = 1,
     intra_op_threads: int = 0,
     model_dir: str | None = None,
+    metrics: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Figures]:
     """Run the named scenarios ``runs`` times each; return the median run of each (by
-    rows/s, and by p50 for the lone-request scenario)."""
+    rows/s, and by p50 for the lone-request scenario). ``metrics``: the workers record
+    metrics (the default, as in production); off measures what recording costs."""
     threads = intra_op_threads or max(1, cpu_count() // workers)
     slots = [Slot(i, None, threads, 1) for i in range(workers)]
     by_model: dict[str, list[Scenario]] = {}
@@ -41,7 +43,15 @@ def run(
             bare = _measure_bare(model, path, slots, max(s.max_batch_size for s in scenarios), log)
             for scenario in scenarios:
                 figures = _median_of_runs(
-                    scenario, path, slots, bare, medians, redis_url=redis_url, runs=runs, log=log
+                    scenario,
+                    path,
+                    slots,
+                    bare,
+                    medians,
+                    redis_url=redis_url,
+                    runs=runs,
+                    metrics=metrics,
+                    log=log,
                 )
                 medians.append(figures)
     return medians
@@ -71,6 +81,7 @@ def _median_of_runs(
     *,
     redis_url: str,
     runs: int,
+    metrics: bool,
     log: Callable[[str], None],
 ) -> Figures:
     """Start a pool for ``scenario``, measure it ``runs`` times, drain it; the median run.
@@ -83,6 +94,7 @@ def _median_of_runs(
         max_latency_ms=scenario.max_latency_ms,
         heartbeat_s=0.25,
         max_queue=0,
+        metrics=metrics,
         log_level="WARNING",
     )
     saturated = max(
