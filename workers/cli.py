@@ -208,12 +208,12 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + option.replace("_", "-")
         help_text = help_for(option)
         if kind is bool:
-            parser.add_argument(flag, dest=option, action="store_true", default=None,
-                                help=help_text)  # fmt: skip
+            # --option / --no-option: an option on by default (metrics, convert_inputs) can
+            # be turned off from the command line too.
+            parser.add_argument(flag, dest=option, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)  # fmt: skip
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=option, type=kind, help=help_text)
-        elif kind is bool:
-            parser.add_argument(flag, dest=option, help=help_text + "; true or false")
         elif typing.get_origin(kind) is dict:
             parser.add_argument(flag, dest=option, help=help_text + "; a JSON object")
         else:  # lists: comma- or space-separated

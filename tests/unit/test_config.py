@@ -141,5 +141,9 @@ def test_metrics_options_from_the_environment_and_the_command_line() -> None:
 
     args = _parser().parse_args(["serve", "--model", "m.keras", "--metrics-port", "9100"])
     assert args.metrics_port == 9100
+    # An option on by default can be turned off on the command line too.
+    args = _parser().parse_args(["serve", "--model", "m.keras", "--no-metrics"])
+    assert args.metrics is False
+    assert _parser().parse_args(["serve", "--model", "m.keras"]).metrics is None  # unset
     with pytest.raises(ConfigError, match="metrics_port"):
         PoolConfig(model="m.keras", metrics_port=70000)
