@@ -31,6 +31,7 @@ from workers.config import PoolConfig
 from workers.errors import ConfigError, RedisSettingsError
 from workers.metrics import Cells, Layout
 from workers.placement import Slot, describe_slots, plan
+from workers.running import RunningBatch
 from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class WorkerHandle:
     process: SpawnProcess | None = None
     worker_id: str = ""  # the live process's consumer name
     predecessors: list[str] = field(default_factory=list)  # dead consumers to take over
+    # The entries of the batches that were running when they died (None: not known): the
+    # only requests their successor runs alone (see workers.running).
+    suspects: set[bytes] | None = field(default_factory=set)
+    running: RunningBatch | None = None  # where the current process writes its batch
     # Set to 1 by the worker once it serves. A flag in shared memory, polled: a
     # multiprocessing.Event would hang its setter if a waiter were killed, and workers
     # are killed here on purpose.
@@ -103,7 +108,12 @@ class Supervisor:
         self.slots = slots if slots is not None else plan(config)
         self.layout = Layout.for_config(config)
         self.handles = [
-            WorkerHandle(slot, _SPAWN.RawArray("d", self.layout.size)) for slot in self.slots
+            WorkerHandle(
+                slot,
+                _SPAWN.RawArray("d", self.layout.size),
+                running=RunningBatch(_SPAWN, max_requests=config.max_batch_size),
+            )
+            for slot in self.slots
         ]
         #: What happened to workers, in order: (kind, slot, pid); kind is "crash",
         #: "recycle" or "exit".
@@ -305,7 +315,15 @@ class Supervisor:
         slot = handle.slot
         process = _SPAWN.Process(
             target=worker_main,
-            args=(self.config, slot, list(handle.predecessors), handle.ready, handle.metrics),
+            args=(
+                self.config,
+                slot,
+                list(handle.predecessors),
+                handle.ready,
+                handle.metrics,
+                handle.running,
+                handle.suspects,
+            ),
             name=f"tfpool-worker-{slot.index}",
             daemon=False,
         )
@@ -316,6 +334,7 @@ class Supervisor:
         handle.process = process
         handle.worker_id = consumer_name(process.pid)
         handle.predecessors = []
+        handle.suspects = set()
         handle.started_at = time.monotonic()
         handle.restart_at = None
         log.info(
@@ -331,6 +350,12 @@ class Supervisor:
         handle.process = None
         # Whatever it held and did not ack, its successor takes over at start.
         handle.predecessors.append(handle.worker_id)
+        if handle.running is not None:
+            ran = handle.running.read()
+            handle.running.clear()
+            handle.suspects = (
+                None if ran is None or handle.suspects is None else (handle.suspects | ran)
+            )
         if self._draining.is_set():
             return
         kind = "recycle" if handle.recycling else "exit" if code == EXIT_OK else "crash"

@@ -31,6 +31,8 @@ object         written by                       read by               guarded by
 ``metrics``    main (batches), writer and main  heartbeat (window),   its lock for answers
                (answers stored), heartbeat      the supervisor        (batches: main only)
                (GPU memory)                     (scrapes)
+``running``    main (before and after a batch)  the supervisor, once  shared memory, read
+                                                the process is gone   only after its death
 ============== ================================ ===================== =====================
 
 ``metrics`` is the slot's block of shared memory (:mod:`workers.metrics`): it outlives
@@ -66,6 +68,7 @@ from workers.presence import Presence
 from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
 from workers.reader import Reader
 from workers.runner import Runner, Served, load
+from workers.running import RunningBatch
 from workers.shared import BatchDesk, HeldEntries, StreamClock
 from workers.writer import Writer
 
@@ -80,6 +83,9 @@ log = logging.getLogger(__name__)
 #: Exit codes a worker reports to its supervisor.
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
+
+#: Longest wait for the writer to store earlier answers before a suspect's run.
+SETTLE_S = 5.0
 
 
 class Worker:
@@ -96,12 +102,17 @@ class Worker:
         settings: Mapping[FieldT, EncodableT] | None = None,
         ready: Synchronized[int] | None = None,
         metrics: Cells | None = None,
+        running: RunningBatch | None = None,
+        suspects: set[bytes] | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
         self.slot = slot
         self.device = device
         self.inherit_from = list(inherit_from)
+        # What the predecessors were running when they died (None: unknown, all suspect).
+        self.suspects = suspects
+        self.running = running
         self.settings: dict[FieldT, EncodableT] = dict(settings or {})
         self.model: LoadedModel | None = None  # set once loaded
         self.stats = WorkerStats()
@@ -187,11 +198,17 @@ class Worker:
                 if closing and self.desk.is_empty():
                     return
                 continue
-            suspects = [part.item.entry_id for part in batch.parts if part.item.suspect]
-            if suspects:
-                self.claims.record_runs(self.redis, keys.attempts(self.config.name), suspects)
+            alone = [part.item.entry_id for part in batch.parts if part.item.suspect]
+            if alone:  # counted before the run: if it kills us, the count says so
+                self.claims.record_runs(self.redis, keys.attempts(self.config.name), alone)
+                # The answers of earlier batches must not die with this one.
+                self.writer.settle(timeout=SETTLE_S)
+            if self.running is not None:
+                self.running.start(part.item.entry_id for part in batch.parts)
             answers = runner.run(batch)
-            if suspects:
+            if self.running is not None:
+                self.running.clear()
+            if alone:
                 # The next batch may be the request that killed the last worker: these
                 # answers must not die with it.
                 self.writer.post_now(answers)
@@ -219,8 +236,9 @@ class Worker:
         )  # fmt: skip
         reader = Reader(
             self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
-            claims=self.claims, intake=intake, desk=self.desk, writer=self.writer,
-            held=self.held, stopping=self.stopping, register=presence.register_quietly,
+            suspects=self.suspects, claims=self.claims, intake=intake, desk=self.desk,
+            writer=self.writer, held=self.held, stopping=self.stopping,
+            register=presence.register_quietly,
         )  # fmt: skip
         runner = Runner(
             model=served.model, inputs=served.model.inputs, output_names=served.output_names,
@@ -236,10 +254,13 @@ def worker_main(
     inherit_from: list[str],
     ready: Synchronized[int],
     metrics: Cells | None = None,
+    running: RunningBatch | None = None,
+    suspects: set[bytes] | None = None,
 ) -> None:
     """Entry point of a spawned worker process. Sets the device environment *before*
     TensorFlow is imported, so that a worker sees only its own GPU. SIGTERM drains (the
-    supervisor's way to stop or recycle it); a second SIGTERM exits at once."""
+    supervisor's way to stop or recycle it); a second SIGTERM exits at once. ``running``
+    and ``suspects``: see :mod:`workers.running`."""
     # An empty CUDA_VISIBLE_DEVICES keeps a CPU worker off every GPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
     debug = config.log_level.upper() == "DEBUG"
@@ -252,7 +273,8 @@ def worker_main(
     )
     worker = Worker(
         config, worker_id=worker_id, slot=slot.index, device=slot.device,
-        inherit_from=inherit_from, ready=ready, metrics=metrics,
+        inherit_from=inherit_from, ready=ready, metrics=metrics, running=running,
+        suspects=suspects,
     )  # fmt: skip
 
     def on_term(signum: int, frame: object) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from typing import Any, cast
 
@@ -106,11 +107,22 @@ class Writer:
         self.metrics = metrics
         self.clock = clock
         self._queue: queue.Queue[list[Answer] | None] = queue.Queue()
+        self._unstored = 0  # answers submitted and not yet stored, under _settled
+        self._settled = threading.Condition()
 
     def submit(self, answers: list[Answer]) -> None:
         """Post ``answers`` in the writer's next round."""
         if answers:
+            with self._settled:
+                self._unstored += len(answers)
             self._queue.put(answers)
+
+    def settle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every answer submitted is stored (before a
+        batch that may kill the worker, and the answers waiting here with it). False if
+        some are still waiting (Redis is not taking them)."""
+        with self._settled:
+            return self._settled.wait_for(lambda: self._unstored == 0, timeout=timeout)
 
     def post_now(self, answers: list[Answer]) -> None:
         """Post ``answers`` before returning, on the caller's thread: for answers that must
@@ -143,6 +155,9 @@ class Writer:
             if not unposted:
                 continue
             if self._send(unposted, conn):
+                with self._settled:
+                    self._unstored -= len(unposted)
+                    self._settled.notify_all()
                 unposted, backoff = [], 0.05
                 continue
             if time.monotonic() > give_up:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 
 from queueing import keys, wire
 from queueing.errors import DeadLettered, InvalidInput, ModelError
-from workers.intake import SAFETY_DELIVERIES, Intake, triage
+from workers.intake import SAFETY_DELIVERIES, Intake, plan_takeover, triage
 from workers.messages import Answer, AnswerMaker, Entry, InHand, WorkerStats
+from workers.running import RunningBatch
 from workers.shared import StreamClock
 from workers.spec import TensorSpec
 from workers.writer import encode, redis_commands
@@ -87,6 +90,37 @@ def test_triage_sets_aside_what_kept_killing_its_workers() -> None:
     reasons = dict((entry_id, reason) for (entry_id, _), reason in dead)
     assert "3 runs of it killed their worker" in reasons[b"2-0"]
     assert "without an answer" in reasons[b"3-0"]
+
+
+def test_only_the_batch_that_was_running_runs_alone_after_a_death() -> None:
+    ids = [b"1-0", b"2-0", b"3-0", b"4-0"]
+    # The supervisor knew the dead worker was running 1-0 and 2-0; 2-0 had run alone once
+    # before (recorded as it started); 3-0 and 4-0 were waiting; 4-0 once ran alone.
+    fatal, alone, record = plan_takeover(ids, [0, 1, 0, 1], {b"1-0", b"2-0"})
+    assert record == [b"1-0"]  # its batch run is counted now; 2-0's alone run already was
+    assert fatal == [1, 1, 0, 1]
+    assert alone == [True, True, False, True]
+
+
+def test_takeover_with_nothing_known_treats_every_entry_as_in_the_fatal_batch() -> None:
+    fatal, alone, record = plan_takeover([b"1-0", b"2-0"], [0, 2], None)
+    assert record == [b"1-0"] and fatal == [1, 2] and alone == [True, True]
+
+
+def test_a_worker_killed_between_batches_leaves_no_suspect() -> None:
+    fatal, alone, record = plan_takeover([b"1-0", b"2-0"], [0, 0], set())
+    assert record == [] and fatal == [0, 0] and alone == [False, False]
+
+
+def test_running_batch_is_read_after_the_writer_is_gone() -> None:
+    running = RunningBatch(multiprocessing.get_context("spawn"), max_requests=4)
+    assert running.read() == set()
+    running.start([b"1700000000000-0", b"1700000000000-1"])
+    assert running.read() == {b"1700000000000-0", b"1700000000000-1"}
+    running.clear()
+    assert running.read() == set()
+    running.start(str(i).encode() * 30 for i in range(1000))  # more than fit
+    assert running.read() is None
 
 
 def test_dead_letter_answer_keeps_entry_and_honours_keep() -> None:
