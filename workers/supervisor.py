@@ -83,6 +83,7 @@ class Supervisor:
         *,
         slots: list[Slot] | None = None,
         on_ready: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not config.redis_url:
             raise ValueError("the supervisor needs a Redis URL (start an embedded one first)")
@@ -90,6 +91,8 @@ class Supervisor:
         self.config = config
         #: Called once, with the number of workers, when every worker first serves.
         self.on_ready = on_ready
+        #: What restart times, backoff and health are measured with (tests step it).
+        self._clock = clock
         self._announced = False
         self.slots = slots if slots is not None else plan(config)
         self.handles = [WorkerHandle(slot) for slot in self.slots]
@@ -192,7 +195,7 @@ class Supervisor:
     def poll(self) -> None:
         """One round: reap exited workers, restart them when their backoff is up, and
         recycle one whose memory is over the limit."""
-        now = time.monotonic()
+        now = self._clock()
         for handle in self.handles:
             if handle.is_ready and not handle.ever_ready:
                 handle.ever_ready = True
@@ -268,7 +271,7 @@ class Supervisor:
         handle.process = process
         handle.worker_id = consumer_name(process.pid)
         handle.predecessors = []
-        handle.started_at = time.monotonic()
+        handle.started_at = self._clock()
         handle.restart_at = None
         log.info(
             "worker %s started (slot %d, %s, %d intra-op threads)",
