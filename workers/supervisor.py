@@ -311,7 +311,9 @@ class Supervisor:
     def _watch_memory(self) -> None:
         """Drain and replace a worker whose RSS is over the limit, one at a time, so that
         the others keep serving while it reloads."""
-        if any(h.recycling for h in self.handles):
+        # One out at a time: none while a worker drains, or while its successor (or any
+        # other worker) still loads: recycling then could leave no worker serving.
+        if any(h.recycling or (h.process is not None and not h.is_ready) for h in self.handles):
             return
         limit = self.config.memory_limit_mb * 2**20
         for handle in self.handles:

@@ -105,7 +105,7 @@ def test_a_successor_takes_over_what_its_killed_predecessor_held_at_once(
         }
         assert held and not all(f.done() for f in futures)
         os.kill(first.pid, signal.SIGKILL)
-        results = [np.asarray(c.wait(f, timeout=240)) for f in futures]
+        results = [np.asarray(c.wait(f, timeout=120)) for f in futures]
     assert all(r.shape == (2,) for r in results)
     crashes = [e for e in supervisor.events if e[0] == "crash"]
     assert [e[2] for e in crashes] == [first.pid]
