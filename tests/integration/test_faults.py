@@ -248,7 +248,7 @@ def test_sigterm_under_load_answers_what_was_read_and_leaves_the_rest(
 
             # Both workers serve, and hold requests, when the signal comes.
             wait_until(both_serving, timeout=60, what="both workers serving")
-            held = cast(dict[str, Any], conn.xpending(keys.stream("drain"), keys.GROUP))
+            held = (conn.xpending(keys.stream("drain"), keys.GROUP))
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(timeout=60) == 0
             # Every entry a worker read was answered and acked: none is left pending, and
@@ -266,8 +266,10 @@ def test_sigterm_under_load_answers_what_was_read_and_leaves_the_rest(
         conn.close()
         want = next(iter(models.keras_outputs(mlp_path, x).values()))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        print(f"\ndrain: {held['pending']} held at SIGTERM, {answered} answered by the"
-              f" draining pool, {left} left in the stream for the next")
+        print(
+            f"\ndrain: {held['pending']} held at SIGTERM, {answered} answered by the"
+            f" draining pool, {left} left in the stream for the next"
+        )
     finally:
         stop_process(serve)
 
@@ -372,6 +374,6 @@ def test_memory_watchdog_recycles_workers_one_at_a_time_while_requests_flow(
     assert not any(e[0] == "crash" for e in supervisor.events)
     assert most_busy[0] == 1, most_busy
     conn = redis.Redis.from_url(redis_url)
-    assert cast(dict[str, Any], conn.xpending(keys.stream("leaky"), keys.GROUP))["pending"] == 0
+    assert (conn.xpending(keys.stream("leaky"), keys.GROUP))["pending"] == 0
     conn.close()
     print(f"\nwatchdog: {len(recycled)} workers recycled, {len(x)} requests answered")

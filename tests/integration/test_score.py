@@ -182,8 +182,10 @@ def test_scoring_memory_stays_flat_on_a_much_larger_file(
     small = _score_peak_anon(redis_url, "scoring-rss", 10_000, tmp_path)
     large = _score_peak_anon(redis_url, "scoring-rss", 1_000_000, tmp_path)
     size = (tmp_path / "x1000000.npy").stat().st_size  # 32 MB in, 12 MB out
-    print(f"\nscore peak anonymous RSS: 10,000 rows {small / 2**20:.1f} MiB, "
-          f"1,000,000 rows {large / 2**20:.1f} MiB (input {size / 2**20:.0f} MiB)")
+    print(
+        f"\nscore peak anonymous RSS: 10,000 rows {small / 2**20:.1f} MiB, "
+        f"1,000,000 rows {large / 2**20:.1f} MiB (input {size / 2**20:.0f} MiB)"
+    )
     # 100 times the rows, the same memory: a window of chunks (8 x 1,024 rows) and no
     # more. Holding the input, or the output, would add 12 to 32 MiB.
     assert large - small < 8 * 2**20 < size

@@ -141,6 +141,7 @@ def test_a_full_queue_is_503_with_retry_after_and_a_late_answer_is_504(
     supervisor = start_pool(mlp_path, name="web-stalled", max_queue=3)
     worker = supervisor.handles[0].process
     assert worker is not None and worker.pid is not None
+    pid = worker.pid
     row = {"inputs": [0.5] * 8}
     deadline_ms = 50
 
@@ -169,16 +170,16 @@ def test_a_full_queue_is_503_with_retry_after_and_a_late_answer_is_504(
                 wait_until, lambda: time.monotonic() > sent + deadline_ms / 1000,
                 what="the deadline to pass",
             )  # fmt: skip
-            os.kill(worker.pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
             # The worker sheds it unrun: 504 DeadlineExceeded.
             reply = await long.get(f"/v1/results/{late}", params={"wait": "20"})
             assert reply.status == 504 and (await reply.json())["error"] == "DeadlineExceeded"
 
-    os.kill(worker.pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
     try:
         asyncio.run(main())
     finally:
-        os.kill(worker.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_redis_unreachable_is_503_with_retry_after() -> None:
