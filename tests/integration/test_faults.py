@@ -248,7 +248,7 @@ def test_sigterm_under_load_answers_what_was_read_and_leaves_the_rest(
 
             # Both workers serve, and hold requests, when the signal comes.
             wait_until(both_serving, timeout=60, what="both workers serving")
-            held = (conn.xpending(keys.stream("drain"), keys.GROUP))
+            held = conn.xpending(keys.stream("drain"), keys.GROUP)
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(timeout=60) == 0
             # Every entry a worker read was answered and acked: none is left pending, and

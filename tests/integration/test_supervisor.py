@@ -96,7 +96,7 @@ def test_a_successor_takes_over_what_its_killed_predecessor_held_at_once(
         assert first is not None and first.pid is not None
 
         def pending() -> int:
-            summary = (conn.xpending(stream, keys.GROUP))
+            summary = conn.xpending(stream, keys.GROUP)
             return int(summary["pending"])
 
         wait_until(lambda: pending() >= 2, timeout=60, what="the worker to hold requests")
@@ -149,7 +149,7 @@ def test_serve_stops_at_once_with_exit_130_on_a_second_signal(
         assert any("second signal: stopping at once" in line for line in lines)
         # Stopped at once: the requests in hand were not answered; they stay pending for
         # other workers to take over later.
-        summary = (conn.xpending(stream, keys.GROUP))
+        summary = conn.xpending(stream, keys.GROUP)
         assert int(summary["pending"]) > 0
     finally:
         conn.close()
