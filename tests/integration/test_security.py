@@ -3,6 +3,7 @@ real redis-server started that way."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -119,10 +120,18 @@ def test_users_with_only_the_commands_tfpool_needs_serve_submit_and_watch(
     admin = redis.Redis.from_url(acl_server.url)
     worker_url = acl_server.url_for("tfpool-worker", "w-pw")
     producer_url = acl_server.url_for("tfpool-producer", "p-pw")
+    # Stale claims are swept every few hundred ms (XAUTOCLAIM), and the first worker is
+    # killed, so that its successor takes over (XPENDING, XCLAIM): the rarer paths run too.
     serve = start_serve("--model", mlp_path, "--name", "acl", "--redis-url", worker_url,
-                        "--workers", "1", "--heartbeat-s", "0.5")  # fmt: skip
+                        "--workers", "1", "--heartbeat-s", "0.5",
+                        "--claim-idle-ms", "300")  # fmt: skip
     try:
-        wait_until(lambda: heartbeats(acl_server.url, "acl"), timeout=120, what="ready worker")
+        beats = wait_until(lambda: heartbeats(acl_server.url, "acl"), timeout=120,
+                           what="ready worker")  # fmt: skip
+        first = beats[0]["pid"]
+        os.kill(int(first), signal.SIGKILL)
+        wait_until(lambda: [b for b in heartbeats(acl_server.url, "acl") if b["pid"] != first],
+                   timeout=120, what="its successor")  # fmt: skip
         x = np.random.default_rng(5).standard_normal((40, 8)).astype(np.float32)
         want = next(iter(models.keras_outputs(mlp_path, x).values()))
         with Client(producer_url) as client:
