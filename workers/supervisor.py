@@ -96,8 +96,9 @@ class Supervisor:
         self._announced = False
         self.slots = slots if slots is not None else plan(config)
         self.handles = [WorkerHandle(slot) for slot in self.slots]
-        #: What happened to workers, in order: (kind, slot, pid); kind is "crash",
-        #: "recycle" or "exit".
+        #: What happened to workers, in order: (kind, slot, pid); kind is "crash" (an exit
+        #: code other than 0), "recycle" (drained and exited 0 at the memory watchdog's
+        #: request) or "exit" (exited 0 unasked).
         self.events: list[tuple[str, int, int]] = []
         self._draining = threading.Event()
         self.exit_code = EXIT_DRAINED
@@ -288,7 +289,8 @@ class Supervisor:
         handle.predecessors.append(handle.worker_id)
         if self._draining.is_set():
             return
-        kind = "recycle" if handle.recycling else "exit" if code == EXIT_OK else "crash"
+        # A recycle is a drain that ended well: a recycled worker that died is a crash.
+        kind = "crash" if code != EXIT_OK else "recycle" if handle.recycling else "exit"
         self.events.append((kind, handle.slot.index, pid))
         if code == EXIT_LOAD_FAILED and not handle.ever_ready:
             log.error("worker %s could not load the model; stopping the pool", handle.worker_id)
