@@ -161,7 +161,10 @@ def test_users_with_only_the_commands_tfpool_needs_serve_submit_and_watch(
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
         # Nothing was refused on the way, and the users really are restricted.
-        denied = cast(list[dict[str, Any]], admin.acl_log())
+        # (Redis < 7 refuses redis-py's own CLIENT SETINFO at connect, which redis-py
+        # ignores: not a command tfpool sends.)
+        log = cast(list[dict[str, Any]], admin.acl_log())
+        denied = [e for e in log if not str(e.get("object", "")).startswith("client")]
         assert denied == [], denied
         producer = redis.Redis.from_url(producer_url)
         with pytest.raises(redis.exceptions.NoPermissionError):
