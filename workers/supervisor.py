@@ -97,6 +97,7 @@ class Supervisor:
         *,
         slots: list[Slot] | None = None,
         on_ready: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not config.redis_url:
             raise ValueError("the supervisor needs a Redis URL (start an embedded one first)")
@@ -104,6 +105,8 @@ class Supervisor:
         self.config = config
         #: Called once, with the number of workers, when every worker first serves.
         self.on_ready = on_ready
+        #: What restart times, backoff and health are measured with (tests step it).
+        self._clock = clock
         self._announced = False
         self.slots = slots if slots is not None else plan(config)
         self.layout = Layout.for_config(config)
@@ -115,8 +118,9 @@ class Supervisor:
             )
             for slot in self.slots
         ]
-        #: What happened to workers, in order: (kind, slot, pid); kind is "crash",
-        #: "recycle" or "exit".
+        #: What happened to workers, in order: (kind, slot, pid); kind is "crash" (an exit
+        #: code other than 0), "recycle" (drained and exited 0 at the memory watchdog's
+        #: request) or "exit" (exited 0 unasked).
         self.events: list[tuple[str, int, int]] = []
         self._draining = threading.Event()
         self.exit_code = EXIT_DRAINED
@@ -241,7 +245,7 @@ class Supervisor:
     def poll(self) -> None:
         """One round: reap exited workers, restart them when their backoff is up, and
         recycle one whose memory is over the limit."""
-        now = time.monotonic()
+        now = self._clock()
         for handle in self.handles:
             if handle.is_ready and not handle.ever_ready:
                 handle.ever_ready = True
@@ -335,7 +339,7 @@ class Supervisor:
         handle.worker_id = consumer_name(process.pid)
         handle.predecessors = []
         handle.suspects = set()
-        handle.started_at = time.monotonic()
+        handle.started_at = self._clock()
         handle.restart_at = None
         log.info(
             "worker %s started (slot %d, %s, %d intra-op threads)",
@@ -358,7 +362,8 @@ class Supervisor:
             )
         if self._draining.is_set():
             return
-        kind = "recycle" if handle.recycling else "exit" if code == EXIT_OK else "crash"
+        # A recycle is a drain that ended well: a recycled worker that died is a crash.
+        kind = "crash" if code != EXIT_OK else "recycle" if handle.recycling else "exit"
         self.events.append((kind, handle.slot.index, pid))
         if code == EXIT_LOAD_FAILED and not handle.ever_ready:
             log.error("worker %s could not load the model; stopping the pool", handle.worker_id)
@@ -381,7 +386,9 @@ class Supervisor:
     def _watch_memory(self) -> None:
         """Drain and replace a worker whose RSS is over the limit, one at a time, so that
         the others keep serving while it reloads."""
-        if any(h.recycling for h in self.handles):
+        # One out at a time: none while a worker drains, or while its successor (or any
+        # other worker) still loads: recycling then could leave no worker serving.
+        if any(h.recycling or (h.process is not None and not h.is_ready) for h in self.handles):
             return
         limit = self.config.memory_limit_mb * 2**20
         for handle in self.handles:
