@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, cast
 
 import redis
@@ -74,13 +74,11 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         model: str,
         inputs: Iterable[Sendable],
         *,
-        deadline: float | Sequence[float | None] | None = None,
+        deadline: float | None = None,
         keep: bool = False,
         keep_ttl_s: int | None = None,
     ) -> list[AsyncRequestFuture]:
-        """Queue many requests in one round trip; QueueFull lands on the futures.
-        ``deadline``: one for all, or one per request (a gateway's callers each have their
-        own)."""
+        """Queue many requests in one round trip; QueueFull lands on the futures."""
         if self._closed:
             raise RuntimeError("client is closed")
         bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)

@@ -153,21 +153,15 @@ class ClientBase(Generic[F]):
         model: str,
         inputs: Iterable[Sendable],
         *,
-        deadline: float | Sequence[float | None] | None,
+        deadline: float | None,
         keep: bool,
         keep_ttl_s: int | None,
     ) -> list[bytes]:
-        """The requests' bodies; ``deadline``: one for all, or one per request."""
-        items = list(inputs)
-        each = [deadline] * len(items) if not isinstance(deadline, Sequence) else deadline
-        if len(each) != len(items):
-            raise ValueError(f"{len(each)} deadlines for {len(items)} requests")
+        deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
         keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
         return [
-            wire.encode_request_body(
-                model, item, deadline_ms=None if d is None else max(0, int(d * 1000)), keep_s=keep_s
-            )
-            for item, d in zip(items, each, strict=True)
+            wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
+            for item in inputs
         ]
 
     @contextlib.contextmanager

@@ -12,7 +12,6 @@ import numpy as np
 from queueing import AsyncClient
 from queueing.errors import DeadlineExceeded, InvalidInput, UnknownModel
 from workers.gateway.catalog import Catalog, ModelEntry
-from workers.gateway.coalesce import Coalescer
 
 #: The one version a pool serves, as the APIs that want a version number see it, until
 #: the model repository (TF Serving's ``REPO/<name>/<version>/``) exists.
@@ -27,7 +26,6 @@ class Gateway:
 
     def __init__(self, client: AsyncClient, catalog: Catalog, *, timeout_s: float) -> None:
         self.client = client
-        self.coalescer = Coalescer(client)
         self.catalog = catalog
         self.timeout_s = timeout_s
 
@@ -68,8 +66,7 @@ class Gateway:
         if deadline_s is not None and deadline_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was sent")
         timeout = self.timeout_s if deadline_s is None else deadline_s
-        future = await self.coalescer.submit(entry.name, inputs, deadline=deadline_s)
-        result = await self.client.wait(future, timeout=timeout)
+        result = await self.client.predict(entry.name, inputs, timeout=timeout, deadline=deadline_s)
         if isinstance(result, np.ndarray):  # a model with one output: name it
             result = {entry.output_names[0] if entry.output_names else "output_0": result}
         self.catalog.learn_outputs(entry.name, result)
