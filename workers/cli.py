@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         help="scenario to run (repeatable; default: all). One of: " + ", ".join(_bench_scenarios()),
     )
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario (median shown)")
+    bench.add_argument(
+        "--seconds", type=float, help="measure each scenario this long (default: its own)"
+    )
     bench.add_argument("--workers", type=int, default=1, help="worker processes")
     bench.add_argument(
         "--intra-op-threads",
@@ -417,6 +420,7 @@ def _bench(args: argparse.Namespace) -> int:
             workers=args.workers,
             intra_op_threads=args.intra_op_threads,
             metrics=args.metrics,
+            seconds=args.seconds,
         )
     print()
     print(bench.render(figures))

@@ -70,6 +70,14 @@ class Served:
             for s in self.model.inputs
         )
 
+    def output_specs(self) -> list[TensorSpec]:
+        """The outputs as answers carry them (after any post-processing), in
+        ``output_names`` order; an output whose spec is not known is left out."""
+        if self.postprocess is not None:
+            return self.postprocess.output_specs(self.model.outputs)
+        by_name = {s.name: s for s in self.model.outputs}
+        return [by_name[name] for name in self.output_names if name in by_name]
+
 
 def load(config: PoolConfig, batcher: Batcher[InHand]) -> Served:
     """Load the model; choose the batches it allows (``batcher``, unless its signature fixes

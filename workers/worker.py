@@ -221,6 +221,8 @@ class Worker:
             "max_queue": self.config.max_queue,
             "inputs": served.describe_inputs(),
             "outputs": ", ".join(served.output_names),
+            # Their dtypes and shapes, as "inputs" gives the inputs' (the gateway's metadata).
+            "output_specs": ", ".join(f"{s.name}: {s.describe()}" for s in served.output_specs()),
         }
         presence = Presence(
             self.config, self.redis, worker_id=self.worker_id, slot=self.slot, device=self.device,

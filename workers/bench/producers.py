@@ -1,5 +1,6 @@
-"""A producer process of the benchmark: a closed or open loop of ``Client`` calls, the
-calls users write, with latencies and CPU time counted inside the measured window only."""
+"""A producer process of the benchmark: a closed or open loop of ``Client`` calls (or a
+closed loop of TF Serving gRPC calls to a gateway, :mod:`.gateway`), the calls users
+write, with latencies and CPU time counted inside the measured window only."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from queueing import Client
+from workers.bench.gateway import grpc_closed_loop
 from workers.memory import keep_large_buffers
 
 
@@ -32,6 +34,9 @@ class ProducerJob:
     start_at: float  # time.time() at which measuring starts
     stop_at: float
     seed: int
+    #: A gateway's gRPC address: send TF Serving ``Predict`` calls there, not Client calls.
+    gateway: str = ""
+    input_name: str = "x"  # the model input the gRPC calls name
 
 
 def run_producer(job: ProducerJob) -> dict[str, Any]:
@@ -67,12 +72,17 @@ def run_producer(job: ProducerJob) -> dict[str, Any]:
 
     keep_large_buffers()  # as the workers do: large requests are allocated per send
     gc.freeze()  # what exists now lives to the end: keep it out of every collection
-    with Client(job.redis_url) as client:
-        if job.load == "closed":
-            _closed_loop(client, job, x, record, window[1])
-        else:
-            _open_loop(client, job, x, record, window[1])
+    if job.gateway:
+        grpc_closed_loop(job.gateway, job.model, job.input_name, x,
+                         concurrency=job.concurrency, record=record, end=window[1])  # fmt: skip
         sampler.join()
+    else:
+        with Client(job.redis_url) as client:
+            if job.load == "closed":
+                _closed_loop(client, job, x, record, window[1])
+            else:
+                _open_loop(client, job, x, record, window[1])
+            sampler.join()
     return {
         "latencies": latencies,
         "errors": errors[0],

@@ -13,6 +13,7 @@ from typing import Any, cast
 import psutil
 import redis
 
+from workers.bench.gateway import GatewayProcess
 from workers.bench.models import MODELS
 from workers.bench.producers import ProducerJob, run_producer
 from workers.supervisor import Supervisor
@@ -35,6 +36,17 @@ class Scenario:
     max_latency_ms: float = 5.0
     warmup_s: float = 2.0
     duration_s: float = 5.0
+    #: "client": ``queueing.Client`` calls; "gateway": TF Serving gRPC ``Predict`` calls
+    #: through a ``tfpool gateway`` process (closed loop only).
+    via: str = "client"
+    #: The direct-client scenario this one is compared with; run in the same bench.
+    baseline: str = ""
+
+    def __post_init__(self) -> None:
+        if self.via not in ("client", "gateway"):
+            raise ValueError(f"{self.name}: via must be 'client' or 'gateway', got {self.via!r}")
+        if self.via == "gateway" and self.load != "closed":
+            raise ValueError(f"{self.name}: a gateway scenario is a closed loop")
 
 
 @dataclass
@@ -60,6 +72,9 @@ class Figures:
     bare_one_row_ms: float = 0.0
     ratio: float = 0.0
     rate: float = 0.0
+    baseline: str = ""
+    #: rows/s over the baseline scenario's rows/s, in the same bench run.
+    vs_baseline: float = 0.0
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -77,6 +92,16 @@ SCENARIOS: dict[str, Scenario] = {
             warmup_s=4.0,
             duration_s=12.0,
         ),
+        # The gateway's cost: the same load, as TF Serving gRPC calls through a gateway.
+        Scenario(name="mlp-closed-64", model="mlp", concurrency=64, max_batch_size=64),
+        Scenario(
+            name="mlp-gateway",
+            model="mlp",
+            via="gateway",
+            concurrency=64,
+            max_batch_size=64,
+            baseline="mlp-closed-64",
+        ),
     )
 }
 
@@ -88,8 +113,10 @@ def run_scenario(
     supervisor: Supervisor,
     bare: dict[str, float],
     saturated_rate: float = 0.0,
+    gateway: GatewayProcess | None = None,
 ) -> Figures:
-    """Measure ``scenario`` against a running pool."""
+    """Measure ``scenario`` against a running pool (through ``gateway``, for a gateway
+    scenario)."""
     shape = MODELS[scenario.model].shape
     rate = scenario.rate or saturated_rate / 2
     if scenario.load == "open" and rate <= 0:
@@ -111,6 +138,8 @@ def run_scenario(
             start_at,
             stop_at,
             seed=i,
+            gateway=gateway.address if gateway is not None else "",
+            input_name=MODELS[scenario.model].input_name,
         )
         for i in range(scenario.producers)
     ]
@@ -119,9 +148,12 @@ def run_scenario(
         running = [pool.submit(run_producer, job) for job in jobs]
         time.sleep(max(0.0, start_at - time.time()))
         workers = supervisor.serving_pids()
-        before = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model))
+        others = [gateway.pid] if gateway is not None else []
+        before = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model),
+                  process_cpu(others))  # fmt: skip
         time.sleep(max(0.0, stop_at - time.time()))
-        after = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model))
+        after = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model),
+                 process_cpu(others))  # fmt: skip
         results = [r.result() for r in running]
     conn.close()
 
@@ -135,6 +167,7 @@ def run_scenario(
         requests=count,
         errors=sum(r["errors"] for r in results),
         rate=rate,
+        baseline=scenario.baseline,
     )
     if not count:
         return figures
@@ -154,6 +187,8 @@ def run_scenario(
         "workers": 1e6 * worker_cpu / count,
         "redis": 1e6 * server_cpu / count,
     }
+    if gateway is not None:
+        figures.cpu_split_us["gateway"] = 1e6 * (after[3] - before[3]) / count
     figures.cpu_us_per_request = sum(figures.cpu_split_us.values())
     figures.bare_rows_per_s = bare["rows_per_s"]
     figures.bare_best_batch = int(bare["best_batch"])
