@@ -82,7 +82,10 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
         )
         self._track([future])
-        await self._start()
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name=f"tfpool-sender-{self.client_id[:12]}"
+            )
         sent = self._outbox.put(item)
         self._wake.set()
         try:
@@ -109,7 +112,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
         futures = [self._new_future(model) for _ in bodies]
         self._track(futures)
-        await self._start()
+        await self._start_reader()
         try:
             with self._typed_errors(model):
                 entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
@@ -244,21 +247,20 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         future.add_done_callback(self._forget_if_cancelled)
         return future
 
-    async def _start(self) -> None:
-        """The reply reader and the sender, started with the first request."""
+    async def _start_reader(self) -> None:
+        """The reply reader, started before the first request is queued."""
         if self._reader is None:
             # Learn which Redis this is before the first request is queued (see
             # Client._ensure_reader); should it not answer, the reader looks later.
             with contextlib.suppress(redis.RedisError):
                 await self._look(self._redis)
         self._ensure_reader()
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(
-                self._send_loop(), name=f"tfpool-sender-{self.client_id[:12]}"
-            )
 
     async def _send_loop(self) -> None:
-        """The sender task: take everything waiting, send it, repeat."""
+        """The sender task: take everything waiting, send it, repeat. Started by the first
+        submit(), it starts the reader before its first send (one look at Redis, however
+        many tasks submitted at once)."""
+        await self._start_reader()
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
