@@ -43,7 +43,7 @@ class Outgoing(Generic[F]):
         """The body to send at ``now``: its deadline less the time spent in the client."""
         if self.deadline_ms is None:
             return self.body
-        waited_ms = int((now - self.queued_at) * 1000)
+        waited_ms = round((now - self.queued_at) * 1000)
         if waited_ms <= 0:
             return self.body
         left = max(0, self.deadline_ms - waited_ms)
