@@ -267,6 +267,10 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             items, sent = self._outbox.take()
             try:
                 await self._send(items)
+            except Exception as e:  # a bug here must not strand every later request
+                log.exception("sender: sending %d requests failed", len(items))
+                for model, group in by_model(items).items():
+                    self._fail_unsent(model, [item.future for item in group], e)
             finally:
                 if sent is not None and not sent.done():
                     sent.set_result(None)

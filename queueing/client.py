@@ -145,6 +145,9 @@ class Client(ClientBase[RequestFuture]):
         self._ensure_reader()
         flowing = model in self._flowing
         with self._wake:
+            if self._closed.is_set():  # closed since _check_usable: nobody would send it
+                self._forget(future.request_id)
+                raise RuntimeError("client is closed")
             sent = self._outbox.put(item)
             self._wake.notify()
         if not flowing:
@@ -238,10 +241,10 @@ class Client(ClientBase[RequestFuture]):
 
     def close(self) -> None:
         """Stop the reply reader and close connections. Pending futures fail."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        with self._wake:
+        with self._wake:  # after this, submit() puts nothing more in the outbox
+            if self._closed.is_set():
+                return
+            self._closed.set()
             self._wake.notify_all()
         if self._sender is not None:
             self._sender.join(timeout=self.socket_timeout_s + 5)
@@ -323,6 +326,10 @@ class Client(ClientBase[RequestFuture]):
                 items, sent = self._outbox.take()
             try:
                 self._send(items)
+            except Exception as e:  # a bug here must not strand every later request
+                log.exception("sender: sending %d requests failed", len(items))
+                for model, group in by_model(items).items():
+                    self._fail_unsent(model, [item.future for item in group], e)
             finally:
                 if sent is not None:
                     sent.set()
