@@ -1,8 +1,10 @@
 """The asyncio producer: :class:`AsyncClient`, for services (redis.asyncio underneath).
 
 Same requests, results and errors as :class:`queueing.Client`. One reply reader task per
-client resolves futures by request id. A caller cancelled while it awaits a result takes
-its future out of the client's table with it: nothing is left behind.
+client resolves futures by request id; one sender task sends what concurrent ``submit()``
+calls have left waiting in one round trip (:mod:`queueing.outbox`). A caller cancelled
+while it awaits a result takes its future out of the client's table with it: nothing is
+left behind.
 """
 
 from __future__ import annotations

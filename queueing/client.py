@@ -1,7 +1,9 @@
 """The producer side: submit requests, get results back by request id.
 
 One :class:`Client` per producer process (it is thread-safe). It owns one reply stream in
-Redis and one background thread that reads it and resolves futures by request id. A result
+Redis and one background thread that reads it and resolves futures by request id, and a
+sender thread that sends whatever ``submit()`` calls have left waiting in one round trip
+(:mod:`queueing.outbox`). A result
 leaves Redis only after the client holds it, and one that arrives twice (a worker died
 between posting it and acking its request; a read repeated after a dropped connection)
 finds no future the second time and is dropped: at-least-once delivery, exactly-once
