@@ -1,8 +1,10 @@
 """The asyncio producer: :class:`AsyncClient`, for services (redis.asyncio underneath).
 
 Same requests, results and errors as :class:`queueing.Client`. One reply reader task per
-client resolves futures by request id. A caller cancelled while it awaits a result takes
-its future out of the client's table with it: nothing is left behind.
+client resolves futures by request id; one sender task sends what concurrent ``submit()``
+calls have left waiting in one round trip (:mod:`queueing.outbox`). A caller cancelled
+while it awaits a result takes its future out of the client's table with it: nothing is
+left behind.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, cast
 
@@ -19,6 +22,7 @@ import redis.asyncio as aioredis
 from queueing import enqueue, keys, liveness, redis_state, wire
 from queueing.base import READ_BLOCK_S, READ_COUNT, ClientBase
 from queueing.errors import RequestError
+from queueing.outbox import Outbox, Outgoing, by_model
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
@@ -44,6 +48,13 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         )
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        # submit()'s requests wait here for the sender task (see queueing.outbox); one
+        # loop runs both, so no lock. Each batch's future is done once it has been sent.
+        self._outbox: Outbox[AsyncRequestFuture, asyncio.Future[None]] = Outbox(
+            lambda: asyncio.get_running_loop().create_future()
+        )
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
 
     async def predict(
         self, model: str, inputs: Sendable, *, timeout: float = 30.0, deadline: float | None = None
@@ -61,11 +72,30 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         keep: bool = False,
         keep_ttl_s: int | None = None,
     ) -> AsyncRequestFuture:
-        """Queue one request; raises QueueFull / UnknownModel / Unavailable at once."""
-        (future,) = await self.submit_many(
-            model, [inputs], deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
+        """Queue one request; raises QueueFull / UnknownModel / Unavailable at once.
+
+        Requests submitted close together (many tasks) are coalesced: the client's sender
+        task sends everything waiting in one round trip, and each ``submit()`` returns
+        once its own round trip is done. A lone request is sent at once."""
+        if self._closed:
+            raise RuntimeError("client is closed")
+        future = self._new_future(model)
+        item = self._outgoing(
+            model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
         )
-        if future.done() and future.exception() is not None:
+        self._track([future])
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name=f"tfpool-sender-{self.client_id[:12]}"
+            )
+        sent = self._outbox.put(item)
+        self._wake.set()
+        try:
+            await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            future.cancel()  # it may have been sent: its result is then dropped
+            raise
+        if future.done() and not future.cancelled() and future.exception() is not None:
             raise cast(BaseException, future.exception())
         return future
 
@@ -82,22 +112,9 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         if self._closed:
             raise RuntimeError("client is closed")
         bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
-        loop = asyncio.get_running_loop()
-        futures = []
-        for _ in bodies:
-            future = AsyncRequestFuture(loop=loop)
-            future.request_id = self._new_id()
-            future.model = model
-            # A future cancelled by its owner leaves the table at once.
-            future.add_done_callback(self._forget_if_cancelled)
-            futures.append(future)
+        futures = [self._new_future(model) for _ in bodies]
         self._track(futures)
-        if self._reader is None:
-            # Learn which Redis this is before the first request is queued (see
-            # Client._ensure_reader); should it not answer, the reader looks later.
-            with contextlib.suppress(redis.RedisError):
-                await self._look(self._redis)
-        self._ensure_reader()
+        await self._start_reader()
         try:
             with self._typed_errors(model):
                 entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
@@ -194,6 +211,10 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         if self._closed:
             return
         self._closed = True
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.wait({self._sender}, timeout=self.socket_timeout_s + 1)
+        _, unsent = self._outbox.take()
         if self._reader is not None:
             # The reader sees the flag within one XREAD timeout. It is also cancelled; but
             # redis-py may turn the cancellation of a blocking read into a connection
@@ -201,6 +222,8 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             self._reader.cancel()
             await asyncio.wait({self._reader}, timeout=READ_BLOCK_S + 1)
         self._fail_all(lambda request_id: RequestError("client closed", request_id=request_id))
+        if unsent is not None and not unsent.done():
+            unsent.set_result(None)
         await self._redis.aclose()
         await self._reader_redis.aclose()
 
@@ -217,6 +240,63 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             return await self.wait(future, timeout=timeout)
         except RequestError as e:
             return e
+
+    def _new_future(self, model: str) -> AsyncRequestFuture:
+        future = AsyncRequestFuture(loop=asyncio.get_running_loop())
+        future.request_id = self._new_id()
+        future.model = model
+        # A future cancelled by its owner leaves the table at once.
+        future.add_done_callback(self._forget_if_cancelled)
+        return future
+
+    async def _start_reader(self) -> None:
+        """The reply reader, started before the first request is queued."""
+        if self._reader is None:
+            # Learn which Redis this is before the first request is queued (see
+            # Client._ensure_reader); should it not answer, the reader looks later.
+            with contextlib.suppress(redis.RedisError):
+                await self._look(self._redis)
+        self._ensure_reader()
+
+    async def _send_loop(self) -> None:
+        """The sender task: take everything waiting, send it, repeat. Started by the first
+        submit(), it starts the reader before its first send (one look at Redis, however
+        many tasks submitted at once)."""
+        await self._start_reader()
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            items, sent = self._outbox.take()
+            try:
+                await self._send(items)
+            except Exception as e:  # a bug here must not strand every later request
+                log.exception("sender: sending %d requests failed", len(items))
+                for model, group in by_model(items).items():
+                    self._fail_unsent(model, [item.future for item in group], e)
+            finally:
+                if sent is not None and not sent.done():
+                    sent.set_result(None)
+
+    async def _send(self, items: list[Outgoing[AsyncRequestFuture]]) -> None:
+        """One round trip per model for ``items``; failures land on their futures."""
+        now = time.monotonic()
+        for model, group in by_model(items).items():
+            live = [item for item in group if not item.future.done()]  # not cancelled
+            if not live:
+                continue
+            futures = [item.future for item in live]
+            ids = [future.request_id for future in futures]
+            try:
+                with self._typed_errors(model):
+                    entry_ids = await self._enqueue(
+                        model, ids, [item.body_now(now) for item in live]
+                    )
+            except Exception as e:  # the sender must live on: the error goes to the futures
+                if not isinstance(e, RequestError):
+                    log.exception("sending %d requests of model %r failed", len(futures), model)
+                self._fail_unsent(model, futures, e)
+                continue
+            self._settle(model, futures, entry_ids)
 
     def _forget_if_cancelled(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():

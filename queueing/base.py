@@ -21,6 +21,7 @@ import redis
 
 from queueing import enqueue, keys, wire
 from queueing.errors import QueueFull, RequestError, RequestLost, RequestTimeout, Unavailable
+from queueing.outbox import Outgoing
 from queueing.redis_state import EpochWatch, eviction_problem
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.tracing import current_traceparent
@@ -112,6 +113,9 @@ class ClientBase(Generic[F]):
         self._cursor = ReplyCursor()
         self._epochs = EpochWatch()  # which dataset of Redis our requests were queued in
         self._policy_checked = False
+        # Models whose last send was fully accepted (see queueing.outbox). Written by
+        # whoever sends, read by submit(); a set's add/discard/in are atomic under the GIL.
+        self._flowing: set[str] = set()
         self._connect()
 
     def _connect(self) -> None:
@@ -168,6 +172,36 @@ class ClientBase(Generic[F]):
             for item in inputs
         ]
 
+    def _outgoing(
+        self,
+        model: str,
+        inputs: Sendable,
+        future: F,
+        *,
+        deadline: float | None,
+        keep: bool,
+        keep_ttl_s: int | None,
+    ) -> Outgoing[F]:
+        """One request for the sender, encoded now: the caller may reuse its arrays as soon
+        as ``submit()`` returns."""
+        deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
+        keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
+        body = wire.encode_request_body(model, inputs, deadline_ms=deadline_ms, keep_s=keep_s)
+        return Outgoing(model, future, body, deadline_ms, keep_s)
+
+    def _fail_unsent(self, model: str, futures: Iterable[F], error: BaseException) -> None:
+        """The sender could not queue ``futures``: each fails with its own copy of the
+        typed error (``error`` itself when it is not a RequestError)."""
+        self._flowing.discard(model)
+        for future in futures:
+            self._forget(future.request_id)
+            if isinstance(error, RequestError):
+                mine: BaseException = type(error)(str(error), request_id=future.request_id)
+                mine.__cause__ = error.__cause__
+            else:
+                mine = error
+            _fail(future, mine)
+
     @contextlib.contextmanager
     def _typed_errors(self, model: str) -> Iterator[None]:
         """Redis errors while enqueueing, as the typed errors a producer expects."""
@@ -195,12 +229,19 @@ class ClientBase(Generic[F]):
 
     def _settle(self, model: str, futures: Sequence[F], entry_ids: Sequence[Any]) -> None:
         """Fail with QueueFull the futures of requests the queue had no room for (0)."""
+        refused = False
         for future, entry_id in zip(futures, entry_ids, strict=True):
             if entry_id == 0:
+                refused = True
                 self._forget(future.request_id)
-                future.set_exception(
-                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
+                _fail(
+                    future,
+                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id),
                 )
+        if refused:
+            self._flowing.discard(model)
+        else:
+            self._flowing.add(model)
 
     # --- results ------------------------------------------------------------------------
 
@@ -271,6 +312,12 @@ class ClientBase(Generic[F]):
             raise result.error
         assert result.outputs is not None
         return result.outputs
+
+
+def _fail(future: RequestFutureLike, error: BaseException) -> None:
+    """Fail ``future`` unless its owner cancelled it (setting a cancelled future raises)."""
+    if not future.done():
+        future.set_exception(error)
 
 
 class ReplyCursor:

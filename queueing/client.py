@@ -1,7 +1,9 @@
 """The producer side: submit requests, get results back by request id.
 
 One :class:`Client` per producer process (it is thread-safe). It owns one reply stream in
-Redis and one background thread that reads it and resolves futures by request id. A result
+Redis and one background thread that reads it and resolves futures by request id, and a
+sender thread that sends whatever ``submit()`` calls have left waiting in one round trip
+(:mod:`queueing.outbox`). A result
 leaves Redis only after the client holds it, and one that arrives twice (a worker died
 between posting it and acking its request; a read repeated after a dropped connection)
 finds no future the second time and is dropped: at-least-once delivery, exactly-once
@@ -33,6 +35,7 @@ from queueing.base import (
 )
 from queueing.errors import RequestError
 from queueing.frames import frames_in_order
+from queueing.outbox import Outbox, Outgoing, by_model
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
@@ -40,6 +43,20 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_REDIS_URL", "DEFAULT_RESULT_TTL_S", "Client", "RequestFuture",
            "resolve_redis_url"]  # fmt: skip
+
+
+#: How many times this process's ancestry forked since the module was imported: a client
+#: made before a fork sees a different count in the child. (Cheaper per submit() than
+#: os.getpid(), a system call.)
+_forks_seen = 0
+
+
+def _count_fork() -> None:
+    global _forks_seen
+    _forks_seen += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 class RequestFuture(Future):  # type: ignore[type-arg]
@@ -66,9 +83,15 @@ class Client(ClientBase[RequestFuture]):
         self._reader_redis = redis.Redis.from_url(
             self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
-        self._pid = os.getpid()
+        self._forks = _forks_seen
         self._reader: threading.Thread | None = None
         self._closed = threading.Event()
+        # submit()'s requests wait here for the sender thread (see queueing.outbox). Callers
+        # put, the sender takes; both under ``_wake``'s lock. Each batch's Event is set
+        # once it has been sent (or failed), for callers that wait to raise at once.
+        self._outbox: Outbox[RequestFuture, threading.Event] = Outbox(threading.Event)
+        self._wake = threading.Condition(threading.Lock())
+        self._sender: threading.Thread | None = None
 
     # --- public API ---------------------------------------------------------------------
 
@@ -99,19 +122,41 @@ class Client(ClientBase[RequestFuture]):
         keep: bool = False,
         keep_ttl_s: int | None = None,
     ) -> RequestFuture:
-        """Queue one request; return its future at once.
+        """Queue one request; return its future.
+
+        Requests submitted close together (a loop, many threads) are coalesced: the
+        client's sender thread sends everything waiting in one round trip, and a lone
+        request is sent at once. ``inputs`` is encoded before this returns.
 
         ``keep=True`` also keeps the result in Redis under ``future.request_id`` for
         ``keep_ttl_s`` (default: the client's ``result_ttl_s``), so that any process can
-        fetch it with :meth:`result`. Raises :class:`QueueFull` or :class:`UnknownModel` now
-        rather than through the future.
+        fetch it with :meth:`result`.
+
+        Errors of enqueueing (:class:`QueueFull`, :class:`UnknownModel`,
+        :class:`Unavailable`) are raised here for the first request to a model and for
+        every request after a refusal: those wait for their own round trip. While a
+        model's requests are accepted, ``submit()`` returns without waiting, and a later
+        refusal fails the future instead (``future.result()`` raises it).
         """
-        (future,) = self.submit_many(
-            model, [inputs], deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
+        self._check_usable()
+        future = RequestFuture(self._new_id(), model)
+        item = self._outgoing(
+            model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
         )
-        if future.done() and future.exception() is not None:
-            self._forget(future.request_id)
-            raise future.exception()  # type: ignore[misc]
+        self._track([future])
+        self._ensure_reader()
+        flowing = model in self._flowing
+        with self._wake:
+            if self._closed.is_set():  # closed since _check_usable: nobody would send it
+                self._forget(future.request_id)
+                raise RuntimeError("client is closed")
+            sent = self._outbox.put(item)
+            self._wake.notify()
+        if not flowing:
+            sent.wait()  # the sender always sets it, or close() does
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                self._forget(future.request_id)
+                raise future.exception()  # type: ignore[misc]
         return future
 
     def submit_many(
@@ -198,9 +243,15 @@ class Client(ClientBase[RequestFuture]):
 
     def close(self) -> None:
         """Stop the reply reader and close connections. Pending futures fail."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        with self._wake:  # after this, submit() puts nothing more in the outbox
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._wake.notify_all()
+        if self._sender is not None:
+            self._sender.join(timeout=self.socket_timeout_s + 5)
+        with self._wake:
+            _, unsent = self._outbox.take()
         if self._reader is not None:
             try:  # wake the reader from its XREAD now rather than at its timeout
                 self._redis.xadd(self.reply_key, {b"0": b""})
@@ -209,6 +260,8 @@ class Client(ClientBase[RequestFuture]):
                 pass
             self._reader.join(timeout=READ_BLOCK_S + 5)
         self._fail_all(lambda request_id: RequestError("client closed", request_id=request_id))
+        if unsent is not None:
+            unsent.set()
         self._redis.close()
         self._reader_redis.close()
 
@@ -223,7 +276,7 @@ class Client(ClientBase[RequestFuture]):
     def _check_usable(self) -> None:
         if self._closed.is_set():
             raise RuntimeError("client is closed")
-        if os.getpid() != self._pid:
+        if _forks_seen != self._forks:
             # A forked child would share the parent's reply stream and steal its results.
             raise RuntimeError("a Client cannot be used across fork; create one per process")
 
@@ -264,6 +317,40 @@ class Client(ClientBase[RequestFuture]):
                 self._redis.script_load(script)
         raise AssertionError("unreachable")
 
+    def _send_loop(self) -> None:
+        """The sender thread: take everything waiting, send it, repeat."""
+        while True:
+            with self._wake:
+                while not self._outbox and not self._closed.is_set():
+                    self._wake.wait()
+                if self._closed.is_set():
+                    return  # close() fails what is left
+                items, sent = self._outbox.take()
+            try:
+                self._send(items)
+            except Exception as e:  # a bug here must not strand every later request
+                log.exception("sender: sending %d requests failed", len(items))
+                for model, group in by_model(items).items():
+                    self._fail_unsent(model, [item.future for item in group], e)
+            finally:
+                if sent is not None:
+                    sent.set()
+
+    def _send(self, items: Sequence[Outgoing[RequestFuture]]) -> None:
+        """One round trip per model for ``items``; failures land on their futures."""
+        now = time.monotonic()
+        for model, group in by_model(items).items():
+            live = [item for item in group if not item.future.done()]  # not cancelled
+            if not live:
+                continue
+            futures = [item.future for item in live]
+            try:
+                self._enqueue_all(model, futures, [item.body_now(now) for item in live])
+            except Exception as e:  # the sender must live on: the error goes to the futures
+                if not isinstance(e, RequestError):
+                    log.exception("sending %d requests of model %r failed", len(futures), model)
+                self._fail_unsent(model, futures, e)
+
     def _ensure_reader(self) -> None:
         if self._reader is not None:
             return
@@ -278,6 +365,10 @@ class Client(ClientBase[RequestFuture]):
                     target=self._read_replies, name=f"tfpool-replies-{self._id_prefix}", daemon=True
                 )
                 self._reader.start()
+                self._sender = threading.Thread(
+                    target=self._send_loop, name=f"tfpool-sender-{self._id_prefix}", daemon=True
+                )
+                self._sender.start()
 
     def _read_replies(self) -> None:
         backoff = 0.05

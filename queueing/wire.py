@@ -293,6 +293,25 @@ def encode_request_body(
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def _body_tail(deadline_ms: int | None, keep_s: int) -> bytes:
+    """The last two pairs of a request body, as :func:`encode_request_body` packs them."""
+    return b"".join(
+        msgpack.packb(item, use_bin_type=True)
+        for item in ("deadline_ms", deadline_ms, "keep_s", keep_s)
+    )
+
+
+def with_deadline(body: bytes, deadline_ms: int, keep_s: int, new_deadline_ms: int) -> bytes:
+    """``body`` (from :func:`encode_request_body` with ``deadline_ms`` and ``keep_s``) with
+    its deadline replaced, without unpacking it: the deadline and ``keep_s`` are its last
+    two pairs. A client that holds a request before sending it shortens the deadline by
+    that wait, since a worker counts the deadline from the request's arrival in Redis."""
+    old = _body_tail(deadline_ms, keep_s)
+    if not body.endswith(old):
+        raise ValueError("not a request body encoded with this deadline and keep_s")
+    return body[: len(body) - len(old)] + _body_tail(new_deadline_ms, keep_s)
+
+
 def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> RequestBody:
     """Decode and structurally validate a request body. Raises :class:`InvalidInput`."""
     if not isinstance(body, bytes):

@@ -29,6 +29,11 @@ class Scenario:
     model: str
     load: str = "closed"  # "closed" or "open"
     producers: int = 1
+    #: closed loop, how the producer calls: "many" (``submit_many`` of every free slot,
+    #: coalescing by hand), "submit" (one ``submit()`` per request from one thread),
+    #: "threads" (``concurrency`` threads calling ``predict()``), "tasks" (``concurrency``
+    #: asyncio tasks awaiting ``AsyncClient.predict()``).
+    call: str = "many"
     concurrency: int = 64  # closed loop: in flight per producer
     rate: float = 0.0  # open loop: requests/s over all producers (0: 50% of saturation)
     rows: int = 1  # rows per request
@@ -82,7 +87,16 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario(name="identity-closed", model="identity", concurrency=512, max_batch_size=128),
         Scenario(name="mlp-closed", model="mlp", concurrency=512, max_batch_size=128),
-        Scenario(name="mlp-lone", model="mlp", concurrency=1, duration_s=4.0),
+        Scenario(
+            name="mlp-submit", model="mlp", call="submit", concurrency=512, max_batch_size=128
+        ),
+        Scenario(
+            name="mlp-threads-64", model="mlp", call="threads", concurrency=64, max_batch_size=128
+        ),
+        Scenario(
+            name="mlp-tasks-1000", model="mlp", call="tasks", concurrency=1000, max_batch_size=128
+        ),
+        Scenario(name="mlp-lone", model="mlp", call="threads", concurrency=1, duration_s=4.0),
         Scenario(name="mlp-open-50", model="mlp", load="open", max_batch_size=128),
         Scenario(
             name="mobilenet-closed",
@@ -101,6 +115,15 @@ SCENARIOS: dict[str, Scenario] = {
             concurrency=64,
             max_batch_size=64,
             baseline="mlp-closed-64",
+        ),
+        Scenario(
+            name="mobilenet-submit",
+            model="mobilenet",
+            call="submit",
+            concurrency=16,
+            max_batch_size=8,
+            warmup_s=4.0,
+            duration_s=12.0,
         ),
     )
 }
@@ -133,6 +156,7 @@ def run_scenario(
             shape,
             scenario.rows,
             scenario.load,
+            scenario.call,
             scenario.concurrency,
             rate / scenario.producers,
             start_at,
