@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import redis
 
-from queueing import Client, RequestError, RequestFuture, RequestTimeout, keys
+from queueing import Client, RequestError, RequestFuture, RequestTimeout, connection, keys
 from scripts.flaky_proxy import FlakyProxy
 from workers.cli import redis_url_or_embedded
 from workers.config import PoolConfig
@@ -109,7 +108,7 @@ def main() -> int:
             until.set()
             monitor.join()
             supervisor.drain()
-        conn = redis.Redis.from_url(url)
+        conn = connection.connect(url)
         dead: int = conn.xlen(keys.dead_letters("chaos"))
         conn.close()
 
@@ -172,7 +171,7 @@ def _fault(
 
     def oom(k: int) -> str:
         assert server is not None
-        conn = redis.Redis.from_url(server.url)
+        conn = connection.connect(server.url)
         try:
             conn.config_set("maxmemory", 1)  # every write that may grow memory is refused
             time.sleep(args.fault_s)

@@ -13,6 +13,7 @@ from typing import Any, cast
 import psutil
 import redis
 
+from queueing import connection
 from workers.bench.models import MODELS
 from workers.bench.producers import ProducerJob, run_producer
 from workers.supervisor import Supervisor
@@ -114,7 +115,7 @@ def run_scenario(
         )
         for i in range(scenario.producers)
     ]
-    conn = redis.Redis.from_url(redis_url)
+    conn = connection.connect(redis_url)
     with ProcessPoolExecutor(scenario.producers, mp_context=_SPAWN) as pool:
         running = [pool.submit(run_producer, job) for job in jobs]
         time.sleep(max(0.0, start_at - time.time()))
