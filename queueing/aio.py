@@ -104,7 +104,12 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         self._ensure_reader()
         try:
             with self._typed_errors(model):
-                entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
+                try:
+                    entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
+                except connection.REDIS_ERRORS:
+                    # As Client: a cluster's topology may have changed; look again.
+                    await connection.refresh_async(self._redis)
+                    raise
         except BaseException:
             for future in futures:
                 self._forget(future.request_id)

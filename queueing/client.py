@@ -233,12 +233,18 @@ class Client(ClientBase[RequestFuture]):
     ) -> None:
         ids = [f.request_id for f in futures]
         with self._typed_errors(model):
-            if enqueue.is_large(bodies):
-                entry_ids = self._enqueue_large(model, ids, bodies)
-            else:
-                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-                replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
-                entry_ids = [entry for chunk in replies for entry in chunk]
+            try:
+                if enqueue.is_large(bodies):
+                    entry_ids = self._enqueue_large(model, ids, bodies)
+                else:
+                    calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
+                    replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
+                    entry_ids = [entry for chunk in replies for entry in chunk]
+            except connection.REDIS_ERRORS:
+                # On a cluster, a dead master's slots have moved, or are moving: look up
+                # the topology again, so that the next request goes to the new master.
+                connection.refresh(self._redis)
+                raise
         self._settle(model, futures, entry_ids)
 
     def _enqueue_large(self, model: str, ids: list[str], bodies: Sequence[bytes]) -> list[Any]:
