@@ -174,8 +174,13 @@ def _worker_counters(conn: redis.Redis, model: str) -> tuple[int, int]:
 
 
 def redis_cpu(conn: redis.Redis) -> float:
-    info: dict[str, Any] = conn.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    """CPU seconds redis-server has used; on a cluster, summed over the nodes the cluster
+    client asks (redis-py's cluster INFO answers per node)."""
+    info: dict[str, Any] = (
+        conn.info("cpu", target_nodes="all") if connection.clustered(conn) else conn.info("cpu")
+    )
+    nodes = [v for v in info.values() if isinstance(v, dict)] or [info]
+    return sum(float(n["used_cpu_user"]) + float(n["used_cpu_sys"]) for n in nodes)
 
 
 def process_cpu(pids: Sequence[int]) -> float:
