@@ -138,6 +138,16 @@ class LocalCluster:
                     return node
         raise RedisServerError(f"master {master.port} ({master_id}) has no live replica")
 
+    def masters_with_replicas(self) -> list[RedisServer]:
+        """The live masters that have a live replica."""
+        found = []
+        for node in self._live():
+            if self._role(node) == "master":
+                with contextlib.suppress(RedisServerError):
+                    self.replica_of(node)
+                    found.append(node)
+        return found
+
     def failover(self, master: RedisServer, timeout: float = 60.0) -> RedisServer:
         """``CLUSTER FAILOVER`` on a replica of ``master``: the replica takes over once it
         has every write (a manual failover loses nothing). Returns the new master once
