@@ -79,20 +79,43 @@ def plain_url(url: str) -> str:
 def connect(url: str, **options: Any) -> redis.Redis:
     """A client for ``url``: redis-py's plain client, or its cluster client for a cluster
     URL (typed as the plain one: it has the same command methods, and callers should not
-    care which they hold)."""
+    care which they hold). A cluster URL may name several nodes,
+    ``redis+cluster://a:6379,b:6379``: the client starts from whichever answers, so a
+    process (re)started while one of them is down still joins."""
     if not is_cluster(url):
         return redis.Redis.from_url(url, **options)
-    return cast(
-        redis.Redis, redis.cluster.RedisCluster.from_url(plain_url(url), **_cluster(options))
-    )
+    first, others = _startup(url)
+    nodes = [redis.cluster.ClusterNode(host, port) for host, port in others]  # type: ignore[no-untyped-call]
+    client = redis.cluster.RedisCluster.from_url(first, startup_nodes=nodes, **_cluster(options))
+    return cast(redis.Redis, client)
 
 
 def connect_async(url: str, **options: Any) -> aioredis.Redis:
     """:func:`connect` for asyncio."""
     if not is_cluster(url):
         return aioredis.Redis.from_url(url, **options)
-    client = aiocluster.RedisCluster.from_url(plain_url(url), **_cluster(options))
+    first, others = _startup(url)
+    nodes = [aiocluster.ClusterNode(host, port) for host, port in others]
+    client = aiocluster.RedisCluster.from_url(first, startup_nodes=nodes, **_cluster(options))
     return cast(aioredis.Redis, client)
+
+
+def first_node_url(url: str) -> str:
+    """The plain URL of the first node a cluster URL names (the URL itself otherwise)."""
+    return _startup(url)[0]
+
+
+def _startup(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A cluster URL's first node, as a plain URL with its options, and the other nodes it
+    names (``host:port``, comma-separated)."""
+    parts = urlsplit(plain_url(url))
+    auth, at, hosts = parts.netloc.rpartition("@")
+    first, *others = hosts.split(",")
+    nodes = []
+    for other in others:
+        host, _, port = other.rpartition(":")
+        nodes.append((host or other, int(port) if port.isdigit() else 6379))
+    return urlunsplit(parts._replace(netloc=f"{auth}{at}{first}")), nodes
 
 
 def clustered(conn: Any) -> bool:
@@ -160,7 +183,7 @@ class NodeClients:
         holders = conn.nodes_manager.slots_cache.get(conn.keyslot(key), [])
         client = self._clients.get(node.name)
         if client is None:
-            parts = urlsplit(self.url)
+            parts = urlsplit(first_node_url(self.url))
             auth = parts.netloc.rpartition("@")[0]
             netloc = f"{auth}@{node.host}:{node.port}" if auth else f"{node.host}:{node.port}"
             client = aioredis.Redis.from_url(

@@ -73,9 +73,9 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        """The URL of the cluster, naming its first live node (any node would do)."""
-        node = next(n for n in self.nodes if n.process is not None)
-        return f"redis+cluster://127.0.0.1:{node.port}"
+        """The URL of the cluster, naming every node: a client starts from any that
+        answers, so one made after a node was killed still connects."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         """Start every node, give the masters equal ranges of slots, join the nodes, attach

@@ -346,7 +346,7 @@ class Supervisor:
 def check_redis_url(url: str) -> None:
     """Raise ConfigError unless ``url`` is a Redis URL redis-py can connect with."""
     try:
-        redis.connection.parse_url(connection.plain_url(url))  # type: ignore[no-untyped-call]
+        redis.connection.parse_url(connection.first_node_url(url))  # type: ignore[no-untyped-call]
     except ValueError as e:
         raise ConfigError(
             f"redis_url {without_password(url)!r} is not a Redis URL: {e}"
