@@ -59,6 +59,8 @@ def as_request_error(error: BaseException, model: str, url: str) -> RequestError
         return RedisOutOfMemory(
             f"Redis at {url} is out of memory (maxmemory) and refuses new requests: {error}"
         )
-    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)) or connection.moving(error):
+    # READONLY: a master just turned replica in a failover, before it redirects us.
+    for_now = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+    if isinstance(error, for_now) or connection.moving(error):
         return Unavailable(f"cannot reach Redis at {url}: {error}")
     return None

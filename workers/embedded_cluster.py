@@ -153,10 +153,18 @@ class LocalCluster:
         has every write (a manual failover loses nothing). Returns the new master once
         every node agrees and the cluster is ok."""
         replica = self.replica_of(master)
-        with self._conn(replica) as conn:
-            conn.execute_command("CLUSTER FAILOVER")
-        self._wait(lambda: self._took_over(replica), timeout, "the manual failover")
-        return replica
+        give_up = time.monotonic() + timeout
+        while True:
+            # Redis aborts a manual failover, silently, if the replica has not caught up
+            # within 5 s (a master busy under load): ask again until it takes.
+            with self._conn(replica) as conn:
+                conn.execute_command("CLUSTER FAILOVER")
+            try:
+                self._wait(lambda: self._took_over(replica), 10.0, "the manual failover")
+                return replica
+            except RedisServerError:
+                if time.monotonic() > give_up:
+                    raise
 
     def kill(self, master: RedisServer, timeout: float = 60.0) -> RedisServer:
         """SIGKILL ``master``; return its replica once the cluster has promoted it (after

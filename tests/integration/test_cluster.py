@@ -98,6 +98,8 @@ class Load:
     sent: list[tuple[Future[object], np.ndarray]] = field(default_factory=list)
     refused: int = 0  # submit raised a typed error (Unavailable mid-failover): never queued
     stop: threading.Event = field(default_factory=threading.Event)
+    #: Anything else submit raised: a producer would see it, so it fails the test.
+    failure: BaseException | None = None
 
     def run(self, client: Client) -> None:
         seed = 0
@@ -109,7 +111,16 @@ class Load:
             except RequestError:
                 self.refused += len(batch)
                 continue
+            except BaseException as e:
+                self.failure = e
+                raise
             self.sent += list(zip(futures, batch, strict=True))
+
+    def flowing(self, count: int) -> bool:
+        """At least ``count`` answers are in (raises what stopped the producer, if so)."""
+        if self.failure is not None:
+            raise AssertionError(f"submit raised {self.failure!r}") from self.failure
+        return self.answered() >= count
 
     def answered(self) -> int:
         return sum(1 for f, _ in self.sent if f.done() and f.exception() is None)
@@ -149,14 +160,14 @@ def _under_load(
         producer = threading.Thread(target=load.run, args=(client,), daemon=True)
         producer.start()
         try:
-            wait_until(lambda: load.answered() >= 50, timeout=120, what="answers before")
+            wait_until(lambda: load.flowing(50), timeout=120, what="answers before")
             master = cluster.master_of(keys.stream(model))
             if hit == "failover":
                 cluster.failover(master)
             else:
                 cluster.kill(master)
             after = load.answered()
-            wait_until(lambda: load.answered() >= after + 100, timeout=120, what="answers after")
+            wait_until(lambda: load.flowing(after + 100), timeout=120, what="answers after")
         finally:
             load.stop.set()
             producer.join(timeout=30)
@@ -211,11 +222,11 @@ def test_two_hosts_share_one_group_and_one_killed_whole_loses_nothing(
             producer = threading.Thread(target=load.run, args=(client,), daemon=True)
             producer.start()
             try:
-                wait_until(lambda: load.answered() >= 100, timeout=60, what="answers")
+                wait_until(lambda: load.flowing(100), timeout=60, what="answers")
                 os.killpg(other.pid, signal.SIGKILL)
                 other.wait(timeout=30)
                 after = load.answered()
-                wait_until(lambda: load.answered() >= after + 100, timeout=60, what="answers")
+                wait_until(lambda: load.flowing(after + 100), timeout=60, what="answers")
             finally:
                 load.stop.set()
                 producer.join(timeout=30)
