@@ -178,11 +178,13 @@ def test_two_hosts_share_one_group_and_one_killed_whole_loses_nothing(
     cluster: LocalCluster, start_pool: PoolFactory, mlp_path: str
 ) -> None:
     name = "shared"
-    start_pool(mlp_path, name=name, url=cluster.url, max_batch_size=16, max_latency_ms=5,
+    # Small batches: a worker reads at most two batches ahead, so a burst outruns one host
+    # and the other reads the rest (tiny batches of this model would not, at 16 rows).
+    start_pool(mlp_path, name=name, url=cluster.url, max_batch_size=2, max_latency_ms=1,
                claim_idle_ms=CLAIM_IDLE_MS)  # fmt: skip
     other = start_serve(
         "--model", mlp_path, "--name", name, "--redis-url", cluster.url, "--workers", "1",
-        "--intra-op-threads", "1", "--max-batch-size", "16", "--max-latency-ms", "5",
+        "--intra-op-threads", "1", "--max-batch-size", "2", "--max-latency-ms", "1",
         "--claim-idle-ms", str(CLAIM_IDLE_MS), new_session=True,
     )  # fmt: skip
     try:
