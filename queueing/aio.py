@@ -19,7 +19,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
-from queueing import enqueue, keys, liveness, redis_state, wire
+from queueing import connection, enqueue, keys, liveness, redis_state, wire
 from queueing.base import READ_BLOCK_S, READ_COUNT, ClientBase
 from queueing.errors import RequestError
 from queueing.outbox import Outbox, Outgoing, by_model
@@ -42,8 +42,8 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
     ``async with AsyncClient(url) as client:`` or ``await client.close()``."""
 
     def _connect(self) -> None:
-        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=self.socket_timeout_s)
-        self._reader_redis = aioredis.Redis.from_url(
+        self._redis = connection.connect_async(self.redis_url, socket_timeout=self.socket_timeout_s)
+        self._reader_redis = connection.connect_async(
             self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
         self._reader: asyncio.Task[None] | None = None
@@ -55,6 +55,10 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         )
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
+        # On a cluster: plain clients to single nodes, for writes followed by a WAIT.
+        self._nodes = connection.NodeClients(
+            self.redis_url, {"socket_timeout": self.socket_timeout_s}
+        )
 
     async def predict(
         self, model: str, inputs: Sendable, *, timeout: float = 30.0, deadline: float | None = None
@@ -226,6 +230,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             unsent.set_result(None)
         await self._redis.aclose()
         await self._reader_redis.aclose()
+        await self._nodes.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -304,28 +309,42 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
 
     async def _enqueue(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
         """As :meth:`queueing.Client._enqueue_all`: the entry ids (0: no room)."""
+        try:
+            return await self._enqueue_once(model, ids, bodies)
+        except connection.REDIS_ERRORS:
+            # As Client: a cluster's topology may have changed; look again.
+            await connection.refresh_async(self._redis)
+            raise
+
+    async def _enqueue_once(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
         if not enqueue.is_large(bodies):
             calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
             replies = await self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
             return [entry for chunk in replies for entry in chunk]
         room_calls = [enqueue.room_call(model, len(bodies))]
         (room,) = await self._run_scripts(self._room_sha, ROOM, room_calls)
-        pipe = self._redis.pipeline(transaction=False)
-        self._fill_xadds(pipe, model, ids[:room], bodies[:room])
-        added: list[Any] = await pipe.execute() if room else []
+        if not room:
+            return [0] * len(bodies)
+        pipe, replicas = self._nodes.pipeline(self._redis, keys.stream(model))
+        self._fill_xadds(pipe, model, ids[:room], bodies[:room], replicas)
+        added = self._replies(await pipe.execute(), replicas)
         return added + [0] * (len(bodies) - room)
 
     async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        for attempt in (1, 2):
-            pipe = self._redis.pipeline(transaction=False)
-            self._fill_scripts(pipe, sha, calls)
+        """As :meth:`queueing.Client._run_scripts`."""
+        for attempt in (1, 2, 3):
+            pipe, replicas = self._nodes.pipeline(self._redis, calls[0][0])
+            self._fill_scripts(pipe, sha, calls, replicas)
             try:
-                replies: list[Any] = await pipe.execute()
-                return replies
+                return self._replies(await pipe.execute(), replicas)
             except redis.exceptions.NoScriptError:
-                if attempt == 2:
+                if attempt == 3:
                     raise
                 await self._redis.script_load(script)
+            except redis.ResponseError as e:
+                if attempt == 3 or not connection.moving(e):
+                    raise
+                await connection.refresh_async(self._redis)
         raise AssertionError("unreachable")
 
     def _ensure_reader(self) -> None:
@@ -353,7 +372,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
                 )
                 batch = self._cursor.take((await pipe.execute())[-1])
                 backoff = 0.05
-            except redis.RedisError as e:
+            except connection.REDIS_ERRORS as e:
                 if self._closed:
                     return
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)

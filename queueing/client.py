@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import redis
 
-from queueing import enqueue, keys, liveness, redis_state, wire
+from queueing import connection, enqueue, keys, liveness, redis_state, wire
 from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
@@ -71,16 +71,17 @@ class RequestFuture(Future):  # type: ignore[type-arg]
 class Client(ClientBase[RequestFuture]):
     """A producer's connection to the pool.
 
-    ``Client(redis_url, *, result_ttl_s=3600, socket_timeout_s=10.0)`` connects lazily;
+    ``Client(redis_url, *, result_ttl_s=3600, socket_timeout_s=10.0, cluster=None)``
+    connects lazily (``cluster=True``: ``redis_url`` names a node of a Redis Cluster);
     create it in the process that uses it (after any fork). Use it as a context manager, or
     call :meth:`close`.
     """
 
     def _connect(self) -> None:
-        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=self.socket_timeout_s)
+        self._redis = connection.connect(self.redis_url, socket_timeout=self.socket_timeout_s)
         # The reader blocks; it gets its own connection, with a timeout beyond its BLOCK.
         # (Pooled, so it connects lazily and reconnects after an outage.)
-        self._reader_redis = redis.Redis.from_url(
+        self._reader_redis = connection.connect(
             self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
         self._forks = _forks_seen
@@ -285,12 +286,18 @@ class Client(ClientBase[RequestFuture]):
     ) -> None:
         ids = [f.request_id for f in futures]
         with self._typed_errors(model):
-            if enqueue.is_large(bodies):
-                entry_ids = self._enqueue_large(model, ids, bodies)
-            else:
-                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-                replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
-                entry_ids = [entry for chunk in replies for entry in chunk]
+            try:
+                if enqueue.is_large(bodies):
+                    entry_ids = self._enqueue_large(model, ids, bodies)
+                else:
+                    calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
+                    replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
+                    entry_ids = [entry for chunk in replies for entry in chunk]
+            except connection.REDIS_ERRORS:
+                # On a cluster, a dead master's slots have moved, or are moving: look up
+                # the topology again, so that the next request goes to the new master.
+                connection.refresh(self._redis)
+                raise
         self._settle(model, futures, entry_ids)
 
     def _enqueue_large(self, model: str, ids: list[str], bodies: Sequence[bytes]) -> list[Any]:
@@ -298,23 +305,30 @@ class Client(ClientBase[RequestFuture]):
         through Lua. Producers racing between the two steps can overshoot the cap by what
         each of them appends at once; the queue stays bounded."""
         (room,) = self._run_scripts(self._room_sha, ROOM, [enqueue.room_call(model, len(bodies))])
-        pipe = self._redis.pipeline(transaction=False)
-        self._fill_xadds(pipe, model, ids[:room], bodies[:room])
-        added: list[Any] = pipe.execute() if room else []
+        if not room:
+            return [0] * len(bodies)
+        pipe, replicas = connection.durable_pipeline(self._redis, keys.stream(model))
+        self._fill_xadds(pipe, model, ids[:room], bodies[:room], replicas)
+        added = self._replies(pipe.execute(), replicas)
         return added + [0] * (len(bodies) - room)
 
     def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        """One round trip of script calls (see :meth:`ClientBase._fill_scripts`)."""
-        for attempt in (1, 2):
-            pipe = self._redis.pipeline(transaction=False)
-            self._fill_scripts(pipe, sha, calls)
+        """One round trip of script calls (see :meth:`ClientBase._fill_scripts`), all on
+        one model's stream (``calls[i][0]``). On a cluster, a slot that moved is looked up
+        again and the call sent again: MOVED means nothing ran."""
+        for attempt in (1, 2, 3):
+            pipe, replicas = connection.durable_pipeline(self._redis, calls[0][0])
+            self._fill_scripts(pipe, sha, calls, replicas)
             try:
-                replies: list[Any] = pipe.execute()
-                return replies
+                return self._replies(pipe.execute(), replicas)
             except redis.exceptions.NoScriptError:
-                if attempt == 2:
+                if attempt == 3:
                     raise
                 self._redis.script_load(script)
+            except redis.ResponseError as e:
+                if attempt == 3 or not connection.moving(e):
+                    raise
+                connection.refresh(self._redis)
         raise AssertionError("unreachable")
 
     def _send_loop(self) -> None:
@@ -389,7 +403,7 @@ class Client(ClientBase[RequestFuture]):
                 )
                 batch = self._cursor.take(pipe.execute()[-1])
                 backoff = 0.05
-            except redis.RedisError as e:
+            except connection.REDIS_ERRORS as e:
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
                 reconnected = True
                 self._closed.wait(backoff)

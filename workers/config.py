@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from queueing.connection import as_cluster_url, is_cluster
 from queueing.wire import Limits
 from workers.errors import ConfigError
 
@@ -57,6 +58,9 @@ class PoolConfig:
     convert_inputs: bool = True
     #: Redis URL. Empty: ``tfpool serve`` starts a private redis-server.
     redis_url: str = ""
+    #: The Redis URL names any node of a Redis Cluster: use redis-py's cluster client (as a
+    #: ``redis+cluster://`` URL does). See the README's "Scaling past one Redis".
+    cluster: bool = False
     #: Worker processes. 0: one per GPU (times ``workers_per_device``), else the CPU default.
     workers: int = 0
     #: GPU ids to use (e.g. ``["0", "1"]``). Empty: detected with nvidia-smi; none -> CPU.
@@ -148,6 +152,7 @@ class PoolConfig:
             raise ConfigError("model is required (a SavedModel directory or a .keras/.h5 file)")
         if not self.name:
             object.__setattr__(self, "name", default_name(self.model))
+        self._check_cluster()
         positive = (
             "max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device", "max_rows",
             "top_k", "max_image_pixels",
@@ -184,6 +189,19 @@ class PoolConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self._check_processing()
+
+    def _check_cluster(self) -> None:
+        """``cluster`` and the URL's form agree (either turns the other on), so that the
+        mode travels with the URL to every process of the pool."""
+        if self.cluster and not self.redis_url:
+            raise ConfigError("cluster needs redis_url: a node of the Redis Cluster to join")
+        if self.redis_url:
+            try:
+                url = as_cluster_url(self.redis_url, self.cluster or None)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            object.__setattr__(self, "redis_url", url)
+            object.__setattr__(self, "cluster", is_cluster(url))
 
     def _check_processing(self) -> None:
         if self.preprocess not in ("", "image"):

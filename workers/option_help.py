@@ -28,6 +28,8 @@ OPTION_HELP: dict[str, str] = {
     "name": "name producers use",
     "signature": "SavedModel signature to serve",
     "redis_url": "Redis URL: redis://, rediss:// or unix:// (also TFPOOL_REDIS_URL)",
+    "cluster": "the Redis URL names a node of a Redis Cluster (also TFPOOL_CLUSTER, or a"
+    " redis+cluster:// URL)",
     "workers": "worker processes",
     "devices": "GPU ids to use, e.g. 0,1",
     "workers_per_device": "worker processes per GPU",

@@ -20,7 +20,7 @@ import psutil
 import redis
 from redis.typing import EncodableT, FieldT
 
-from queueing import keys, liveness
+from queueing import connection, keys, liveness
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.messages import WorkerStats
@@ -117,7 +117,7 @@ class Presence:
                 if not self.redis.exists(keys.model_info(self.config.name)):
                     log.warning("the model's registration is gone from Redis; registering again")
                     self.register()
-            except redis.RedisError as e:
+            except connection.REDIS_ERRORS as e:
                 log.warning("heartbeat: %s", e)
 
     def heartbeat(self, state: str) -> None:

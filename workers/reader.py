@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import redis
 
-from queueing import keys
+from queueing import connection, keys
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.intake import Intake, plan_takeover, triage
@@ -67,7 +67,7 @@ class Reader:
     def run(self) -> None:
         """Take over the dead predecessors' entries, then read until stopping."""
         # Its own connection (it blocks), held rather than checked out of a pool per call.
-        conn = redis.Redis.from_url(
+        conn = connection.connect(
             self.config.redis_url,
             socket_timeout=READ_BLOCK_MS / 1000 + 10,
             single_connection_client=True,
@@ -117,7 +117,7 @@ class Reader:
                     log.warning("reader: %s; registering the model again", e)
                     self.register()
                     continue
-                except redis.RedisError as e:
+                except connection.REDIS_ERRORS as e:  # a cluster's own errors included
                     log.warning("reader: %s; retrying in %.2fs", e, backoff)
                     reconnected = True
                     self.stopping.wait(backoff)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import psutil
 import redis
 
+from queueing import connection
 from queueing.base import without_password
 from queueing.redis_state import eviction_problem, read_policy
 from workers.config import PoolConfig
@@ -165,7 +166,7 @@ class Supervisor:
     def check_redis(self) -> None:
         """Refuse an evicting Redis (see queueing.redis_state), unless the config allows
         it; then say so loudly."""
-        conn = redis.Redis.from_url(self.config.redis_url, socket_timeout=10)
+        conn = connection.connect(self.config.redis_url, socket_timeout=10)
         try:
             problem = eviction_problem(read_policy(conn))
         finally:
@@ -188,7 +189,7 @@ class Supervisor:
         delay = REDIS_RETRY_START_S
         safe_url = without_password(self.config.redis_url)
         while not self._draining.is_set():
-            conn = redis.Redis.from_url(
+            conn = connection.connect(
                 self.config.redis_url, socket_connect_timeout=5, socket_timeout=5
             )
             try:
@@ -425,11 +426,12 @@ class Supervisor:
 def check_redis_url(url: str) -> None:
     """Raise ConfigError unless ``url`` is a Redis URL redis-py can connect with."""
     try:
-        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        redis.connection.parse_url(connection.first_node_url(url))  # type: ignore[no-untyped-call]
     except ValueError as e:
         raise ConfigError(
             f"redis_url {without_password(url)!r} is not a Redis URL: {e}"
-            " (e.g. redis://host:6379/0, rediss://..., unix:///path/redis.sock)"
+            " (e.g. redis://host:6379/0, rediss://..., unix:///path/redis.sock,"
+            " redis+cluster://node:6379)"
         ) from e
 
 

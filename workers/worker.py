@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import redis
 from redis.typing import EncodableT, FieldT
 
-from queueing import keys
+from queueing import connection, keys
 from workers.batcher import Batcher
 from workers.claims import Claims
 from workers.config import PoolConfig
@@ -118,7 +118,7 @@ class Worker:
         self.stats = WorkerStats()
         self.answers = AnswerMaker(self.stats)
         self.stopping = threading.Event()
-        self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
+        self.redis = connection.connect(config.redis_url, socket_timeout=10)
         self.clock = StreamClock()
         self.held = HeldEntries()
         # The slot's counters in the supervisor's shared memory; a private array without.

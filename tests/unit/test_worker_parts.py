@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 
 import numpy as np
+from redis.crc import key_slot
 
 from queueing import keys, wire
 from queueing.errors import DeadLettered, InvalidInput, ModelError
@@ -13,7 +14,7 @@ from workers.messages import Answer, AnswerMaker, Entry, InHand, WorkerStats
 from workers.running import RunningBatch
 from workers.shared import StreamClock
 from workers.spec import TensorSpec
-from workers.writer import encode, redis_commands
+from workers.writer import encode, redis_commands, round_commands
 
 MODEL = "m"
 SPEC = [TensorSpec("x", "float32", (4,))]
@@ -150,18 +151,24 @@ def test_answers_become_replies_then_acks() -> None:
     ]
     payloads = [encode(a) for a in answers]
     assert payloads[3] is None
-    commands = redis_commands(answers, payloads, model=MODEL, result_ttl_s=100)
+    posts, acks = round_commands(answers, payloads, model=MODEL, result_ttl_s=100)
     kept = keys.kept_result("b")
     stream = keys.stream(MODEL)
-    assert commands == [
+    # Answers (other slots than the model's, on a cluster) ...
+    assert posts == [
         ("DEL", kept), ("RPUSH", kept, payloads[1]), ("EXPIRE", kept, 30),
-        ("XADD", keys.dead_letters(MODEL), "*", b"id", b"\xff", b"reason",
-         "unreadable request id", b"entry", b"4-0"),
         ("XADD", "r1", "*", b"0", payloads[0], b"1", payloads[1]), ("EXPIRE", "r1", 100),
         ("XADD", "r2", "*", b"0", payloads[2]), ("EXPIRE", "r2", 100),
+    ]  # fmt: skip
+    # ... then, all in the model's slot, dead letters and the acks.
+    assert acks == [
+        ("XADD", keys.dead_letters(MODEL), "*", b"id", b"\xff", b"reason",
+         "unreadable request id", b"entry", b"4-0"),
         ("XACK", stream, keys.GROUP, b"1-0", b"2-0", b"3-0", b"4-0"),
         ("XDEL", stream, b"1-0", b"2-0", b"3-0", b"4-0"),
     ]  # fmt: skip
+    assert redis_commands(answers, payloads, model=MODEL, result_ttl_s=100) == posts + acks
+    assert {key_slot(str(c[1]).encode()) for c in acks} == {key_slot(stream.encode())}
 
 
 def test_taken_over_answers_clear_their_attempt_counts() -> None:

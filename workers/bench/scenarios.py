@@ -13,6 +13,7 @@ from typing import Any, cast
 import psutil
 import redis
 
+from queueing import connection
 from workers.bench.gateway import GatewayProcess
 from workers.bench.models import MODELS
 from workers.bench.producers import ProducerJob, run_producer
@@ -167,7 +168,7 @@ def run_scenario(
         )
         for i in range(scenario.producers)
     ]
-    conn = redis.Redis.from_url(redis_url)
+    conn = connection.connect(redis_url)
     with ProcessPoolExecutor(scenario.producers, mp_context=_SPAWN) as pool:
         running = [pool.submit(run_producer, job) for job in jobs]
         time.sleep(max(0.0, start_at - time.time()))
@@ -232,8 +233,13 @@ def _worker_counters(conn: redis.Redis, model: str) -> tuple[int, int]:
 
 
 def redis_cpu(conn: redis.Redis) -> float:
-    info: dict[str, Any] = conn.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    """CPU seconds redis-server has used; on a cluster, summed over the nodes the cluster
+    client asks (redis-py's cluster INFO answers per node)."""
+    info: dict[str, Any] = (
+        conn.info("cpu", target_nodes="all") if connection.clustered(conn) else conn.info("cpu")
+    )
+    nodes = [v for v in info.values() if isinstance(v, dict)] or [info]
+    return sum(float(n["used_cpu_user"]) + float(n["used_cpu_sys"]) for n in nodes)
 
 
 def process_cpu(pids: Sequence[int]) -> float:

@@ -19,9 +19,8 @@ from typing import cast
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
-from queueing import keys
+from queueing import connection, keys
 from queueing.base import without_password
 from queueing.errors import Unavailable
 from queueing.wire import dtype_name
@@ -74,7 +73,7 @@ class Catalog:
     """Models served on one Redis. Create inside the running loop; ``await close()``."""
 
     def __init__(self, redis_url: str, *, ttl_s: float = DEFAULT_TTL_S) -> None:
-        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=10)
+        self._redis = connection.connect_async(redis_url, socket_timeout=10)
         self._safe_url = without_password(redis_url)
         self._ttl_s = ttl_s
         # Written and read on the event loop only: no lock.
