@@ -1,27 +1,25 @@
 """Offline dataset scoring: rows from a file, through the pool, into a file, resumably.
 
 The input is read a chunk at a time (``.npy`` memory-mapped, never loaded whole; a folder
-of images one file per row, in sorted order, listed in ``OUTPUT.files.txt``), a fixed
-window of chunks is in flight, and outputs are written into memory-mapped ``.npy`` files
-as the results arrive, so memory stays flat however many rows there are. A sidecar file
-(``OUTPUT.progress.json``) records the chunks done; the output's data is flushed before a
-chunk is recorded, so a run interrupted at any point continues where it stopped when run
-again with the same arguments. A chunk that fails is re-run row by row; the rows that fail
-alone go to ``OUTPUT.errors.tsv`` (row, error) and their output rows are left NaN (-1 for
-integer outputs, such as top-k indices). A bad row never aborts the run; but when every
-row of the first chunk fails for the same reason (the wrong dtype, images sent to a pool
-that does not decode them), so will the rest: the run stops at once, with that reason and
-nothing written. Waiting for a pool that has no live worker stops the run too.
+of images one file per row, in sorted order, listed in ``OUTPUT.files.txt``; see
+:mod:`queueing.datasets.arrays`), a fixed window of chunks is in flight, and outputs are
+written into memory-mapped ``.npy`` files as the results arrive, so memory stays flat
+however many rows there are (table formats go through :mod:`queueing.datasets.engine`).
+A sidecar file (``OUTPUT.progress.json``) records the chunks done; the output's data is
+flushed before a chunk is recorded, so a run interrupted at any point continues where it
+stopped when run again with the same arguments. A chunk that fails is re-run row by row;
+the rows that fail alone go to ``OUTPUT.errors.tsv`` (row, error) and their output rows
+are left NaN (-1 for integer outputs, such as top-k indices). A bad row never aborts the
+run; but when every row of the first chunk fails for the same reason (the wrong dtype,
+images sent to a pool that does not decode them), so will the rest: the run stops at
+once, with that reason and nothing written. Waiting for a pool that has no live worker
+stops the run too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -30,11 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import numpy as np
 import redis
 
 from queueing import connection, keys, liveness
 from queueing.client import Client, RequestFuture
+from queueing.datasets.arrays import (
+    ArrayOutput,
+    ImageFolder,
+    Input,
+    check_output_suffix,
+    identity,
+    open_input,
+    read_rows,
+)
 from queueing.datasets.formats import is_table_path
 from queueing.errors import RequestError, RequestLost, RequestTimeout
 
@@ -50,20 +56,6 @@ log = logging.getLogger(__name__)
 #: Seconds between progress records (and log lines when not on a terminal).
 SAVE_EVERY_S = 2.0
 LOG_EVERY_S = 5.0
-
-
-#: Output files ``score`` writes, by suffix: one output in ``.npy``, any number in ``.npz``.
-OUTPUT_SUFFIXES = (".npy", ".npz")
-
-
-def check_output_suffix(path: str) -> None:
-    """Raise ValueError unless ``path`` names an output format that is written."""
-    if not path.endswith(OUTPUT_SUFFIXES):
-        suffix = os.path.splitext(path)[1] or "no extension"
-        raise ValueError(
-            f"{path}: cannot write {suffix}; the output formats are {', '.join(OUTPUT_SUFFIXES)}"
-            " (.npy for a model with one output, .npz for any model)"
-        )
 
 
 def single_output_name(conn: redis.Redis, model: str) -> str:
@@ -119,192 +111,6 @@ class Progress:
             print(file=self.stream)
 
 
-#: Files a folder input takes, by suffix (any case): what the workers' image decoding reads.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
-
-
-class ImageFolder:
-    """The image files under a folder (recursively, sorted by relative path), one row each:
-    a row is the file's bytes, read only when its chunk is sent. For a pool whose model
-    decodes images (``preprocess = "image"``)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        root = Path(path)
-        self.files = sorted(
-            str(p.relative_to(root))
-            for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
-        if not self.files:
-            raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        """The bytes of ``rows``, read now, as a bytes array of one item per row (sliced
-        like the array inputs, so that scoring reads both the same way)."""
-        names = self.files[rows]
-        array = np.empty(len(names), dtype=object)
-        array[:] = [Path(self.path, name).read_bytes() for name in names]
-        return array
-
-    def digest(self) -> str:
-        """Changes when a file is added, removed, renamed or rewritten."""
-        h = hashlib.sha256()
-        for name in self.files:
-            stat = os.stat(os.path.join(self.path, name))
-            h.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return h.hexdigest()
-
-
-Input = dict[str, np.ndarray] | np.ndarray | ImageFolder
-
-
-def open_input(path: str) -> tuple[Input, int]:
-    """The input (``.npy`` memory-mapped; ``.npz`` one array per model input; a folder of
-    images) and the number of rows."""
-    if os.path.isdir(path):
-        folder = ImageFolder(path)
-        return folder, len(folder)
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as archive:
-            # An archive member cannot be memory-mapped: each is read once, here.
-            arrays = {name: archive[name] for name in archive.files}
-        rows = {len(a) for a in arrays.values()}
-        if len(rows) != 1:
-            raise ValueError(f"{path}: arrays disagree on the number of rows: {sorted(rows)}")
-        return arrays, rows.pop()
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    return array, len(array)
-
-
-class _Output:
-    """The output files and the progress record of one run."""
-
-    def __init__(
-        self, path: str, fingerprint: dict[str, Any], row_names: list[str] | None = None
-    ) -> None:
-        self.path = path
-        self.row_names = row_names  # named in the errors file (the files of a folder)
-        self.fingerprint = fingerprint
-        self.sidecar = path + ".progress.json"
-        self.errors_path = path + ".errors.tsv"
-        self.parts_dir = path + ".parts"
-        self.done: set[int] = set()
-        self.failed_rows = 0  # in the chunks done
-        self.single_name = "output"  # the .npz member of a one-output model
-        self.layout: dict[str, list[Any]] | None = None  # name -> [dtype, shape tail]
-        self.single = True
-        self.arrays: dict[str, np.memmap[Any, Any]] = {}
-        self._errors: TextIO | None = None
-
-    def resume(self) -> bool:
-        """Pick up an interrupted run of the same job, if there is one."""
-        if not os.path.exists(self.sidecar):
-            return False
-        record = json.loads(Path(self.sidecar).read_text())
-        if record.get("fingerprint") != self.fingerprint:
-            raise ValueError(
-                f"{self.sidecar} is from a different run (other input, model or chunk size);"
-                " delete it (and the partial output) to start over"
-            )
-        self.done = set(record["done"])
-        self.failed_rows = int(record.get("failed_rows", 0))
-        self.single = record["single"]
-        if record["layout"] is not None:
-            self._open(record["layout"], mode="r+")
-        return True
-
-    def write(self, start: int, outputs: Any) -> None:
-        bare = self.path.endswith(".npy")  # the array itself, not an archive of named ones
-        if isinstance(outputs, dict) and bare:
-            raise ValueError(
-                f"{self.path}: the model has {len(outputs)} outputs ({', '.join(outputs)});"
-                " score into a .npz to keep them all"
-            )
-        named = (
-            outputs if isinstance(outputs, dict) else {"" if bare else self.single_name: outputs}
-        )
-        if self.layout is None:
-            self.single = bare
-            layout = {n: [a.dtype.str, list(a.shape[1:])] for n, a in named.items()}
-            self._open(layout, mode="w+")
-        for name, values in named.items():
-            self.arrays[name][start : start + len(values)] = values
-
-    def _open(self, layout: dict[str, list[Any]], mode: str) -> None:
-        self.layout = layout
-        rows = self.fingerprint["rows"]
-        if not self.single:
-            os.makedirs(self.parts_dir, exist_ok=True)
-        for name, (dtype, tail) in layout.items():
-            file = self.path if self.single else os.path.join(self.parts_dir, f"{name}.npy")
-            if mode == "w+":
-                array = np.lib.format.open_memmap(
-                    file, mode="w+", dtype=np.dtype(dtype), shape=(rows, *tail)
-                )
-                # Rows that fail keep a value no answer has: NaN, or -1 for integers (a
-                # top-k index of 0 is a class).
-                if array.dtype.kind in "fc":
-                    array[:] = np.nan
-                elif array.dtype.kind in "iu":
-                    array[:] = -1 if array.dtype.kind == "i" else np.iinfo(array.dtype).max
-            else:
-                array = np.load(file, mmap_mode="r+")
-            self.arrays[name] = array
-
-    def fail_rows(self, rows: range, error: RequestError) -> None:
-        if self._errors is None:
-            self._errors = open(self.errors_path, "a")  # noqa: SIM115 - kept open for the run
-        message = " ".join(f"{type(error).__name__}: {error}".split())  # one line, no tabs
-        for row in rows:
-            name = "" if self.row_names is None else f"{self.row_names[row]}: "
-            self._errors.write(f"{row}\t{name}{message}\n")
-
-    def save(self) -> None:
-        """Flush the data, then record the chunks done (in that order: a chunk recorded as
-        done is on disk)."""
-        for array in self.arrays.values():
-            array.flush()
-        if self._errors is not None:
-            self._errors.flush()
-            os.fsync(self._errors.fileno())
-        record = {
-            "fingerprint": self.fingerprint,
-            "done": sorted(self.done),
-            "failed_rows": self.failed_rows,
-            "layout": self.layout,
-            "single": self.single,
-        }
-        tmp = self.sidecar + ".tmp"
-        Path(tmp).write_text(json.dumps(record))
-        os.replace(tmp, self.sidecar)
-
-    def finish(self) -> None:
-        self.save()
-        if not self.single:
-            np.savez(self.path, **self.arrays)  # type: ignore[arg-type]
-        self.arrays.clear()
-        if not self.single:
-            shutil.rmtree(self.parts_dir)
-        if self._errors is not None:
-            self._errors.close()
-        os.remove(self.sidecar)
-
-    def discard(self) -> None:
-        """Remove every file of a run that stopped before it wrote anything of use."""
-        self.arrays.clear()
-        if self._errors is not None:
-            self._errors.close()
-            self._errors = None
-        for file in (self.path, self.sidecar, self.errors_path, self.path + ".files.txt"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(file)
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
-
-
 def score(
     client: Client,
     model: str,
@@ -348,12 +154,12 @@ def score(
         raise ValueError("chunk_rows and window must be >= 1")
     fingerprint = {
         "input": os.path.abspath(input_path),
-        **_identity(input_path, folder),
+        **identity(input_path, folder),
         "model": model,
         "rows": rows,
         "chunk_rows": chunk_rows,
     }
-    output = _Output(output_path, fingerprint, None if folder is None else folder.files)
+    output = ArrayOutput(output_path, fingerprint, None if folder is None else folder.files)
     resumed = output.resume()
     if not resumed and folder is not None:
         # Row i of the output is the i-th file of this list.
@@ -376,7 +182,7 @@ def _run(
     chunk_rows: int,
     window: int,
     timeout: float,
-    output: _Output,
+    output: ArrayOutput,
     pool: _Pool,
     progress: Callable[[int, int], Progress],
     *,
@@ -509,26 +315,11 @@ def _chunk_rows(chunk: int, chunk_rows: int, rows: int) -> int:
     return min(chunk_rows, rows - chunk * chunk_rows)
 
 
-def _identity(path: str, folder: ImageFolder | None) -> dict[str, Any]:
-    """What changes when the input's content does: a file's size and mtime, or a digest of
-    a folder's files."""
-    if folder is not None:
-        return {"files": folder.digest()}
-    stat = os.stat(path)
-    return {"size": stat.st_size, "mtime": stat.st_mtime_ns}
-
-
-def _rows(inputs: Input, span: range) -> Any:
-    if isinstance(inputs, dict):
-        return {k: np.ascontiguousarray(v[span.start : span.stop]) for k, v in inputs.items()}
-    return np.ascontiguousarray(inputs[span.start : span.stop])  # reads just these rows
-
-
 def _submit(
     client: Client, model: str, inputs: Any, chunk: int, chunk_rows: int, rows: int
 ) -> RequestFuture:
     span = range(chunk * chunk_rows, chunk * chunk_rows + _chunk_rows(chunk, chunk_rows, rows))
-    (future,) = client.submit_many(model, [_rows(inputs, span)])
+    (future,) = client.submit_many(model, [read_rows(inputs, span)])
     return future
 
 
@@ -538,7 +329,7 @@ def _collect(
     inputs: Any,
     span: range,
     future: RequestFuture,
-    output: _Output,
+    output: ArrayOutput,
     timeout: float,
     pool: _Pool,
     *,
@@ -555,13 +346,13 @@ def _collect(
                 raise  # its message says that no worker is live: waiting more will not help
             if attempt == 2:
                 break
-            (future,) = client.submit_many(model, [_rows(inputs, span)])  # lost: send again
+            (future,) = client.submit_many(model, [read_rows(inputs, span)])  # lost: send again
         except RequestError:
             break
     failed = 0
     reasons: set[str] = set()
     first_error: RequestError | None = None
-    singles = client.submit_many(model, [_rows(inputs, range(r, r + 1)) for r in span])
+    singles = client.submit_many(model, [read_rows(inputs, range(r, r + 1)) for r in span])
     for row, single in zip(span, singles, strict=True):
         try:
             output.write(row, client.wait(single, timeout=timeout))

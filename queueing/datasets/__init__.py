@@ -1,4 +1,5 @@
-"""Dataset formats for offline scoring: Parquet, CSV, JSON Lines and TFRecord sources and
+"""Dataset formats for offline scoring: array files and image folders
+(:mod:`queueing.datasets.arrays`), Parquet, CSV, JSON Lines and TFRecord sources and
 sinks (one module per family), the registry of formats (:mod:`queueing.datasets.formats`),
 and the engine that scores a source into a sink (:mod:`queueing.datasets.engine`).
 
