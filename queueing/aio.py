@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 
-from queueing import connection, enqueue, keys, liveness, redis_state, wire
+from queueing import connection, keys, liveness, redis_state, wire
 from queueing.base import READ_BLOCK_S, READ_COUNT, ClientBase
+from queueing.enqueuer import AsyncEnqueuer
 from queueing.errors import RequestError
-from queueing.outbox import Outbox, Outgoing, by_model
-from queueing.scripts import ENQUEUE, ROOM
+from queueing.frames import frames_in_order_async
+from queueing.outbox import Outgoing
+from queueing.senders import SenderTask
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,16 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         )
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
-        # submit()'s requests wait here for the sender task (see queueing.outbox); one
-        # loop runs both, so no lock. Each batch's future is done once it has been sent.
-        self._outbox: Outbox[AsyncRequestFuture, asyncio.Future[None]] = Outbox(
-            lambda: asyncio.get_running_loop().create_future()
-        )
-        self._wake = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
+        # submit()'s requests wait for the sender task (see queueing.outbox). It starts
+        # the reader before its first send.
+        self._sender = SenderTask(self._send, self._fail_items,
+                                  name=f"tfpool-sender-{self._id_prefix}",
+                                  before=self._start_reader)  # fmt: skip
         # On a cluster: plain clients to single nodes, for writes followed by a WAIT.
         self._nodes = connection.NodeClients(
             self.redis_url, {"socket_timeout": self.socket_timeout_s}
         )
+        self._enqueuer = AsyncEnqueuer(self._redis, self._nodes, self.reply_key)
 
     async def predict(
         self, model: str, inputs: Sendable, *, timeout: float = 30.0, deadline: float | None = None
@@ -88,12 +88,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
         )
         self._track([future])
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(
-                self._send_loop(), name=f"tfpool-sender-{self.client_id[:12]}"
-            )
-        sent = self._outbox.put(item)
-        self._wake.set()
+        sent = self._sender.put(item)
         try:
             await asyncio.shield(sent)
         except asyncio.CancelledError:
@@ -121,7 +116,9 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         await self._start_reader()
         try:
             with self._typed_errors(model):
-                entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
+                entry_ids = await self._enqueuer.enqueue(
+                    model, [f.request_id for f in futures], bodies
+                )
         except BaseException:
             for future in futures:
                 self._forget(future.request_id)
@@ -177,48 +174,17 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         deadline = None if deadline_ms is None else deadline_ms / 1000
-        slots = asyncio.Semaphore(window)
-        sent: asyncio.Queue[AsyncRequestFuture | BaseException | None] = asyncio.Queue()
-
-        async def feed() -> None:
-            try:
-                source = _aiter(frames)
-                while True:
-                    await slots.acquire()  # a free place in the window, then a frame
-                    try:
-                        frame = await anext(source)
-                    except StopAsyncIteration:
-                        break
-                    (future,) = await self.submit_many(model, [frame], deadline=deadline)
-                    sent.put_nowait(future)
-                sent.put_nowait(None)
-            except Exception as e:  # the source's own error, raised to the consumer
-                sent.put_nowait(e)
-
-        feeder = asyncio.create_task(feed())
-        try:
-            while (item := await sent.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield await self._outcome(item, timeout)
-                slots.release()  # the consumer is done with that frame
-        finally:
-            feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
-            while not sent.empty():  # sent, never to be read: no future left behind
-                item = sent.get_nowait()
-                if isinstance(item, AsyncRequestFuture):
-                    self._forget(item.request_id)
+        async for outcome in frames_in_order_async(
+            self, model, frames, window=window, deadline=deadline, timeout=timeout
+        ):
+            yield outcome
 
     async def close(self) -> None:
         """Stop the reply reader, fail what is pending, close the connections."""
         if self._closed:
             return
         self._closed = True
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.wait({self._sender}, timeout=self.socket_timeout_s + 1)
-        _, unsent = self._outbox.take()
+        unsent = await self._sender.stop(timeout=self.socket_timeout_s + 1)
         if self._reader is not None:
             # The reader sees the flag within one XREAD timeout. It is also cancelled; but
             # redis-py may turn the cancellation of a blocking read into a connection
@@ -263,89 +229,21 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
                 await self._look(self._redis)
         self._ensure_reader()
 
-    async def _send_loop(self) -> None:
-        """The sender task: take everything waiting, send it, repeat. Started by the first
-        submit(), it starts the reader before its first send (one look at Redis, however
-        many tasks submitted at once)."""
-        await self._start_reader()
-        while not self._closed:
-            await self._wake.wait()
-            self._wake.clear()
-            items, sent = self._outbox.take()
-            try:
-                await self._send(items)
-            except Exception as e:  # a bug here must not strand every later request
-                log.exception("sender: sending %d requests failed", len(items))
-                for model, group in by_model(items).items():
-                    self._fail_unsent(model, [item.future for item in group], e)
-            finally:
-                if sent is not None and not sent.done():
-                    sent.set_result(None)
-
     async def _send(self, items: list[Outgoing[AsyncRequestFuture]]) -> None:
-        """One round trip per model for ``items``; failures land on their futures."""
-        now = time.monotonic()
-        for model, group in by_model(items).items():
-            live = [item for item in group if not item.future.done()]  # not cancelled
-            if not live:
-                continue
-            futures = [item.future for item in live]
-            ids = [future.request_id for future in futures]
+        """The sender task's work: one round trip per model for ``items``."""
+        for model, futures, bodies in self._live_groups(items):
             try:
                 with self._typed_errors(model):
-                    entry_ids = await self._enqueue(
-                        model, ids, [item.body_now(now) for item in live]
-                    )
-            except Exception as e:  # the sender must live on: the error goes to the futures
-                if not isinstance(e, RequestError):
-                    log.exception("sending %d requests of model %r failed", len(futures), model)
-                self._fail_unsent(model, futures, e)
+                    ids = [future.request_id for future in futures]
+                    entry_ids = await self._enqueuer.enqueue(model, ids, bodies)
+            except Exception as e:
+                self._send_failed(model, futures, e)
                 continue
             self._settle(model, futures, entry_ids)
 
     def _forget_if_cancelled(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
             self._forget(cast(AsyncRequestFuture, future).request_id)
-
-    async def _enqueue(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
-        """As :meth:`queueing.Client._enqueue_all`: the entry ids (0: no room)."""
-        try:
-            return await self._enqueue_once(model, ids, bodies)
-        except connection.REDIS_ERRORS:
-            # As Client: a cluster's topology may have changed; look again.
-            await connection.refresh_async(self._redis)
-            raise
-
-    async def _enqueue_once(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
-        if not enqueue.is_large(bodies):
-            calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-            replies = await self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
-            return [entry for chunk in replies for entry in chunk]
-        room_calls = [enqueue.room_call(model, len(bodies))]
-        (room,) = await self._run_scripts(self._room_sha, ROOM, room_calls)
-        if not room:
-            return [0] * len(bodies)
-        pipe, replicas = self._nodes.pipeline(self._redis, keys.stream(model))
-        self._fill_xadds(pipe, model, ids[:room], bodies[:room], replicas)
-        added = self._replies(await pipe.execute(), replicas)
-        return added + [0] * (len(bodies) - room)
-
-    async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        """As :meth:`queueing.Client._run_scripts`."""
-        for attempt in (1, 2, 3):
-            pipe, replicas = self._nodes.pipeline(self._redis, calls[0][0])
-            self._fill_scripts(pipe, sha, calls, replicas)
-            try:
-                return self._replies(await pipe.execute(), replicas)
-            except redis.exceptions.NoScriptError:
-                if attempt == 3:
-                    raise
-                await self._redis.script_load(script)
-            except redis.ResponseError as e:
-                if attempt == 3 or not connection.moving(e):
-                    raise
-                await connection.refresh_async(self._redis)
-        raise AssertionError("unreachable")
 
     def _ensure_reader(self) -> None:
         if self._reader is None:
@@ -387,12 +285,3 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         epoch = await redis_state.read_epoch_async(conn)
         policy = None if self._policy_checked else await redis_state.read_policy_async(conn)
         self._after_reconnect(epoch, policy)
-
-
-async def _aiter(frames: Iterable[Sendable] | AsyncIterable[Sendable]) -> AsyncIterator[Sendable]:
-    if isinstance(frames, AsyncIterable):
-        async for frame in frames:
-            yield frame
-    else:
-        for frame in frames:
-            yield frame

@@ -7,11 +7,11 @@ how a Redis that lost the queue is told apart (:class:`RequestLost`, from the ep
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -21,9 +21,8 @@ import redis
 
 from queueing import connection, enqueue, keys, wire
 from queueing.errors import QueueFull, RequestError, RequestLost, RequestTimeout, Unavailable
-from queueing.outbox import Outgoing
+from queueing.outbox import Outgoing, by_model
 from queueing.redis_state import EpochWatch, eviction_problem
-from queueing.scripts import ENQUEUE, ROOM
 from queueing.tracing import current_traceparent
 from queueing.wire import Outputs, Sendable
 
@@ -105,9 +104,6 @@ class ClientBase(Generic[F]):
         self._safe_url = without_password(self.redis_url)
         self._ids = itertools.count()
         self._id_prefix = self.client_id[:12]
-        # Scripts are named by their SHA1, as EVALSHA wants.
-        self._enqueue_sha = hashlib.sha1(ENQUEUE.encode()).hexdigest()
-        self._room_sha = hashlib.sha1(ROOM.encode()).hexdigest()
         # Futures by request id. The sync client's reply thread and its callers share the
         # table; the asyncio client never holds the lock across an await.
         self._pending: dict[str, F] = {}
@@ -192,6 +188,28 @@ class ClientBase(Generic[F]):
         body = wire.encode_request_body(model, inputs, deadline_ms=deadline_ms, keep_s=keep_s)
         return Outgoing(model, future, body, deadline_ms, keep_s)
 
+    def _live_groups(
+        self, items: Sequence[Outgoing[F]]
+    ) -> Iterator[tuple[str, list[F], list[bytes]]]:
+        """What a sender sends of ``items``: per model (one round trip each), the futures
+        not done (cancelled) meanwhile, and their bodies as of now."""
+        now = time.monotonic()
+        for model, group in by_model(items).items():
+            live = [item for item in group if not item.future.done()]
+            if live:
+                yield model, [item.future for item in live], [item.body_now(now) for item in live]
+
+    def _send_failed(self, model: str, futures: list[F], error: Exception) -> None:
+        """A send of ``futures`` raised: the error goes to the futures, the sender lives on."""
+        if not isinstance(error, RequestError):
+            log.exception("sending %d requests of model %r failed", len(futures), model)
+        self._fail_unsent(model, futures, error)
+
+    def _fail_items(self, items: list[Outgoing[F]], error: Exception) -> None:
+        """A sender's bug: every item it took fails with ``error``."""
+        for model, group in by_model(items).items():
+            self._fail_unsent(model, [item.future for item in group], error)
+
     def _fail_unsent(self, model: str, futures: Iterable[F], error: BaseException) -> None:
         """The sender could not queue ``futures``: each fails with its own copy of the
         typed error (``error`` itself when it is not a RequestError)."""
@@ -215,35 +233,6 @@ class ClientBase(Generic[F]):
             if typed is None:
                 raise
             raise typed from e
-
-    def _fill_scripts(self, pipe: Any, sha: str, calls: list[list[Any]], replicas: int) -> None:
-        """EVALSHA of a two-key script once per call (``[key1, key2, *args]``). EVALSHA
-        directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second round trip
-        each time; the script is loaded only when Redis says it lacks it. ``replicas``: on a
-        cluster, a WAIT at the end for that many replicas (see :meth:`_replies`)."""
-        for call in calls:
-            pipe.evalsha(sha, 2, *call)
-        if replicas:
-            pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
-
-    @staticmethod
-    def _replies(replies: list[Any], replicas: int) -> list[Any]:
-        """The replies of a pipeline filled by :meth:`_fill_scripts` or :meth:`_fill_xadds`,
-        without its WAIT's. A request a replica has not confirmed could vanish in a
-        failover without a trace: it is refused (:class:`NotDurable`, so Unavailable)
-        rather than waited for forever. (It may still be answered: the answer is dropped.)"""
-        connection.check_wait(replies, replicas)
-        return replies[:-1] if replicas else replies
-
-    def _fill_xadds(
-        self, pipe: Any, model: str, ids: Sequence[str], bodies: Sequence[bytes], replicas: int
-    ) -> None:
-        """Plain XADDs, for requests the ROOM script made room for (and a WAIT, as in
-        :meth:`_fill_scripts`)."""
-        for request_id, body in zip(ids, bodies, strict=True):
-            pipe.xadd(keys.stream(model), enqueue.entry_fields(request_id, self.reply_key, body))
-        if replicas:
-            pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
 
     def _settle(self, model: str, futures: Sequence[F], entry_ids: Sequence[Any]) -> None:
         """Fail with QueueFull the futures of requests the queue had no room for (0)."""

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import redis
 
-from queueing import connection, enqueue, keys, liveness, redis_state, wire
+from queueing import connection, keys, liveness, redis_state, wire
 from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
@@ -33,10 +33,11 @@ from queueing.base import (
     ClientBase,
     resolve_redis_url,
 )
+from queueing.enqueuer import Enqueuer
 from queueing.errors import RequestError
 from queueing.frames import frames_in_order
-from queueing.outbox import Outbox, Outgoing, by_model
-from queueing.scripts import ENQUEUE, ROOM
+from queueing.outbox import Outgoing
+from queueing.senders import SenderThread
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,14 @@ class Client(ClientBase[RequestFuture]):
         self._reader_redis = connection.connect(
             self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
+        self._enqueuer = Enqueuer(self._redis, self.reply_key)
         self._forks = _forks_seen
         self._reader: threading.Thread | None = None
         self._closed = threading.Event()
-        # submit()'s requests wait here for the sender thread (see queueing.outbox). Callers
-        # put, the sender takes; both under ``_wake``'s lock. Each batch's Event is set
-        # once it has been sent (or failed), for callers that wait to raise at once.
-        self._outbox: Outbox[RequestFuture, threading.Event] = Outbox(threading.Event)
-        self._wake = threading.Condition(threading.Lock())
-        self._sender: threading.Thread | None = None
+        # submit()'s requests wait for the sender thread (see queueing.outbox).
+        self._sender = SenderThread(
+            self._send, self._fail_items, name=f"tfpool-sender-{self._id_prefix}"
+        )
 
     # --- public API ---------------------------------------------------------------------
 
@@ -147,12 +147,10 @@ class Client(ClientBase[RequestFuture]):
         self._track([future])
         self._ensure_reader()
         flowing = model in self._flowing
-        with self._wake:
-            if self._closed.is_set():  # closed since _check_usable: nobody would send it
-                self._forget(future.request_id)
-                raise RuntimeError("client is closed")
-            sent = self._outbox.put(item)
-            self._wake.notify()
+        sent = self._sender.put(item)
+        if sent is None:  # closed since _check_usable: nobody would send it
+            self._forget(future.request_id)
+            raise RuntimeError("client is closed")
         if not flowing:
             sent.wait()  # the sender always sets it, or close() does
             if future.done() and not future.cancelled() and future.exception() is not None:
@@ -244,15 +242,12 @@ class Client(ClientBase[RequestFuture]):
 
     def close(self) -> None:
         """Stop the reply reader and close connections. Pending futures fail."""
-        with self._wake:  # after this, submit() puts nothing more in the outbox
+        with self._lock:
             if self._closed.is_set():
                 return
             self._closed.set()
-            self._wake.notify_all()
-        if self._sender is not None:
-            self._sender.join(timeout=self.socket_timeout_s + 5)
-        with self._wake:
-            _, unsent = self._outbox.take()
+        # After this, submit() puts nothing more in the outbox.
+        unsent = self._sender.stop(timeout=self.socket_timeout_s + 5)
         if self._reader is not None:
             try:  # wake the reader from its XREAD now rather than at its timeout
                 self._redis.xadd(self.reply_key, {b"0": b""})
@@ -284,86 +279,17 @@ class Client(ClientBase[RequestFuture]):
     def _enqueue_all(
         self, model: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
     ) -> None:
-        ids = [f.request_id for f in futures]
         with self._typed_errors(model):
-            try:
-                if enqueue.is_large(bodies):
-                    entry_ids = self._enqueue_large(model, ids, bodies)
-                else:
-                    calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-                    replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
-                    entry_ids = [entry for chunk in replies for entry in chunk]
-            except connection.REDIS_ERRORS:
-                # On a cluster, a dead master's slots have moved, or are moving: look up
-                # the topology again, so that the next request goes to the new master.
-                connection.refresh(self._redis)
-                raise
+            entry_ids = self._enqueuer.enqueue(model, [f.request_id for f in futures], bodies)
         self._settle(model, futures, entry_ids)
 
-    def _enqueue_large(self, model: str, ids: list[str], bodies: Sequence[bytes]) -> list[Any]:
-        """Ask for room, then append with plain XADDs: two round trips, and no body passes
-        through Lua. Producers racing between the two steps can overshoot the cap by what
-        each of them appends at once; the queue stays bounded."""
-        (room,) = self._run_scripts(self._room_sha, ROOM, [enqueue.room_call(model, len(bodies))])
-        if not room:
-            return [0] * len(bodies)
-        pipe, replicas = connection.durable_pipeline(self._redis, keys.stream(model))
-        self._fill_xadds(pipe, model, ids[:room], bodies[:room], replicas)
-        added = self._replies(pipe.execute(), replicas)
-        return added + [0] * (len(bodies) - room)
-
-    def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        """One round trip of script calls (see :meth:`ClientBase._fill_scripts`), all on
-        one model's stream (``calls[i][0]``). On a cluster, a slot that moved is looked up
-        again and the call sent again: MOVED means nothing ran."""
-        for attempt in (1, 2, 3):
-            pipe, replicas = connection.durable_pipeline(self._redis, calls[0][0])
-            self._fill_scripts(pipe, sha, calls, replicas)
+    def _send(self, items: list[Outgoing[RequestFuture]]) -> None:
+        """The sender thread's work: one round trip per model for ``items``."""
+        for model, futures, bodies in self._live_groups(items):
             try:
-                return self._replies(pipe.execute(), replicas)
-            except redis.exceptions.NoScriptError:
-                if attempt == 3:
-                    raise
-                self._redis.script_load(script)
-            except redis.ResponseError as e:
-                if attempt == 3 or not connection.moving(e):
-                    raise
-                connection.refresh(self._redis)
-        raise AssertionError("unreachable")
-
-    def _send_loop(self) -> None:
-        """The sender thread: take everything waiting, send it, repeat."""
-        while True:
-            with self._wake:
-                while not self._outbox and not self._closed.is_set():
-                    self._wake.wait()
-                if self._closed.is_set():
-                    return  # close() fails what is left
-                items, sent = self._outbox.take()
-            try:
-                self._send(items)
-            except Exception as e:  # a bug here must not strand every later request
-                log.exception("sender: sending %d requests failed", len(items))
-                for model, group in by_model(items).items():
-                    self._fail_unsent(model, [item.future for item in group], e)
-            finally:
-                if sent is not None:
-                    sent.set()
-
-    def _send(self, items: Sequence[Outgoing[RequestFuture]]) -> None:
-        """One round trip per model for ``items``; failures land on their futures."""
-        now = time.monotonic()
-        for model, group in by_model(items).items():
-            live = [item for item in group if not item.future.done()]  # not cancelled
-            if not live:
-                continue
-            futures = [item.future for item in live]
-            try:
-                self._enqueue_all(model, futures, [item.body_now(now) for item in live])
-            except Exception as e:  # the sender must live on: the error goes to the futures
-                if not isinstance(e, RequestError):
-                    log.exception("sending %d requests of model %r failed", len(futures), model)
-                self._fail_unsent(model, futures, e)
+                self._enqueue_all(model, futures, bodies)
+            except Exception as e:
+                self._send_failed(model, futures, e)
 
     def _ensure_reader(self) -> None:
         if self._reader is not None:
@@ -379,9 +305,6 @@ class Client(ClientBase[RequestFuture]):
                     target=self._read_replies, name=f"tfpool-replies-{self._id_prefix}", daemon=True
                 )
                 self._reader.start()
-                self._sender = threading.Thread(
-                    target=self._send_loop, name=f"tfpool-sender-{self._id_prefix}", daemon=True
-                )
                 self._sender.start()
 
     def _read_replies(self) -> None:

@@ -1,5 +1,5 @@
-"""``Client.stream``: frames in, results out in input order, with a window of them in
-flight.
+"""``Client.stream`` and ``AsyncClient.stream``: frames in, results out in input order,
+with a window of them in flight.
 
 A feeder thread pulls and sends the frames, so that a result is yielded as soon as it is
 in, not when the source (a camera: one frame per 1/fps) next has a frame. A frame that
@@ -8,15 +8,17 @@ fails yields its error in its place, so a stream never stalls on one frame.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, cast
 
 from queueing.errors import RequestError
 from queueing.wire import Outputs, Sendable
 
 if TYPE_CHECKING:
+    from queueing.aio import AsyncClient, AsyncRequestFuture
     from queueing.client import Client, RequestFuture
 
 _END = object()  # the end of a stream's frames
@@ -73,3 +75,57 @@ def frames_in_order(
             item = sent.get_nowait()
             if not isinstance(item, BaseException) and item is not None:
                 client._forget(item.request_id)  # the package's own helper
+
+
+async def frames_in_order_async(
+    client: AsyncClient,
+    model: str,
+    frames: Iterable[Sendable] | AsyncIterable[Sendable],
+    *,
+    window: int,
+    deadline: float | None,
+    timeout: float,
+) -> AsyncIterator[Outputs | RequestError]:
+    """As :func:`frames_in_order`, for ``AsyncClient.stream``: ``frames`` may also be an
+    async iterable; a feeder task pulls and sends them."""
+    slots = asyncio.Semaphore(window)
+    sent: asyncio.Queue[AsyncRequestFuture | BaseException | None] = asyncio.Queue()
+
+    async def feed() -> None:
+        try:
+            source = _aiter(frames)
+            while True:
+                await slots.acquire()  # a free place in the window, then a frame
+                try:
+                    frame = await anext(source)
+                except StopAsyncIteration:
+                    break
+                (future,) = await client.submit_many(model, [frame], deadline=deadline)
+                sent.put_nowait(future)
+            sent.put_nowait(None)
+        except Exception as e:  # the source's own error, raised to the consumer
+            sent.put_nowait(e)
+
+    feeder = asyncio.create_task(feed())
+    try:
+        while (item := await sent.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield await client._outcome(item, timeout)
+            slots.release()  # the consumer is done with that frame
+    finally:
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
+        while not sent.empty():  # sent, never to be read: no future left behind
+            item = sent.get_nowait()
+            if item is not None and not isinstance(item, BaseException):
+                client._forget(item.request_id)
+
+
+async def _aiter(frames: Iterable[Sendable] | AsyncIterable[Sendable]) -> AsyncIterator[Sendable]:
+    if isinstance(frames, AsyncIterable):
+        async for frame in frames:
+            yield frame
+    else:
+        for frame in frames:
+            yield frame

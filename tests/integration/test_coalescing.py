@@ -70,7 +70,7 @@ def _writes_paused(conn: redis.Redis) -> Iterator[None]:
 
 def _held(client: Client) -> Callable[[], bool]:
     """Whether the sender has taken everything submitted (and is blocked sending it)."""
-    return lambda: len(client._outbox) == 0
+    return lambda: len(client._sender) == 0
 
 
 def _flowing(client: Client) -> None:

@@ -1,0 +1,165 @@
+"""The round trips that queue requests: :class:`Enqueuer` for the sync client,
+:class:`AsyncEnqueuer` for the asyncio one.
+
+Ordinary requests go through the ENQUEUE script (cap check and XADDs in one atomic call);
+large ones through a ROOM check and plain XADDs, so that no large body passes through Lua
+(see :mod:`queueing.enqueue`). On a cluster each round ends with a WAIT for the replica
+(see :func:`queueing.connection.check_wait`), a slot that moved is looked up again and
+the call sent again (MOVED means nothing ran), and after any Redis error the topology is
+read again, so that the next request goes to the new master.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from queueing import connection, enqueue, keys
+from queueing.scripts import ENQUEUE, ROOM
+
+#: Scripts are named by their SHA1, as EVALSHA wants.
+ENQUEUE_SHA = hashlib.sha1(ENQUEUE.encode()).hexdigest()
+ROOM_SHA = hashlib.sha1(ROOM.encode()).hexdigest()
+
+
+class Enqueuer:
+    """Queues requests that reply to ``reply_key`` on ``conn`` (the client's connection)."""
+
+    def __init__(self, conn: redis.Redis, reply_key: str) -> None:
+        self._redis = conn
+        self.reply_key = reply_key
+
+    def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
+        """Queue ``bodies`` (request ``ids``) on ``model``'s stream in one round trip (two
+        for large ones); their entry ids, 0 for those the queue had no room for."""
+        try:
+            if not enqueue.is_large(bodies):
+                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
+                replies = self._run_scripts(ENQUEUE_SHA, ENQUEUE, calls)
+                return [entry for chunk in replies for entry in chunk]
+            return self._enqueue_large(model, ids, bodies)
+        except connection.REDIS_ERRORS:
+            # On a cluster, a dead master's slots have moved, or are moving: look up the
+            # topology again, so that the next request goes to the new master.
+            connection.refresh(self._redis)
+            raise
+
+    def _enqueue_large(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
+        """Ask for room, then append with plain XADDs: two round trips, and no body passes
+        through Lua. Producers racing between the two steps can overshoot the cap by what
+        each of them appends at once; the queue stays bounded."""
+        (room,) = self._run_scripts(ROOM_SHA, ROOM, [enqueue.room_call(model, len(bodies))])
+        if not room:
+            return [0] * len(bodies)
+        pipe, replicas = connection.durable_pipeline(self._redis, keys.stream(model))
+        fill_xadds(pipe, model, ids[:room], self.reply_key, bodies[:room], replicas)
+        added = replies_of(pipe.execute(), replicas)
+        return added + [0] * (len(bodies) - room)
+
+    def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
+        """One round trip of script calls (see :func:`fill_scripts`), all on one model's
+        stream (``calls[i][0]``). The script is loaded only when Redis says it lacks it."""
+        for attempt in (1, 2, 3):
+            pipe, replicas = connection.durable_pipeline(self._redis, calls[0][0])
+            fill_scripts(pipe, sha, calls, replicas)
+            try:
+                return replies_of(pipe.execute(), replicas)
+            except redis.exceptions.NoScriptError:
+                if attempt == 3:
+                    raise
+                self._redis.script_load(script)
+            except redis.ResponseError as e:
+                if attempt == 3 or not connection.moving(e):
+                    raise
+                connection.refresh(self._redis)
+        raise AssertionError("unreachable")
+
+
+class AsyncEnqueuer:
+    """As :class:`Enqueuer`, on an asyncio connection; ``nodes`` gives the plain clients to
+    single cluster nodes that a write followed by a WAIT needs."""
+
+    def __init__(self, conn: aioredis.Redis, nodes: connection.NodeClients, reply_key: str) -> None:
+        self._redis = conn
+        self._nodes = nodes
+        self.reply_key = reply_key
+
+    async def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
+        """As :meth:`Enqueuer.enqueue`."""
+        try:
+            if not enqueue.is_large(bodies):
+                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
+                replies = await self._run_scripts(ENQUEUE_SHA, ENQUEUE, calls)
+                return [entry for chunk in replies for entry in chunk]
+            return await self._enqueue_large(model, ids, bodies)
+        except connection.REDIS_ERRORS:
+            await connection.refresh_async(self._redis)
+            raise
+
+    async def _enqueue_large(
+        self, model: str, ids: Sequence[str], bodies: Sequence[bytes]
+    ) -> list[Any]:
+        room_calls = [enqueue.room_call(model, len(bodies))]
+        (room,) = await self._run_scripts(ROOM_SHA, ROOM, room_calls)
+        if not room:
+            return [0] * len(bodies)
+        pipe, replicas = self._nodes.pipeline(self._redis, keys.stream(model))
+        fill_xadds(pipe, model, ids[:room], self.reply_key, bodies[:room], replicas)
+        added = replies_of(await pipe.execute(), replicas)
+        return added + [0] * (len(bodies) - room)
+
+    async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
+        for attempt in (1, 2, 3):
+            pipe, replicas = self._nodes.pipeline(self._redis, calls[0][0])
+            fill_scripts(pipe, sha, calls, replicas)
+            try:
+                return replies_of(await pipe.execute(), replicas)
+            except redis.exceptions.NoScriptError:
+                if attempt == 3:
+                    raise
+                await self._redis.script_load(script)
+            except redis.ResponseError as e:
+                if attempt == 3 or not connection.moving(e):
+                    raise
+                await connection.refresh_async(self._redis)
+        raise AssertionError("unreachable")
+
+
+def fill_scripts(pipe: Any, sha: str, calls: list[list[Any]], replicas: int) -> None:
+    """EVALSHA of a two-key script once per call (``[key1, key2, *args]``). EVALSHA
+    directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second round trip
+    each time. ``replicas``: on a cluster, a WAIT at the end for that many replicas (see
+    :func:`replies_of`)."""
+    for call in calls:
+        pipe.evalsha(sha, 2, *call)
+    if replicas:
+        pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
+
+
+def fill_xadds(
+    pipe: Any,
+    model: str,
+    ids: Sequence[str],
+    reply_key: str,
+    bodies: Sequence[bytes],
+    replicas: int,
+) -> None:
+    """Plain XADDs, for requests the ROOM script made room for (and a WAIT, as in
+    :func:`fill_scripts`)."""
+    for request_id, body in zip(ids, bodies, strict=True):
+        pipe.xadd(keys.stream(model), enqueue.entry_fields(request_id, reply_key, body))
+    if replicas:
+        pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
+
+
+def replies_of(replies: list[Any], replicas: int) -> list[Any]:
+    """The replies of a pipeline filled by :func:`fill_scripts` or :func:`fill_xadds`,
+    without its WAIT's. A request a replica has not confirmed could vanish in a failover
+    without a trace: it is refused (:class:`NotDurable`, so Unavailable) rather than
+    waited for forever. (It may still be answered: the answer is dropped.)"""
+    connection.check_wait(replies, replicas)
+    return replies[:-1] if replicas else replies
