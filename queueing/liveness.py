@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
-from queueing import keys
+from queueing import connection, keys
 from queueing.errors import RequestTimeout
 
 #: Fields of the model's ``keys.last_alive`` hash, which heartbeats keep fresh.
@@ -69,22 +69,31 @@ def ago(seconds: float) -> str:
 
 
 def read(conn: redis.Redis, model: str) -> Liveness:
-    """``model``'s liveness, in one round trip."""
+    """``model``'s liveness, in one round trip (two on a cluster, whose pipelines refuse
+    TIME: it names no key, so no node)."""
+    clustered = connection.clustered(conn)
     pipe = conn.pipeline(transaction=False)
     pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
     pipe.xlen(keys.stream(model))
-    pipe.time()
-    (last_seen, alive_until), waiting, (seconds, micros) = pipe.execute()
+    if not clustered:
+        pipe.time()
+    replies = pipe.execute()
+    seconds, micros = conn.time() if clustered else replies.pop()
+    (last_seen, alive_until), waiting = replies
     return _liveness(model, last_seen, alive_until, waiting, seconds + micros / 1e6)
 
 
 async def read_async(conn: aioredis.Redis, model: str) -> Liveness:
     """:func:`read` for asyncio."""
+    clustered = connection.clustered(conn)
     pipe = conn.pipeline(transaction=False)
     pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
     pipe.xlen(keys.stream(model))
-    pipe.time()
-    (last_seen, alive_until), waiting, (seconds, micros) = await pipe.execute()
+    if not clustered:
+        pipe.time()
+    replies = await pipe.execute()
+    seconds, micros = await conn.time() if clustered else replies.pop()
+    (last_seen, alive_until), waiting = replies
     return _liveness(model, last_seen, alive_until, waiting, seconds + micros / 1e6)
 
 

@@ -84,7 +84,12 @@ class Claims:
         """Consumers holding entries whose worker's heartbeat has expired, idle at least
         ``min_idle_ms``: workers that died with no successor to take over (a whole pool
         or host gone). Their entries can be taken now, not after ``claim_idle_ms``."""
-        consumers: list[dict[str, Any]] = conn.xinfo_consumers(self.stream, keys.GROUP)
+        try:
+            consumers: list[dict[str, Any]] = conn.xinfo_consumers(self.stream, keys.GROUP)
+        except redis.ResponseError as e:
+            if "no such key" in str(e) or "NOGROUP" in str(e):
+                return []  # Redis lost the stream (the reader registers again): none held
+            raise
         names = [_text(info["name"]) for info in consumers
                  if info["pending"] and info["idle"] >= min_idle_ms]  # fmt: skip
         names = [name for name in names if name != self.consumer]

@@ -315,7 +315,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from workers.demo import DemoWeights, build_demo_model, forget_model, run_requests
     from workers.placement import describe_slots
-    from workers.supervisor import Supervisor, check_redis_url
+    from workers.redis_checks import check_redis_url
+    from workers.supervisor import Supervisor
 
     if not args.debug:  # the demo says what happens itself
         logging.getLogger().setLevel(logging.WARNING)

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from queueing import keys
+from queueing import connection, keys
 from queueing.liveness import FIELD_LAST_SEEN, ago
 from queueing.redis_state import SAFE_POLICY
 from workers.metrics import Rates, drain_seconds
@@ -166,8 +166,12 @@ def model_status(conn: redis.Redis, name: str, workers: Sequence[dict[str, Any]]
     pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.model_info(name))
     pipe.hget(keys.last_alive(name), FIELD_LAST_SEEN)
-    pipe.time()
-    length, dead, info, last_seen, (seconds, micros) = pipe.execute()
+    clustered = connection.clustered(conn)
+    if not clustered:  # a cluster's pipeline refuses TIME (no key, so no node)
+        pipe.time()
+    replies = pipe.execute()
+    seconds, micros = conn.time() if clustered else replies.pop()
+    length, dead, info, last_seen = replies
     pending, consumers, last_read = 0, 0, b"0-0"
     try:
         groups: list[dict[str, Any]] = conn.xinfo_groups(stream)

@@ -10,28 +10,28 @@ finishes and answers the batches in hand, acks and exits. A second signal stops 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from multiprocessing.context import SpawnProcess
-from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import psutil
-import redis
-
-from queueing import connection
-from queueing.base import without_password
-from queueing.redis_state import eviction_problem, read_policy
 from workers.config import PoolConfig
-from workers.errors import ConfigError, RedisSettingsError
-from workers.metrics import Cells, Layout
+from workers.errors import ConfigError
+from workers.handles import (
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    HEALTHY_AFTER_S,
+    SPAWN,
+    WorkerHandle,
+    describe_exit,
+    new_flag,
+)
+from workers.metrics import Layout
 from workers.placement import Slot, describe_slots, plan
+from workers.redis_checks import check_redis, check_redis_url, wait_for_redis
 from workers.running import RunningBatch
 from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
 
@@ -44,49 +44,6 @@ log = logging.getLogger(__name__)
 EXIT_DRAINED = 0  # stopped by a signal after draining
 EXIT_WORKER_LOAD_FAILED = 3  # a worker could not load the model: nothing to serve
 EXIT_FORCED = 130  # a second signal: stopped without draining
-
-_SPAWN = multiprocessing.get_context("spawn")
-
-#: Restart backoff: first delay, cap, and the uptime after which a worker counts as healthy.
-BACKOFF_START_S = 0.5
-BACKOFF_MAX_S = 30.0
-HEALTHY_AFTER_S = 60.0
-
-#: Waiting for Redis at start: first delay between tries, and the cap.
-REDIS_RETRY_START_S = 1.0
-REDIS_RETRY_MAX_S = 30.0
-
-
-@dataclass
-class WorkerHandle:
-    """A slot and the process currently filling it."""
-
-    slot: Slot
-    #: The slot's counters in shared memory (workers.metrics): made once, kept by every
-    #: process that fills the slot, so that a crash loses none of them.
-    metrics: Cells
-    process: SpawnProcess | None = None
-    worker_id: str = ""  # the live process's consumer name
-    predecessors: list[str] = field(default_factory=list)  # dead consumers to take over
-    # The entries of the batches that were running when they died (None: not known): the
-    # only requests their successor runs alone (see workers.running).
-    suspects: set[bytes] | None = field(default_factory=set)
-    running: RunningBatch | None = None  # where the current process writes its batch
-    # Set to 1 by the worker once it serves. A flag in shared memory, polled: a
-    # multiprocessing.Event would hang its setter if a waiter were killed, and workers
-    # are killed here on purpose.
-    ready: Synchronized[int] = field(default_factory=lambda: _new_flag())
-    started_at: float = 0.0
-    backoff_s: float = BACKOFF_START_S
-    restart_at: float | None = None
-    ever_ready: bool = False
-    recycling: bool = False
-    restarts: int = 0  # processes started after the first
-
-    @property
-    def is_ready(self) -> bool:
-        """The current process has loaded, warmed up and started serving."""
-        return bool(self.ready.value)
 
 
 class Supervisor:
@@ -114,8 +71,8 @@ class Supervisor:
         self.handles = [
             WorkerHandle(
                 slot,
-                _SPAWN.RawArray("d", self.layout.size),
-                running=RunningBatch(_SPAWN, max_requests=config.max_batch_size),
+                SPAWN.RawArray("d", self.layout.size),
+                running=RunningBatch(SPAWN, max_requests=config.max_batch_size),
             )
             for slot in self.slots
         ]
@@ -164,53 +121,12 @@ class Supervisor:
         )
 
     def check_redis(self) -> None:
-        """Refuse an evicting Redis (see queueing.redis_state), unless the config allows
-        it; then say so loudly."""
-        conn = connection.connect(self.config.redis_url, socket_timeout=10)
-        try:
-            problem = eviction_problem(read_policy(conn))
-        finally:
-            conn.close()
-        if problem is None:
-            return
-        if not self.config.allow_evicting_redis:
-            raise RedisSettingsError(
-                f"{problem}. To serve anyway, set allow_evicting_redis (--allow-evicting-redis)"
-            )
-        log.warning("%s. Serving anyway, as allow_evicting_redis says: requests may be "
-                    "evicted and lost without an error", problem)  # fmt: skip
+        """See :func:`workers.redis_checks.check_redis`."""
+        check_redis(self.config)
 
     def wait_for_redis(self) -> bool:
-        """Reach Redis before any worker starts: a worker without Redis would only crash
-        and be restarted, each time after loading TensorFlow and the model. Unreachable,
-        Redis may still come up later (started beside us, as in Kubernetes): wait, one
-        log line per try. False if a signal stopped the wait. A refused password raises
-        ConfigError: waiting would not change it."""
-        delay = REDIS_RETRY_START_S
-        safe_url = without_password(self.config.redis_url)
-        while not self._draining.is_set():
-            conn = connection.connect(
-                self.config.redis_url, socket_connect_timeout=5, socket_timeout=5
-            )
-            try:
-                conn.ping()
-                return True
-            except redis.AuthenticationError as e:
-                raise ConfigError(f"Redis at {safe_url} refused the credentials: {e}") from e
-            except redis.ResponseError as e:  # NOAUTH, WRONGPASS, ...
-                raise ConfigError(f"Redis at {safe_url} refused: {e}") from e
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.warning(
-                    "cannot reach Redis at %s (%s); trying again in %.0fs, no worker started",
-                    safe_url, e, delay,
-                )  # fmt: skip
-            except redis.RedisError as e:  # it answers, but not as Redis does
-                raise ConfigError(f"{safe_url} does not answer as Redis: {e}") from e
-            finally:
-                conn.close()
-            self._draining.wait(delay)
-            delay = min(delay * 2, REDIS_RETRY_MAX_S)
-        return False
+        """See :func:`workers.redis_checks.wait_for_redis`; a signal stops the wait."""
+        return wait_for_redis(self.config, self._draining)
 
     def wait_ready(self, timeout: float = 300.0) -> bool:
         """Wait until every worker has loaded and warmed its model. False if one exited
@@ -270,7 +186,7 @@ class Supervisor:
         ``timeout`` (their unanswered requests stay pending and are reclaimed later)."""
         self._draining.set()
         for handle in self.handles:
-            _terminate(handle)
+            handle.terminate()
         give_up = time.monotonic() + timeout
         for handle in self.handles:
             if handle.process is None:
@@ -295,7 +211,7 @@ class Supervisor:
         """Stop every worker at once, without draining."""
         self._draining.set()
         for handle in self.handles:
-            if handle.process is not None and handle.process.is_alive():
+            if handle.process is not None and handle.is_up:
                 handle.process.kill()
         for handle in self.handles:
             if handle.process is not None:
@@ -303,34 +219,19 @@ class Supervisor:
 
     def serving_pids(self) -> list[int]:
         """The pids of the workers that are up and ready (not loading, not dead)."""
-        return [
-            h.process.pid
-            for h in self.handles
-            if h.process is not None
-            and h.process.pid is not None
-            and h.is_ready
-            and h.process.is_alive()
-        ]
+        up = [h.process for h in self.handles if h.is_ready and h.is_up]
+        return [p.pid for p in up if p is not None and p.pid is not None]
 
     # --- internals ----------------------------------------------------------------------
 
     def _spawn(self, handle: WorkerHandle) -> None:
-        handle.ready = _new_flag()
+        handle.ready = new_flag()
         handle.recycling = False
         slot = handle.slot
-        process = _SPAWN.Process(
-            target=worker_main,
-            args=(
-                self.config,
-                slot,
-                list(handle.predecessors),
-                handle.ready,
-                handle.metrics,
-                handle.running,
-                handle.suspects,
-            ),
-            name=f"tfpool-worker-{slot.index}",
-            daemon=False,
+        args = (self.config, slot, list(handle.predecessors), handle.ready, handle.metrics,
+                handle.running, handle.suspects)  # fmt: skip
+        process = SPAWN.Process(
+            target=worker_main, args=args, name=f"tfpool-worker-{slot.index}", daemon=False
         )
         process.start()
         assert process.pid is not None
@@ -348,19 +249,7 @@ class Supervisor:
         )  # fmt: skip
 
     def _reap(self, handle: WorkerHandle, now: float) -> None:
-        assert handle.process is not None
-        code = handle.process.exitcode
-        pid = handle.process.pid or 0
-        handle.process.join()
-        handle.process = None
-        # Whatever it held and did not ack, its successor takes over at start.
-        handle.predecessors.append(handle.worker_id)
-        if handle.running is not None:
-            ran = handle.running.read()
-            handle.running.clear()
-            handle.suspects = (
-                None if ran is None or handle.suspects is None else (handle.suspects | ran)
-            )
+        code, pid = handle.reap()
         if self._draining.is_set():
             return
         # A recycle is a drain that ended well: a recycled worker that died is a crash.
@@ -379,7 +268,7 @@ class Supervisor:
         log.warning(
             "worker %s exited with %s; restarting in %.1fs",
             handle.worker_id,
-            _describe_exit(code),
+            describe_exit(code),
             delay,
         )
         handle.restart_at = now + delay
@@ -393,20 +282,14 @@ class Supervisor:
             return
         limit = self.config.memory_limit_mb * 2**20
         for handle in self.handles:
-            # Only a worker that has loaded: one still loading is small and growing.
-            if handle.process is None or handle.process.pid is None or not handle.is_ready:
-                continue
-            try:
-                rss = psutil.Process(handle.process.pid).memory_info().rss
-            except psutil.Error:
-                continue
-            if rss > limit:
+            rss = handle.rss()
+            if rss is not None and rss > limit:
                 log.warning(
                     "worker %s uses %.0f MiB (limit %d MiB): recycling it",
                     handle.worker_id, rss / 2**20, self.config.memory_limit_mb,
                 )  # fmt: skip
                 handle.recycling = True
-                _terminate(handle)
+                handle.terminate()
                 return
 
     def _install_signal_handlers(self) -> None:
@@ -421,32 +304,3 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-
-
-def check_redis_url(url: str) -> None:
-    """Raise ConfigError unless ``url`` is a Redis URL redis-py can connect with."""
-    try:
-        redis.connection.parse_url(connection.first_node_url(url))  # type: ignore[no-untyped-call]
-    except ValueError as e:
-        raise ConfigError(
-            f"redis_url {without_password(url)!r} is not a Redis URL: {e}"
-            " (e.g. redis://host:6379/0, rediss://..., unix:///path/redis.sock,"
-            " redis+cluster://node:6379)"
-        ) from e
-
-
-def _new_flag() -> Synchronized[int]:
-    flag: Synchronized[int] = _SPAWN.Value("b", 0, lock=False)
-    return flag
-
-
-def _terminate(handle: WorkerHandle) -> None:
-    """Ask a worker to drain: SIGTERM (its handler finishes what it holds, then exits)."""
-    if handle.process is not None and handle.process.is_alive():
-        handle.process.terminate()
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"signal {signal.Signals(-code).name}"
-    return f"code {code}"

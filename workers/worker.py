@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 #: Exit codes a worker reports to its supervisor.
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
+EXIT_READER_FAILED = 1  # the reader thread died: restarted by the supervisor, as a crash
 
 #: Longest wait for the writer to store earlier answers before a suspect's run.
 SETTLE_S = 5.0
@@ -125,6 +126,7 @@ class Worker:
         layout = Layout.for_config(config)
         self.metrics = Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
                                 enabled=config.metrics)  # fmt: skip
+        self.reader_failed = False  # set by the main loop: run() then exits non-zero
         self.tracer: BatchTracer | None = None  # set in run() when trace_exporter is
         batcher: Batcher[InHand] = Batcher(
             max_rows=config.max_batch_size,
@@ -181,7 +183,7 @@ class Worker:
             self.tracer.close()  # sends the spans still buffered
         log.info("worker %s stopped after %d batches, %d requests", self.worker_id,
                  self.stats.batches, self.stats.requests)  # fmt: skip
-        return EXIT_OK
+        return EXIT_READER_FAILED if self.reader_failed else EXIT_OK
 
     def stop(self) -> None:
         """Stop reading; finish and answer what is in hand; then ``run()`` returns."""
@@ -191,6 +193,14 @@ class Worker:
     def serve(self, runner: Runner, reader_done: threading.Event) -> None:
         """The main loop: wait for a due batch, run it, hand its answers to the writer."""
         while True:
+            if reader_done.is_set() and not self.stopping.is_set():
+                # A bug, or a Redis reply nobody foresaw: without a reader this worker
+                # would look alive and serve nothing. Finish what is in hand and exit, so
+                # that the supervisor starts a fresh one.
+                log.error("worker %s: its reader stopped unexpectedly; draining so that it"
+                          " is restarted", self.worker_id)  # fmt: skip
+                self.reader_failed = True
+                self.stop()
             closing = self.stopping.is_set() and reader_done.is_set()
             batch, expired = self.desk.next_batch(closing=closing, max_wait=0.1)
             self.writer.submit([self.answers.error(r, deadline_error(r)) for r in expired])

@@ -20,14 +20,9 @@ from tests.integration.helpers import start_serve, stop_process
 from tests.integration.poison import SLOW, build_poison_model
 from tests.waiting import wait_until
 from workers.config import PoolConfig
+from workers.handles import BACKOFF_MAX_S, BACKOFF_START_S, HEALTHY_AFTER_S
 from workers.placement import Slot
-from workers.supervisor import (
-    BACKOFF_MAX_S,
-    BACKOFF_START_S,
-    EXIT_FORCED,
-    HEALTHY_AFTER_S,
-    Supervisor,
-)
+from workers.supervisor import EXIT_FORCED, Supervisor
 
 
 class _Clock:
