@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from queueing import connection, keys, liveness, redis_state, wire
-from queueing.base import READ_BLOCK_S, READ_COUNT, ClientBase
+from queueing.base import READ_BLOCK_S, ClientBase
 from queueing.enqueuer import AsyncEnqueuer
 from queueing.errors import RequestError
 from queueing.frames import frames_in_order_async
@@ -259,15 +259,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
                 if reconnected:
                     await self._look(self._reader_redis)
                     reconnected = False
-                # One round trip: drop what we hold, wait for more.
-                pipe = self._reader_redis.pipeline(transaction=False)
-                if self._cursor.trim_below is not None:
-                    pipe.xtrim(self.reply_key, minid=self._cursor.trim_below, approximate=False)
-                pipe.xread(
-                    {self.reply_key: self._cursor.last},
-                    count=READ_COUNT,
-                    block=int(READ_BLOCK_S * 1000),
-                )
+                pipe = self._cursor.next_read(self._reader_redis, self.reply_key)
                 batch = self._cursor.take((await pipe.execute())[-1])
                 backoff = 0.05
             except connection.REDIS_ERRORS as e:

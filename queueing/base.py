@@ -339,6 +339,16 @@ class ReplyCursor:
         #: Entries below this id are resolved and may go (None: nothing to trim).
         self.trim_below: bytes | None = None
 
+    def next_read(self, conn: Any, reply_key: str) -> Any:
+        """The reader's next round trip on ``conn`` (sync or asyncio), not yet executed:
+        drop what the client holds, then wait for more. Its last reply is the XREAD's,
+        for :meth:`take`."""
+        pipe = conn.pipeline(transaction=False)
+        if self.trim_below is not None:
+            pipe.xtrim(reply_key, minid=self.trim_below, approximate=False)
+        pipe.xread({reply_key: self.last}, count=READ_COUNT, block=int(READ_BLOCK_S * 1000))
+        return pipe
+
     def take(self, reply: Any) -> list[bytes]:
         """The results in an XREAD reply (``[[key, [(id, fields), ...]]]`` or None)."""
         if not reply:

@@ -29,7 +29,6 @@ from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
     READ_BLOCK_S,
-    READ_COUNT,
     ClientBase,
     resolve_redis_url,
 )
@@ -315,15 +314,7 @@ class Client(ClientBase[RequestFuture]):
                 if reconnected:
                     self._look(self._reader_redis)
                     reconnected = False
-                # One round trip: drop what we hold, wait for more.
-                pipe = self._reader_redis.pipeline(transaction=False)
-                if self._cursor.trim_below is not None:
-                    pipe.xtrim(self.reply_key, minid=self._cursor.trim_below, approximate=False)
-                pipe.xread(
-                    {self.reply_key: self._cursor.last},
-                    count=READ_COUNT,
-                    block=int(READ_BLOCK_S * 1000),
-                )
+                pipe = self._cursor.next_read(self._reader_redis, self.reply_key)
                 batch = self._cursor.take(pipe.execute()[-1])
                 backoff = 0.05
             except connection.REDIS_ERRORS as e:
