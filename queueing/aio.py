@@ -30,6 +30,8 @@ class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
 
     request_id: str
     model: str = ""
+    #: The version of the model that answered (set with the result).
+    model_version: int | None = None
 
 
 class AsyncClient(ClientBase[AsyncRequestFuture]):

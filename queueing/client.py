@@ -49,6 +49,9 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         super().__init__()
         self.request_id = request_id
         self.model = model
+        #: The version of the model that answered (set with the result; None before, or
+        #: from a pool that does not say).
+        self.model_version: int | None = None
 
 
 class Client(ClientBase[RequestFuture]):

@@ -34,13 +34,16 @@ object         written by                       read by               guarded by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
 import signal
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
@@ -58,8 +61,11 @@ from workers.placement import Slot
 from workers.presence import Presence
 from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
 from workers.reader import Reader
-from workers.runner import Runner, Served, load
+from workers.repository import VersionPolicy, model_names, parse_labels
+from workers.rollout import VersionWatcher
+from workers.runner import Runner, load
 from workers.shared import BatchDesk, HeldEntries, StreamClock
+from workers.versions import Version, VersionRouter, Versions
 from workers.writer import Writer
 
 if TYPE_CHECKING:
@@ -87,6 +93,8 @@ class Worker:
         inherit_from: Sequence[str] = (),
         settings: Mapping[FieldT, EncodableT] | None = None,
         ready: Synchronized[int] | None = None,
+        repo_folder: Path | None = None,
+        heartbeat_id: str | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -119,28 +127,51 @@ class Worker:
             held=self.held, shared=self.redis,
         )  # fmt: skip
         self._ready_flag = ready
+        #: The heartbeat's key: the worker id, or ``id/model`` for one model of several.
+        self.heartbeat_id = heartbeat_id or worker_id
+        self.versions = Versions(config.name, parse_labels(config.labels))
+        #: Keeps the versions in step with the repository (None: one model file, version 1).
+        self.watcher: VersionWatcher | None = None
+        if repo_folder is not None:
+            self.watcher = VersionWatcher(
+                folder=repo_folder, policy=VersionPolicy.parse(config.version_policy),
+                versions=self.versions, build=self._build, poll_s=config.poll_s,
+                stopping=self.stopping, redis_url=config.redis_url,
+            )  # fmt: skip
+        #: Set once the first load was tried (whether or not a version loaded).
+        self.first_attempt = threading.Event()
 
     def run(self) -> int:
         """Load, warm up, register, serve until stopped, drain. Returns the exit code."""
-        served = load(self.config, self.desk.batcher)
-        self.desk.batcher = served.batcher  # the batches the model allows
-        self.model = served.model
-        presence, reader, runner = self._assemble(served)
+        try:
+            first = self._load_first()
+        finally:
+            self.first_attempt.set()
+        if first is None:
+            return EXIT_OK  # stopped before any version could load
+        self.desk.batcher = first.served.batcher  # the batches the model allows
+        self.model = first.served.model
+        presence, reader = self._assemble(first)
         presence.register()
         presence.sync_clock()
         writer = threading.Thread(target=self.writer.run, name="tfpool-writer", daemon=True)
-        for thread in (
+        threads = [
             threading.Thread(target=reader.run, name="tfpool-reader", daemon=True),
             writer,
             threading.Thread(target=presence.run, name="tfpool-heartbeat", daemon=True),
-        ):
+        ]
+        if self.watcher is not None:
+            threads.append(
+                threading.Thread(target=self.watcher.run, name="tfpool-watcher", daemon=True)
+            )
+        for thread in threads:
             thread.start()
         presence.heartbeat("ready")
         if self._ready_flag is not None:
             self._ready_flag.value = 1
-        log.info("worker %s ready: model %s on %s", self.worker_id, self.config.name,
-                 self.device or "cpu")  # fmt: skip
-        self.serve(runner, reader.done)
+        log.info("worker %s ready: model %s (version %s) on %s", self.worker_id,
+                 self.config.name, first.number, self.device or "cpu")  # fmt: skip
+        self.serve(reader.done)
         self.writer.close()  # the writer posts what it has, then exits
         writer.join(timeout=30)
         with contextlib.suppress(redis.RedisError):
@@ -155,12 +186,15 @@ class Worker:
         self.stopping.set()
         self.desk.wake()
 
-    def serve(self, runner: Runner, reader_done: threading.Event) -> None:
-        """The main loop: wait for a due batch, run it, hand its answers to the writer."""
+    def serve(self, reader_done: threading.Event) -> None:
+        """The main loop: wait for a due batch, run it on its version, hand its answers to
+        the writer."""
         while True:
             closing = self.stopping.is_set() and reader_done.is_set()
             batch, expired = self.desk.next_batch(closing=closing, max_wait=0.1)
-            self.writer.submit([self.answers.error(r, deadline_error(r)) for r in expired])
+            if expired:
+                self.writer.submit([self.answers.error(r, deadline_error(r)) for r in expired])
+                self.versions.answered(Counter(r.version or 0 for r in expired))
             if batch is None:
                 if closing and self.desk.is_empty():
                     return
@@ -168,43 +202,99 @@ class Worker:
             suspects = [part.item.entry_id for part in batch.parts if part.item.suspect]
             if suspects:
                 self.claims.record_runs(self.redis, keys.attempts(self.config.name), suspects)
-            answers = runner.run(batch)
+            version = self.versions.get(batch.parts[0].item.version or 0)
+            answers = version.runner.run(batch)
             if suspects:
                 # The next batch may be the request that killed the last worker: these
                 # answers must not die with it.
                 self.writer.post_now(answers)
             else:
                 self.writer.submit(answers)
+            # After the answers are handed on: a drained version may be dropped now.
+            self.versions.answered(Counter({version.number: len(answers)}))
 
-    def _assemble(self, served: Served) -> tuple[Presence, Reader, Runner]:
-        """The parts that need the loaded model."""
-        info: dict[FieldT, EncodableT] = {
-            "max_queue": self.config.max_queue,
-            "inputs": served.describe_inputs(),
-            "outputs": ", ".join(served.output_names),
-        }
-        presence = Presence(
-            self.config, self.redis, worker_id=self.worker_id, slot=self.slot, device=self.device,
-            settings=self.settings, model_info=info, stats=self.stats, held=self.held,
-            claims=self.claims, clock=self.clock, stopping=self.stopping, stop=self.stop,
-        )  # fmt: skip
+    def _load_first(self) -> Version | None:
+        """The first version to serve: the model file (version 1), or what the repository
+        holds (waiting for a loadable version; None if stopped first)."""
+        if self.watcher is None:
+            self.versions.add(self._build(1, self.config.model, lambda: None))
+        else:
+            self.watcher.refresh()
+            self.first_attempt.set()
+            while not self.versions.serving():
+                if self.stopping.wait(self.config.poll_s):
+                    return None
+                self.watcher.refresh()
+        return self.versions.default_version()
+
+    def _build(self, number: int, path: str, on_warming: Callable[[], None]) -> Version:
+        """Load and warm one version; its intake and runner. Raises if it cannot serve."""
+        config = self.config
+        if path != config.model:
+            config = dataclasses.replace(config, model=path)
+        template: Batcher[InHand] = Batcher(
+            max_rows=config.max_batch_size,
+            max_latency_s=config.max_latency_ms / 1000,
+            buckets=config.buckets or None,
+        )
+        served = load(config, template, on_warming)
+        if self.model is not None and served.batcher.buckets != self.desk.batcher.buckets:
+            raise ModelLoadError(
+                f"version {number} takes batches of {served.batcher.buckets} rows, the"
+                f" versions before it {self.desk.batcher.buckets}: serve it under a new name"
+            )
         intake = Intake(
-            model_name=self.config.name, inputs=served.model.inputs, limits=self.config.limits(),
-            max_rows=self.config.max_rows, clock=self.clock, answers=self.answers,
-            preprocess=served.preprocess, convert=self.config.convert_inputs,
-            alone=self.config.batching == "off",
-        )  # fmt: skip
-        reader = Reader(
-            self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
-            claims=self.claims, intake=intake, desk=self.desk, writer=self.writer,
-            held=self.held, stopping=self.stopping, register=presence.register_quietly,
+            model_name=config.name, inputs=served.model.inputs, limits=config.limits(),
+            max_rows=config.max_rows, clock=self.clock, answers=self.answers,
+            preprocess=served.preprocess, convert=config.convert_inputs,
+            alone=config.batching == "off",
         )  # fmt: skip
         runner = Runner(
             model=served.model, inputs=served.model.inputs, output_names=served.output_names,
-            bucket_for=self.desk.batcher.bucket_for, stats=self.stats, answers=self.answers,
+            bucket_for=served.batcher.bucket_for, stats=self.stats, answers=self.answers,
             postprocess=served.postprocess,
         )  # fmt: skip
-        return presence, reader, runner
+        return Version(number, path, served, intake, runner)
+
+    def _model_info(self) -> dict[FieldT, EncodableT]:
+        """The model's info hash: producers' admission (``max_queue``), what to send (the
+        default version's inputs), and the versions served."""
+        default = self.versions.default_version()
+        info: dict[FieldT, EncodableT] = {
+            "max_queue": self.config.max_queue,
+            "versions": ", ".join(map(str, self.versions.serving())),
+            "labels": self.versions.describe_labels(),
+        }
+        if default is not None:
+            info["inputs"] = default.served.describe_inputs()
+            info["outputs"] = ", ".join(default.served.output_names)
+            info["default_version"] = default.number
+        return info
+
+    def _details(self) -> dict[FieldT, EncodableT]:
+        """Heartbeat fields on the versions, for ``tfpool status``."""
+        return {
+            "versions": self.versions.describe(),
+            "labels": self.versions.describe_labels(),
+            "default_version": self.versions.default_number() or "",
+        }
+
+    def _assemble(self, first: Version) -> tuple[Presence, Reader]:
+        """The parts that need a loaded version."""
+        presence = Presence(
+            self.config, self.redis, worker_id=self.heartbeat_id, slot=self.slot,
+            device=self.device, settings=self.settings, model_info=self._model_info(),
+            stats=self.stats, held=self.held, claims=self.claims, clock=self.clock,
+            stopping=self.stopping, stop=self.stop, details=self._details,
+        )  # fmt: skip
+        self.versions.on_change = lambda: presence.update_info(self._model_info())
+        router = VersionRouter(self.versions, self.answers, fallback=first.intake)
+        reader = Reader(
+            self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
+            claims=self.claims, intake=router, desk=self.desk, writer=self.writer,
+            held=self.held, stopping=self.stopping, register=presence.register_quietly,
+        )  # fmt: skip
+        return presence, reader
 
 
 def worker_main(
@@ -223,17 +313,45 @@ def worker_main(
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
     )
-    worker = Worker(
-        config, worker_id=worker_id, slot=slot.index, device=slot.device,
-        inherit_from=inherit_from, ready=ready,
-    )  # fmt: skip
+    if config.model_repo:
+        lanes = [
+            Worker(
+                config.for_model(name, str(Path(config.model_repo) / name)),
+                worker_id=worker_id,
+                slot=slot.index,
+                device=slot.device,
+                inherit_from=inherit_from,
+                repo_folder=Path(config.model_repo) / name,
+                heartbeat_id=f"{worker_id}/{name}",
+            )
+            for name in model_names(config.model_repo)
+        ]
+    else:
+        lanes = [
+            Worker(
+                config,
+                worker_id=worker_id,
+                slot=slot.index,
+                device=slot.device,
+                inherit_from=inherit_from,
+                ready=ready,
+            )
+        ]
+    worker = lanes[0]
 
     def on_term(signum: int, frame: object) -> None:
         if worker.stopping.is_set():
             os._exit(EXIT_OK)
-        worker.stop()
+        for lane in lanes:
+            lane.stop()
+
+    def on_hup(signum: int, frame: object) -> None:
+        for lane in lanes:
+            if lane.watcher is not None:
+                lane.watcher.wake.set()
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -249,8 +367,9 @@ def worker_main(
                 intra_op_threads=slot.intra_op_threads or None,
                 inter_op_threads=slot.inter_op_threads or None,
             )
-        worker.settings.update(settings)
-        code = worker.run()
+        for lane in lanes:
+            lane.settings.update(settings)
+        code = worker.run() if not config.model_repo else run_models(lanes, ready)
     except WorkerError as e:  # says what is wrong and what to do: no traceback needed
         log.error("worker %s cannot serve the model: %s", worker_id, e)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
@@ -258,6 +377,42 @@ def worker_main(
         log.exception("worker %s failed", worker_id)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
     raise SystemExit(code)
+
+
+def run_models(lanes: list[Worker], ready: Synchronized[int]) -> int:
+    """Serve several models in this process: each model (a lane) with its own reader,
+    writer, heartbeat, watcher and serving thread, all sharing the process's TensorFlow
+    (which releases the GIL while a model runs). Ready once every model has tried its
+    first load; exit code 3 when none of them could load any version."""
+    codes: dict[str, int] = {}
+
+    def run(lane: Worker) -> None:
+        try:
+            codes[lane.config.name] = lane.run()
+        except Exception:
+            log.exception("model %s failed", lane.config.name)
+            codes[lane.config.name] = 1
+            lane.first_attempt.set()
+
+    threads = [
+        threading.Thread(target=run, args=(lane,), name=f"tfpool-model-{lane.config.name}")
+        for lane in lanes
+    ]
+    for thread in threads:
+        thread.start()
+    for lane in lanes:
+        lane.first_attempt.wait()
+    if not any(lane.versions.serving() for lane in lanes):
+        log.error("no model of the repository could load a version")
+        for lane in lanes:
+            lane.stop()
+        for thread in threads:
+            thread.join()
+        return EXIT_LOAD_FAILED
+    ready.value = 1
+    for thread in threads:
+        thread.join()
+    return max(codes.values(), default=EXIT_OK)
 
 
 def preload(modules: Sequence[str]) -> None:
