@@ -219,7 +219,11 @@ class Worker:
         if self.watcher is None:
             self.versions.add(self._build(1, self.config.model, lambda: None))
         else:
+            # Two scans before judging: a folder counts as complete once seen unchanged
+            # twice (or marked READY).
             self.watcher.refresh()
+            if not self.versions.serving() and not self.stopping.wait(self.config.poll_s):
+                self.watcher.refresh()
             self.first_attempt.set()
             while not self.versions.serving():
                 if self.stopping.wait(self.config.poll_s):
