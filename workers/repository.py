@@ -44,6 +44,8 @@ class VersionPolicy:
         if isinstance(value, (list, tuple)):
             return cls("specific", specific=tuple(sorted(_version(v) for v in value)))
         text = str(value).strip().lower()
+        if text.startswith("[") and text.endswith("]"):  # "[3, 4]" from the command line
+            text = "specific:" + text[1:-1]
         kind, _, arg = text.partition(":")
         if kind == "latest":
             count = int(arg) if arg.strip().isdigit() else 1 if not arg.strip() else 0

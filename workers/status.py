@@ -19,7 +19,16 @@ from queueing.redis_state import SAFE_POLICY
 
 #: Heartbeat fields that stay text; the others are numbers (in ``--json`` too).
 TEXT_FIELDS = frozenset(
-    {"host", "device", "model", "state", "cuda_visible_devices", "memory_growth"}
+    {
+        "host",
+        "device",
+        "model",
+        "state",
+        "cuda_visible_devices",
+        "memory_growth",
+        "versions",
+        "labels",
+    }
 )
 
 
@@ -195,6 +204,21 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
     lines += _table(
         ("MODEL", "LIVE", "LAST SEEN", "WAITING", "PENDING", "DEAD", "CAP", "INPUTS"), model_rows
     )
+    version_rows = [
+        (
+            w.get("model", "?"),
+            w.get("host", "?"),
+            w.get("pid", "?"),
+            str(w.get("default_version", "") or "-"),
+            str(w.get("labels", "") or "-"),
+            str(w.get("versions", "")),
+        )
+        for w in status.workers
+        if w.get("versions")
+    ]
+    if version_rows:  # each worker's own view: during a rollout, workers differ
+        lines += ["", "versions (state per worker: loading, warming, ready, draining, failed):"]
+        lines += _table(("MODEL", "HOST", "PID", "DEFAULT", "LABELS", "VERSIONS"), version_rows)
     return "\n".join(lines)
 
 

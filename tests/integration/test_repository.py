@@ -10,7 +10,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 import keras
@@ -40,7 +39,8 @@ def weights(model: str, version: int) -> tuple[np.ndarray, np.ndarray]:
 
 def expected(model: str, version: int, x: np.ndarray) -> np.ndarray:
     kernel, bias = weights(model, version)
-    return x @ kernel + bias
+    result: np.ndarray = x @ kernel + bias
+    return result
 
 
 def build_version(folder: Path, model: str, version: int) -> Path:
@@ -107,6 +107,10 @@ class Traffic:
         return None
 
 
+def answered_by(traffic: Traffic, version: int) -> Callable[[], float | None]:
+    return lambda: traffic.first_answer_from(version)
+
+
 def test_new_versions_roll_out_under_traffic_without_a_failed_request(
     tmp_path: Path, start_pool: PoolFactory, redis_url: str, client: Client
 ) -> None:
@@ -120,9 +124,7 @@ def test_new_versions_roll_out_under_traffic_without_a_failed_request(
         for version in (2, 3, 4):
             drop_version(repo, staging, "m", version)
             settled[version] = wait_until(
-                lambda v=version: traffic.first_answer_from(v),
-                timeout=120,
-                what=f"an answer from version {version}",
+                answered_by(traffic, version), timeout=120, what=f"an answer from version {version}"
             )
         sent = list(traffic.sent)
     wait_until(lambda: all(f.done() for _, _, f in sent), timeout=60, what="every answer")
@@ -130,14 +132,14 @@ def test_new_versions_roll_out_under_traffic_without_a_failed_request(
     assert failed == [], failed[:3]
     by_version: dict[int, int] = {}
     for sent_at, x, future in sent:
-        version = future.model_version
-        assert version in (1, 2, 3, 4)
-        by_version[version] = by_version.get(version, 0) + 1
-        np.testing.assert_allclose(future.result(), expected("m", version, x), rtol=1e-5, atol=1e-5)
+        made_by = future.model_version
+        assert made_by is not None and made_by in (1, 2, 3, 4)
+        by_version[made_by] = by_version.get(made_by, 0) + 1
+        np.testing.assert_allclose(future.result(), expected("m", made_by, x), rtol=1e-5, atol=1e-5)
         # Once a version's first answer was seen, one worker reads every later request
         # after its switch: no later request is answered by an older version.
         newest_settled = max((v for v, at in settled.items() if at <= sent_at), default=1)
-        assert version >= newest_settled, (sent_at, version, newest_settled)
+        assert made_by >= newest_settled, (sent_at, made_by, newest_settled)
     assert set(by_version) == {1, 2, 3, 4}, by_version
     # The old versions drained and were unloaded: only the newest is left.
     wait_until(lambda: versions_line(redis_url, "m") == "4 ready", timeout=30, what="unloads")
@@ -166,7 +168,7 @@ def test_several_models_in_one_worker_pinned_by_number_and_label(
 
     # Three models, one worker process, answering concurrently.
     rng = np.random.default_rng(0)
-    sent: list[tuple[str, int, np.ndarray, Future[object]]] = []
+    sent: list[tuple[str, int, np.ndarray, RequestFuture]] = []
     for i in range(60):
         name, version = [("a", 1), ("b", 1), ("c", 3)][i % 3]
         x = rng.normal(size=(1 + i % 4, WIDTH)).astype(np.float32)
@@ -175,7 +177,7 @@ def test_several_models_in_one_worker_pinned_by_number_and_label(
         np.testing.assert_allclose(
             future.result(timeout=60), expected(name, version, x), rtol=1e-5, atol=1e-5
         )
-        assert getattr(future, "model_version", None) == version
+        assert future.model_version == version
     assert len({beat["pid"] for m in "abc" for beat in heartbeats(redis_url, m)}) == 1
 
     # Pinned by number, by label; the default is the "stable" label.
