@@ -137,10 +137,11 @@ def main() -> int:
                     first = wait_for(lambda v=version, t=arrived: traffic.first_answer(v, t))
                     unloaded = wait_for(lambda v=version: versions_line(conn) == f"{v} ready")
                     print(
-                        f"version {version}: folder in at 0.00s, first answer at"
-                        f" {first - arrived:.2f}s, version {version - 1} unloaded at"
-                        f" {unloaded - arrived:.2f}s; {traffic.answers_between(arrived, unloaded)}"
-                        " requests answered meanwhile"
+                        f"version {version}: first answer {first - arrived:.2f}s after its"
+                        f" folder arrived ({traffic.answers_between(arrived, first):,} requests"
+                        f" answered by version {version - 1} meanwhile); version {version - 1}"
+                        f" gone from the heartbeat {unloaded - arrived:.2f}s after"
+                        f" ({traffic.answers_between(arrived, unloaded):,} answered in all)"
                     )
                 settle_until = time.monotonic() + 1.0
                 wait_for(lambda: time.monotonic() >= settle_until)

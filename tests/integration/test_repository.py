@@ -186,6 +186,9 @@ def test_several_models_in_one_worker_pinned_by_number_and_label(
         future = client.submit(address, x)
         np.testing.assert_allclose(future.result(timeout=30), expected("a", version, x), rtol=1e-5)
         assert future.model_version == version, address
+    kept = client.submit("a@canary", x, keep=True)
+    kept.result(timeout=30)
+    assert client.result_version(kept.request_id) == 2  # a kept result keeps its version
     with pytest.raises(UnknownModel, match=r"version '7' is not served; served versions: 1, 2"):
         client.predict("a@7", x, timeout=30)
 
