@@ -81,6 +81,8 @@ class ScoreSummary:
     failed_rows: int  # in every run of this job
     seconds: float  # this run
     rows_done: int = 0  # in every run of this job (a resumed run counts the earlier ones')
+    #: The model versions that answered, in every run of this job (empty: the pool did not say).
+    model_versions: tuple[int, ...] = ()
 
 
 class Progress:
@@ -180,13 +182,26 @@ def open_input(path: str) -> tuple[Input, int]:
     return array, len(array)
 
 
+class VersionChanged(ValueError):
+    """A resumed run got answers from a model version that the runs before it did not."""
+
+
 class _Output:
     """The output files and the progress record of one run."""
 
     def __init__(
-        self, path: str, fingerprint: dict[str, Any], row_names: list[str] | None = None
+        self,
+        path: str,
+        fingerprint: dict[str, Any],
+        row_names: list[str] | None = None,
+        *,
+        allow_version_change: bool = False,
     ) -> None:
         self.path = path
+        # Provenance: the versions that answered (recorded), and those of the runs before.
+        self.versions: set[int] = set()
+        self.versions_before: set[int] = set()
+        self.allow_version_change = allow_version_change
         self.row_names = row_names  # named in the errors file (the files of a folder)
         self.fingerprint = fingerprint
         self.sidecar = path + ".progress.json"
@@ -212,10 +227,28 @@ class _Output:
             )
         self.done = set(record["done"])
         self.failed_rows = int(record.get("failed_rows", 0))
+        self.versions_before = set(record.get("model_versions", []))
+        self.versions = set(self.versions_before)
         self.single = record["single"]
         if record["layout"] is not None:
             self._open(record["layout"], mode="r+")
         return True
+
+    def note_version(self, version: int | None) -> None:
+        """Record the version that made an answer. Raises :class:`VersionChanged` when a
+        resumed run meets a version the runs before it did not (unless allowed): a file
+        half from one model and half from another is rarely what was meant."""
+        if version is None or version in self.versions:
+            return
+        if self.versions_before and not self.allow_version_change:
+            before = ", ".join(map(str, sorted(self.versions_before)))
+            raise VersionChanged(
+                f"the earlier runs of this job were answered by version {before} of"
+                f" {self.fingerprint['model']!r}, this one by version {version}: pass"
+                " --allow-version-change to go on anyway, or delete"
+                f" {self.sidecar} and the partial output to start over"
+            )
+        self.versions.add(version)
 
     def write(self, start: int, outputs: Any) -> None:
         bare = self.path.endswith(".npy")  # the array itself, not an archive of named ones
@@ -277,6 +310,7 @@ class _Output:
             "failed_rows": self.failed_rows,
             "layout": self.layout,
             "single": self.single,
+            "model_versions": sorted(self.versions),
         }
         tmp = self.sidecar + ".tmp"
         Path(tmp).write_text(json.dumps(record))
@@ -317,6 +351,7 @@ def score(
     progress: Callable[[int, int], Progress] = Progress,
     input_columns: Mapping[str, Sequence[str]] | None = None,
     keep_columns: Sequence[str] = (),
+    allow_version_change: bool = False,
 ) -> ScoreSummary:
     """Score every row of ``input_path`` with ``model`` into ``output_path``; continue an
     interrupted run of the same job. See the module docstring. ``chunk_rows`` defaults to
@@ -324,7 +359,9 @@ def score(
 
     Raises the error of the first chunk's rows when every one of them failed the same way
     (nothing is left written), and :class:`RequestTimeout` when a chunk times out while no
-    worker of ``model`` is live (what is done stays done).
+    worker of ``model`` is live (what is done stays done). The model versions that answered
+    are recorded in the progress record and returned; resuming a run of arrays across a
+    version change raises :class:`VersionChanged` unless ``allow_version_change``.
 
     A table dataset (Parquet, CSV, JSON Lines, TFRecord: a file, a folder of files, a
     :class:`~queueing.datasets.base.Source`, or an iterable of ``pyarrow.RecordBatch``)
@@ -353,7 +390,8 @@ def score(
         "rows": rows,
         "chunk_rows": chunk_rows,
     }
-    output = _Output(output_path, fingerprint, None if folder is None else folder.files)
+    output = _Output(output_path, fingerprint, None if folder is None else folder.files,
+                     allow_version_change=allow_version_change)  # fmt: skip
     resumed = output.resume()
     if not resumed and folder is not None:
         # Row i of the output is the i-th file of this list.
@@ -431,6 +469,7 @@ def _run(
         failed_rows=output.failed_rows,
         seconds=time.monotonic() - started,
         rows_done=rows,
+        model_versions=tuple(sorted(output.versions)),
     )
 
 
@@ -548,7 +587,9 @@ def _collect(
     rows failed."""
     for attempt in range(3):
         try:
-            output.write(span.start, client.wait(future, timeout=timeout))
+            outputs = client.wait(future, timeout=timeout)
+            output.note_version(future.model_version)
+            output.write(span.start, outputs)
             return 0
         except (RequestLost, RequestTimeout) as e:
             if isinstance(e, RequestTimeout) and pool.down() is not None:
@@ -564,7 +605,9 @@ def _collect(
     singles = client.submit_many(model, [_rows(inputs, range(r, r + 1)) for r in span])
     for row, single in zip(span, singles, strict=True):
         try:
-            output.write(row, client.wait(single, timeout=timeout))
+            outputs = client.wait(single, timeout=timeout)
+            output.note_version(single.model_version)
+            output.write(row, outputs)
         except RequestError as e:
             if isinstance(e, RequestTimeout) and pool.down() is not None:
                 raise

@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="COLUMN,...",
         help="tables: columns copied to the output beside the scores (e.g. id,ts)",
     )
+    score.add_argument(
+        "--allow-version-change",
+        action="store_true",
+        help="resume even if another model version answers now than in the earlier runs",
+    )
     score.set_defaults(run=_score)
 
     reload = add("reload", "make every pool on this Redis re-scan its model repository now")
@@ -350,7 +355,8 @@ def _score(args: argparse.Namespace) -> int:
         try:
             summary = score(client, args.model, args.input, args.output,
                             chunk_rows=args.chunk_rows, window=args.window,
-                            input_columns=input_columns, keep_columns=keep)  # fmt: skip
+                            input_columns=input_columns, keep_columns=keep,
+                            allow_version_change=args.allow_version_change)  # fmt: skip
         except KeyboardInterrupt:
             print("tfpool score: interrupted; run the same command again to continue",
                   file=sys.stderr)  # fmt: skip
@@ -359,7 +365,10 @@ def _score(args: argparse.Namespace) -> int:
     print(f"scored {summary.rows_done:,} of {summary.rows:,} rows"
           + (f" ({summary.scored:,} in this run, {earlier:,} before)" if earlier else "")
           + f" in {summary.seconds:.1f}s ({summary.scored / max(summary.seconds, 1e-9):,.0f}"
-          f" rows/s); {summary.failed_rows:,} failed rows"
+          " rows/s); "
+          + (f"model version {', '.join(map(str, summary.model_versions))}; "
+             if summary.model_versions else "")
+          + f"{summary.failed_rows:,} failed rows"
           + (_where_errors_are(args.output) if summary.failed_rows else ""))  # fmt: skip
     allowance: float = args.allow_failed_rows
     allowed = allowance * summary.rows if isinstance(allowance, float) else allowance

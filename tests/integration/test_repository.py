@@ -4,6 +4,7 @@ request (README: "Model repository")."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -18,8 +19,10 @@ import pytest
 
 from queueing import Client, UnknownModel
 from queueing.client import RequestFuture
+from queueing.score import Progress, VersionChanged, score
 from tests.integration.helpers import heartbeats
 from tests.waiting import wait_until
+from workers.repository import READY_MARKER
 from workers.supervisor import Supervisor
 
 #: What start_pool (tests/integration/conftest.py) returns.
@@ -200,3 +203,52 @@ def test_several_models_in_one_worker_pinned_by_number_and_label(
     future = client.submit("a", x)  # "stable" names a version gone: the newest serves
     np.testing.assert_allclose(future.result(timeout=30), expected("a", 2, x), rtol=1e-5)
     assert future.model_version == 2
+
+
+class _StopAfter(Progress):
+    """Ctrl-C once ``limit`` rows are done."""
+
+    limit = 0
+
+    def update(self, rows: int) -> None:
+        super().update(rows)
+        if self.done >= self.limit:
+            raise KeyboardInterrupt
+
+
+def test_scoring_records_the_version_and_will_not_resume_across_a_new_one(
+    tmp_path: Path, start_pool: PoolFactory, client: Client
+) -> None:
+    repo = tmp_path / "repo"
+    build_version(repo / "s" / "1", "s", 1)
+    start_pool("", model_repo=str(repo), poll_s=0.2)
+    x = np.random.default_rng(5).normal(size=(600, WIDTH)).astype(np.float32)
+    paths = (str(tmp_path / "x.npy"), str(tmp_path / "y.npy"))
+    np.save(paths[0], x)
+    _StopAfter.limit = 200
+    with pytest.raises(KeyboardInterrupt):
+        score(client, "s", *paths, chunk_rows=50, progress=_StopAfter)
+    record = json.loads(Path(paths[1] + ".progress.json").read_text())
+    assert record["model_versions"] == [1]
+
+    version_2 = build_version(tmp_path / "staging" / "2", "s", 2)
+    (version_2 / READY_MARKER).touch()
+    os.rename(version_2, repo / "s" / "2")
+    probe = np.zeros((1, WIDTH), np.float32)
+    wait_until(lambda: _version_of(client, "s", probe) == 2, timeout=60, what="version 2")
+    with pytest.raises(VersionChanged, match="version 1 of 's', this one by version 2"):
+        score(client, "s", *paths, chunk_rows=50)
+    summary = score(client, "s", *paths, chunk_rows=50, allow_version_change=True)
+    assert summary.model_versions == (1, 2)
+    y = np.load(paths[1])
+    done_before = sorted(record["done"])
+    for chunk in range(12):
+        rows = slice(chunk * 50, chunk * 50 + 50)
+        maker = 1 if chunk in done_before else 2
+        np.testing.assert_allclose(y[rows], expected("s", maker, x[rows]), rtol=1e-5, atol=1e-5)
+
+
+def _version_of(client: Client, model: str, x: np.ndarray) -> int | None:
+    future = client.submit(model, x)
+    future.result(timeout=30)
+    return future.model_version
