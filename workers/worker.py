@@ -102,7 +102,7 @@ class Worker:
         self.device = device
         self.inherit_from = list(inherit_from)
         self.settings: dict[FieldT, EncodableT] = dict(settings or {})
-        self.model: LoadedModel | None = None  # set once loaded
+        self._batches_fixed = False  # the desk's batcher is set from the first version
         self.stats = WorkerStats()
         self.answers = AnswerMaker(self.stats)
         self.stopping = threading.Event()
@@ -150,7 +150,7 @@ class Worker:
         if first is None:
             return EXIT_OK  # stopped before any version could load
         self.desk.batcher = first.served.batcher  # the batches the model allows
-        self.model = first.served.model
+        self._batches_fixed = True
         presence, reader = self._assemble(first)
         presence.register()
         presence.sync_clock()
@@ -180,6 +180,13 @@ class Worker:
         log.info("worker %s stopped after %d batches, %d requests", self.worker_id,
                  self.stats.batches, self.stats.requests)  # fmt: skip
         return EXIT_OK
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The default version's model (None before one is loaded). Not kept otherwise: a
+        retired version is dropped once drained."""
+        version = self.versions.default_version()
+        return None if version is None else version.served.model
 
     def stop(self) -> None:
         """Stop reading; finish and answer what is in hand; then ``run()`` returns."""
@@ -242,7 +249,7 @@ class Worker:
             buckets=config.buckets or None,
         )
         served = load(config, template, on_warming)
-        if self.model is not None and served.batcher.buckets != self.desk.batcher.buckets:
+        if self._batches_fixed and served.batcher.buckets != self.desk.batcher.buckets:
             raise ModelLoadError(
                 f"version {number} takes batches of {served.batcher.buckets} rows, the"
                 f" versions before it {self.desk.batcher.buckets}: serve it under a new name"
@@ -276,7 +283,10 @@ class Worker:
         return info
 
     def _details(self) -> dict[FieldT, EncodableT]:
-        """Heartbeat fields on the versions, for ``tfpool status``."""
+        """Heartbeat fields on the versions, for ``tfpool status`` (a model served from a
+        repository; one model file is always version 1)."""
+        if self.watcher is None:
+            return {}
         return {
             "versions": self.versions.describe(),
             "labels": self.versions.describe_labels(),
