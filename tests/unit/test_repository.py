@@ -3,7 +3,9 @@ a policy serves, addresses with versions, and results that name their version.""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import pytest
 from queueing import keys, wire
 from workers.config import PoolConfig
 from workers.errors import ConfigError
+from workers.messages import Received
 from workers.repository import READY_MARKER, ModelWatch, VersionPolicy, parse_labels
+from workers.versions import Version, Versions
 
 
 def write_version(folder: Path, data: bytes = b"weights") -> Path:
@@ -123,3 +127,56 @@ def test_a_result_says_which_version_made_it() -> None:
     outputs = np.arange(3, dtype=np.float32)
     assert wire.decode_result(wire.encode_result("r1", outputs, 4)).version == 4
     assert wire.decode_result(wire.encode_result("r1", outputs)).version is None
+
+
+def _version(number: int) -> Version:
+    # Routing and draining never touch the model, intake or runner.
+    return Version(number, f"/m/{number}", cast(Any, None), cast(Any, None), cast(Any, None))
+
+
+def _requests(*addresses: str) -> list[Received]:
+    return [
+        Received(b"%d-0" % i, f"r{i}", "reply", wire.RequestBody(a, np.zeros(1), None, 0), {})
+        for i, a in enumerate(addresses)
+    ]
+
+
+def _routed(versions: Versions, *addresses: str) -> dict[int, int]:
+    routed, unknown = versions.route(_requests(*addresses))
+    assert unknown == []
+    return {version.number: len(group) for version, group in routed}
+
+
+def test_requests_go_to_the_default_a_pinned_version_or_a_label() -> None:
+    versions = Versions("m", {"stable": 3, "canary": 4})
+    for number in (3, 4, 5):
+        versions.add(_version(number))
+    assert _routed(versions, "m", "m@stable") == {3: 2}  # the default is "stable"
+    assert _routed(versions, "m@4", "m@canary", "m@5") == {4: 2, 5: 1}
+    routed, unknown = versions.route(_requests("m@7", "m@beta"))
+    assert routed == []
+    assert [str(e) for _, e in unknown] == [
+        "model 'm': version '7' is not served; served versions: 3, 4, 5;"
+        " labels: canary=4, stable=3",
+        "model 'm': version 'beta' is not served; served versions: 3, 4, 5;"
+        " labels: canary=4, stable=3",
+    ]
+    versions.retire(3)  # "stable" names a version no longer served: the newest is default
+    assert versions.default_number() == 5
+
+
+def test_a_retired_version_answers_what_it_holds_then_is_dropped() -> None:
+    versions = Versions("m")
+    versions.add(_version(1))
+    assert _routed(versions, "m", "m", "m@1") == {1: 3}
+    versions.add(_version(2))
+    versions.retire(1)
+    assert _routed(versions, "m") == {2: 1}  # new requests go to the new version at once
+    assert versions.describe() == "1 draining; 2 ready"
+    assert versions.get(1).number == 1  # still there to run what it holds
+    versions.answered(Counter({1: 2}))
+    assert versions.describe() == "1 draining; 2 ready"
+    versions.answered(Counter({1: 1}))  # its last request answered: dropped
+    assert versions.describe() == "2 ready"
+    with pytest.raises(KeyError):
+        versions.get(1)
