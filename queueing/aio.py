@@ -1,8 +1,10 @@
 """The asyncio producer: :class:`AsyncClient`, for services (redis.asyncio underneath).
 
 Same requests, results and errors as :class:`queueing.Client`. One reply reader task per
-client resolves futures by request id. A caller cancelled while it awaits a result takes
-its future out of the client's table with it: nothing is left behind.
+client resolves futures by request id; one sender task sends what concurrent ``submit()``
+calls have left waiting in one round trip (:mod:`queueing.outbox`). A caller cancelled
+while it awaits a result takes its future out of the client's table with it: nothing is
+left behind.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 
-from queueing import enqueue, keys, liveness, redis_state, wire
+from queueing import connection, enqueue, keys, liveness, redis_state, wire
 from queueing.base import READ_BLOCK_S, READ_COUNT, ClientBase
 from queueing.errors import RequestError
+from queueing.outbox import Outbox, Outgoing, by_model
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
@@ -40,12 +44,23 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
     ``async with AsyncClient(url) as client:`` or ``await client.close()``."""
 
     def _connect(self) -> None:
-        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=self.socket_timeout_s)
-        self._reader_redis = aioredis.Redis.from_url(
+        self._redis = connection.connect_async(self.redis_url, socket_timeout=self.socket_timeout_s)
+        self._reader_redis = connection.connect_async(
             self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        # submit()'s requests wait here for the sender task (see queueing.outbox); one
+        # loop runs both, so no lock. Each batch's future is done once it has been sent.
+        self._outbox: Outbox[AsyncRequestFuture, asyncio.Future[None]] = Outbox(
+            lambda: asyncio.get_running_loop().create_future()
+        )
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        # On a cluster: plain clients to single nodes, for writes followed by a WAIT.
+        self._nodes = connection.NodeClients(
+            self.redis_url, {"socket_timeout": self.socket_timeout_s}
+        )
 
     async def predict(
         self, model: str, inputs: Sendable, *, timeout: float = 30.0, deadline: float | None = None
@@ -63,11 +78,30 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         keep: bool = False,
         keep_ttl_s: int | None = None,
     ) -> AsyncRequestFuture:
-        """Queue one request; raises QueueFull / UnknownModel / Unavailable at once."""
-        (future,) = await self.submit_many(
-            model, [inputs], deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
+        """Queue one request; raises QueueFull / UnknownModel / Unavailable at once.
+
+        Requests submitted close together (many tasks) are coalesced: the client's sender
+        task sends everything waiting in one round trip, and each ``submit()`` returns
+        once its own round trip is done. A lone request is sent at once."""
+        if self._closed:
+            raise RuntimeError("client is closed")
+        future = self._new_future(model)
+        item = self._outgoing(
+            model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
         )
-        if future.done() and future.exception() is not None:
+        self._track([future])
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name=f"tfpool-sender-{self.client_id[:12]}"
+            )
+        sent = self._outbox.put(item)
+        self._wake.set()
+        try:
+            await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            future.cancel()  # it may have been sent: its result is then dropped
+            raise
+        if future.done() and not future.cancelled() and future.exception() is not None:
             raise cast(BaseException, future.exception())
         return future
 
@@ -84,22 +118,9 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         if self._closed:
             raise RuntimeError("client is closed")
         bodies = self._bodies(model, inputs, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s)
-        loop = asyncio.get_running_loop()
-        futures = []
-        for _ in bodies:
-            future = AsyncRequestFuture(loop=loop)
-            future.request_id = self._new_id()
-            future.model = model
-            # A future cancelled by its owner leaves the table at once.
-            future.add_done_callback(self._forget_if_cancelled)
-            futures.append(future)
+        futures = [self._new_future(model) for _ in bodies]
         self._track(futures)
-        if self._reader is None:
-            # Learn which Redis this is before the first request is queued (see
-            # Client._ensure_reader); should it not answer, the reader looks later.
-            with contextlib.suppress(redis.RedisError):
-                await self._look(self._redis)
-        self._ensure_reader()
+        await self._start_reader()
         try:
             with self._typed_errors(model):
                 entry_ids = await self._enqueue(model, [f.request_id for f in futures], bodies)
@@ -204,6 +225,10 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         if self._closed:
             return
         self._closed = True
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.wait({self._sender}, timeout=self.socket_timeout_s + 1)
+        _, unsent = self._outbox.take()
         if self._reader is not None:
             # The reader sees the flag within one XREAD timeout. It is also cancelled; but
             # redis-py may turn the cancellation of a blocking read into a connection
@@ -211,8 +236,11 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             self._reader.cancel()
             await asyncio.wait({self._reader}, timeout=READ_BLOCK_S + 1)
         self._fail_all(lambda request_id: RequestError("client closed", request_id=request_id))
+        if unsent is not None and not unsent.done():
+            unsent.set_result(None)
         await self._redis.aclose()
         await self._reader_redis.aclose()
+        await self._nodes.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -228,34 +256,105 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         except RequestError as e:
             return e
 
+    def _new_future(self, model: str) -> AsyncRequestFuture:
+        future = AsyncRequestFuture(loop=asyncio.get_running_loop())
+        future.request_id = self._new_id()
+        future.model = model
+        # A future cancelled by its owner leaves the table at once.
+        future.add_done_callback(self._forget_if_cancelled)
+        return future
+
+    async def _start_reader(self) -> None:
+        """The reply reader, started before the first request is queued."""
+        if self._reader is None:
+            # Learn which Redis this is before the first request is queued (see
+            # Client._ensure_reader); should it not answer, the reader looks later.
+            with contextlib.suppress(redis.RedisError):
+                await self._look(self._redis)
+        self._ensure_reader()
+
+    async def _send_loop(self) -> None:
+        """The sender task: take everything waiting, send it, repeat. Started by the first
+        submit(), it starts the reader before its first send (one look at Redis, however
+        many tasks submitted at once)."""
+        await self._start_reader()
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            items, sent = self._outbox.take()
+            try:
+                await self._send(items)
+            except Exception as e:  # a bug here must not strand every later request
+                log.exception("sender: sending %d requests failed", len(items))
+                for model, group in by_model(items).items():
+                    self._fail_unsent(model, [item.future for item in group], e)
+            finally:
+                if sent is not None and not sent.done():
+                    sent.set_result(None)
+
+    async def _send(self, items: list[Outgoing[AsyncRequestFuture]]) -> None:
+        """One round trip per model for ``items``; failures land on their futures."""
+        now = time.monotonic()
+        for model, group in by_model(items).items():
+            live = [item for item in group if not item.future.done()]  # not cancelled
+            if not live:
+                continue
+            futures = [item.future for item in live]
+            ids = [future.request_id for future in futures]
+            try:
+                with self._typed_errors(model):
+                    entry_ids = await self._enqueue(
+                        model, ids, [item.body_now(now) for item in live]
+                    )
+            except Exception as e:  # the sender must live on: the error goes to the futures
+                if not isinstance(e, RequestError):
+                    log.exception("sending %d requests of model %r failed", len(futures), model)
+                self._fail_unsent(model, futures, e)
+                continue
+            self._settle(model, futures, entry_ids)
+
     def _forget_if_cancelled(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
             self._forget(cast(AsyncRequestFuture, future).request_id)
 
     async def _enqueue(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
         """As :meth:`queueing.Client._enqueue_all`: the entry ids (0: no room)."""
+        try:
+            return await self._enqueue_once(model, ids, bodies)
+        except connection.REDIS_ERRORS:
+            # As Client: a cluster's topology may have changed; look again.
+            await connection.refresh_async(self._redis)
+            raise
+
+    async def _enqueue_once(self, model: str, ids: list[str], bodies: list[bytes]) -> list[Any]:
         if not enqueue.is_large(bodies):
             calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
             replies = await self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
             return [entry for chunk in replies for entry in chunk]
         room_calls = [enqueue.room_call(model, len(bodies))]
         (room,) = await self._run_scripts(self._room_sha, ROOM, room_calls)
-        pipe = self._redis.pipeline(transaction=False)
-        self._fill_xadds(pipe, model, ids[:room], bodies[:room])
-        added: list[Any] = await pipe.execute() if room else []
+        if not room:
+            return [0] * len(bodies)
+        pipe, replicas = self._nodes.pipeline(self._redis, keys.stream(model))
+        self._fill_xadds(pipe, model, ids[:room], bodies[:room], replicas)
+        added = self._replies(await pipe.execute(), replicas)
         return added + [0] * (len(bodies) - room)
 
     async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        for attempt in (1, 2):
-            pipe = self._redis.pipeline(transaction=False)
-            self._fill_scripts(pipe, sha, calls)
+        """As :meth:`queueing.Client._run_scripts`."""
+        for attempt in (1, 2, 3):
+            pipe, replicas = self._nodes.pipeline(self._redis, calls[0][0])
+            self._fill_scripts(pipe, sha, calls, replicas)
             try:
-                replies: list[Any] = await pipe.execute()
-                return replies
+                return self._replies(await pipe.execute(), replicas)
             except redis.exceptions.NoScriptError:
-                if attempt == 2:
+                if attempt == 3:
                     raise
                 await self._redis.script_load(script)
+            except redis.ResponseError as e:
+                if attempt == 3 or not connection.moving(e):
+                    raise
+                await connection.refresh_async(self._redis)
         raise AssertionError("unreachable")
 
     def _ensure_reader(self) -> None:
@@ -283,7 +382,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
                 )
                 batch = self._cursor.take((await pipe.execute())[-1])
                 backoff = 0.05
-            except redis.RedisError as e:
+            except connection.REDIS_ERRORS as e:
                 if self._closed:
                     return
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)

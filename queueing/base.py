@@ -19,10 +19,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from queueing import enqueue, keys, wire
+from queueing import connection, enqueue, keys, wire
 from queueing.errors import QueueFull, RequestError, RequestLost, RequestTimeout, Unavailable
+from queueing.outbox import Outgoing
 from queueing.redis_state import EpochWatch, eviction_problem
 from queueing.scripts import ENQUEUE, ROOM
+from queueing.tracing import current_traceparent
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class ClientBase(Generic[F]):
     :meth:`_connect` and do the I/O.
 
     ``redis_url``: default ``TFPOOL_REDIS_URL``, else :data:`DEFAULT_REDIS_URL`.
+    ``cluster``: the URL names a node of a Redis Cluster (default: ``TFPOOL_CLUSTER``, or a
+    ``redis+cluster://`` URL); see :mod:`queueing.connection`.
     ``result_ttl_s``: how long the reply stream (and a kept result, by default) outlives its
     last write. ``socket_timeout_s``: how long any one Redis call may take.
     """
@@ -87,10 +91,11 @@ class ClientBase(Generic[F]):
         *,
         result_ttl_s: int = DEFAULT_RESULT_TTL_S,
         socket_timeout_s: float = 10.0,
+        cluster: bool | None = None,
     ) -> None:
         if result_ttl_s < 1:
             raise ValueError(f"result_ttl_s must be >= 1, got {result_ttl_s}")
-        self.redis_url = resolve_redis_url(redis_url)
+        self.redis_url = connection.as_cluster_url(resolve_redis_url(redis_url), cluster)
         self.result_ttl_s = result_ttl_s
         self.socket_timeout_s = socket_timeout_s
         self.client_id = uuid.uuid4().hex
@@ -112,6 +117,9 @@ class ClientBase(Generic[F]):
         self._cursor = ReplyCursor()
         self._epochs = EpochWatch()  # which dataset of Redis our requests were queued in
         self._policy_checked = False
+        # Models whose last send was fully accepted (see queueing.outbox). Written by
+        # whoever sends, read by submit(); a set's add/discard/in are atomic under the GIL.
+        self._flowing: set[str] = set()
         self._connect()
 
     def _connect(self) -> None:
@@ -160,44 +168,99 @@ class ClientBase(Generic[F]):
     ) -> list[bytes]:
         deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
         keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
+        trace = current_traceparent()  # the producer's span, if it records one
         return [
-            wire.encode_request_body(model, item, deadline_ms=deadline_ms, keep_s=keep_s)
+            wire.encode_request_body(
+                model, item, deadline_ms=deadline_ms, keep_s=keep_s, traceparent=trace
+            )
             for item in inputs
         ]
+
+    def _outgoing(
+        self,
+        model: str,
+        inputs: Sendable,
+        future: F,
+        *,
+        deadline: float | None,
+        keep: bool,
+        keep_ttl_s: int | None,
+    ) -> Outgoing[F]:
+        """One request for the sender, encoded now: the caller may reuse its arrays as soon
+        as ``submit()`` returns."""
+        deadline_ms = None if deadline is None else max(0, int(deadline * 1000))
+        keep_s = (keep_ttl_s or self.result_ttl_s) if keep else 0
+        body = wire.encode_request_body(model, inputs, deadline_ms=deadline_ms, keep_s=keep_s)
+        return Outgoing(model, future, body, deadline_ms, keep_s)
+
+    def _fail_unsent(self, model: str, futures: Iterable[F], error: BaseException) -> None:
+        """The sender could not queue ``futures``: each fails with its own copy of the
+        typed error (``error`` itself when it is not a RequestError)."""
+        self._flowing.discard(model)
+        for future in futures:
+            self._forget(future.request_id)
+            if isinstance(error, RequestError):
+                mine: BaseException = type(error)(str(error), request_id=future.request_id)
+                mine.__cause__ = error.__cause__
+            else:
+                mine = error
+            _fail(future, mine)
 
     @contextlib.contextmanager
     def _typed_errors(self, model: str) -> Iterator[None]:
         """Redis errors while enqueueing, as the typed errors a producer expects."""
         try:
             yield
-        except redis.RedisError as e:
+        except connection.REDIS_ERRORS as e:
             typed = enqueue.as_request_error(e, model, self._safe_url)
             if typed is None:
                 raise
             raise typed from e
 
-    def _fill_scripts(self, pipe: Any, sha: str, calls: list[list[Any]]) -> None:
+    def _fill_scripts(self, pipe: Any, sha: str, calls: list[list[Any]], replicas: int) -> None:
         """EVALSHA of a two-key script once per call (``[key1, key2, *args]``). EVALSHA
         directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second round trip
-        each time; the script is loaded only when Redis says it lacks it."""
+        each time; the script is loaded only when Redis says it lacks it. ``replicas``: on a
+        cluster, a WAIT at the end for that many replicas (see :meth:`_replies`)."""
         for call in calls:
             pipe.evalsha(sha, 2, *call)
+        if replicas:
+            pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
+
+    @staticmethod
+    def _replies(replies: list[Any], replicas: int) -> list[Any]:
+        """The replies of a pipeline filled by :meth:`_fill_scripts` or :meth:`_fill_xadds`,
+        without its WAIT's. A request a replica has not confirmed could vanish in a
+        failover without a trace: it is refused (:class:`NotDurable`, so Unavailable)
+        rather than waited for forever. (It may still be answered: the answer is dropped.)"""
+        connection.check_wait(replies, replicas)
+        return replies[:-1] if replicas else replies
 
     def _fill_xadds(
-        self, pipe: Any, model: str, ids: Sequence[str], bodies: Sequence[bytes]
+        self, pipe: Any, model: str, ids: Sequence[str], bodies: Sequence[bytes], replicas: int
     ) -> None:
-        """Plain XADDs, for requests the ROOM script made room for."""
+        """Plain XADDs, for requests the ROOM script made room for (and a WAIT, as in
+        :meth:`_fill_scripts`)."""
         for request_id, body in zip(ids, bodies, strict=True):
             pipe.xadd(keys.stream(model), enqueue.entry_fields(request_id, self.reply_key, body))
+        if replicas:
+            pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
 
     def _settle(self, model: str, futures: Sequence[F], entry_ids: Sequence[Any]) -> None:
         """Fail with QueueFull the futures of requests the queue had no room for (0)."""
+        refused = False
         for future, entry_id in zip(futures, entry_ids, strict=True):
             if entry_id == 0:
+                refused = True
                 self._forget(future.request_id)
-                future.set_exception(
-                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id)
+                _fail(
+                    future,
+                    QueueFull(f"queue of model {model!r} is full", request_id=future.request_id),
                 )
+        if refused:
+            self._flowing.discard(model)
+        else:
+            self._flowing.add(model)
 
     # --- results ------------------------------------------------------------------------
 
@@ -270,6 +333,12 @@ class ClientBase(Generic[F]):
             raise result.error
         assert result.outputs is not None
         return result.outputs
+
+
+def _fail(future: RequestFutureLike, error: BaseException) -> None:
+    """Fail ``future`` unless its owner cancelled it (setting a cancelled future raises)."""
+    if not future.done():
+        future.set_exception(error)
 
 
 class ReplyCursor:

@@ -1,7 +1,9 @@
 """The producer side: submit requests, get results back by request id.
 
 One :class:`Client` per producer process (it is thread-safe). It owns one reply stream in
-Redis and one background thread that reads it and resolves futures by request id. A result
+Redis and one background thread that reads it and resolves futures by request id, and a
+sender thread that sends whatever ``submit()`` calls have left waiting in one round trip
+(:mod:`queueing.outbox`). A result
 leaves Redis only after the client holds it, and one that arrives twice (a worker died
 between posting it and acking its request; a read repeated after a dropped connection)
 finds no future the second time and is dropped: at-least-once delivery, exactly-once
@@ -22,7 +24,7 @@ from typing import Any, cast
 
 import redis
 
-from queueing import enqueue, keys, liveness, redis_state, wire
+from queueing import connection, enqueue, keys, liveness, redis_state, wire
 from queueing.base import (
     DEFAULT_REDIS_URL,
     DEFAULT_RESULT_TTL_S,
@@ -33,6 +35,7 @@ from queueing.base import (
 )
 from queueing.errors import RequestError
 from queueing.frames import frames_in_order
+from queueing.outbox import Outbox, Outgoing, by_model
 from queueing.scripts import ENQUEUE, ROOM
 from queueing.wire import Outputs, Sendable
 
@@ -40,6 +43,20 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_REDIS_URL", "DEFAULT_RESULT_TTL_S", "Client", "RequestFuture",
            "resolve_redis_url"]  # fmt: skip
+
+
+#: How many times this process's ancestry forked since the module was imported: a client
+#: made before a fork sees a different count in the child. (Cheaper per submit() than
+#: os.getpid(), a system call.)
+_forks_seen = 0
+
+
+def _count_fork() -> None:
+    global _forks_seen
+    _forks_seen += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 class RequestFuture(Future):  # type: ignore[type-arg]
@@ -57,21 +74,28 @@ class RequestFuture(Future):  # type: ignore[type-arg]
 class Client(ClientBase[RequestFuture]):
     """A producer's connection to the pool.
 
-    ``Client(redis_url, *, result_ttl_s=3600, socket_timeout_s=10.0)`` connects lazily;
+    ``Client(redis_url, *, result_ttl_s=3600, socket_timeout_s=10.0, cluster=None)``
+    connects lazily (``cluster=True``: ``redis_url`` names a node of a Redis Cluster);
     create it in the process that uses it (after any fork). Use it as a context manager, or
     call :meth:`close`.
     """
 
     def _connect(self) -> None:
-        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=self.socket_timeout_s)
+        self._redis = connection.connect(self.redis_url, socket_timeout=self.socket_timeout_s)
         # The reader blocks; it gets its own connection, with a timeout beyond its BLOCK.
         # (Pooled, so it connects lazily and reconnects after an outage.)
-        self._reader_redis = redis.Redis.from_url(
+        self._reader_redis = connection.connect(
             self.redis_url, socket_timeout=READ_BLOCK_S + self.socket_timeout_s
         )
-        self._pid = os.getpid()
+        self._forks = _forks_seen
         self._reader: threading.Thread | None = None
         self._closed = threading.Event()
+        # submit()'s requests wait here for the sender thread (see queueing.outbox). Callers
+        # put, the sender takes; both under ``_wake``'s lock. Each batch's Event is set
+        # once it has been sent (or failed), for callers that wait to raise at once.
+        self._outbox: Outbox[RequestFuture, threading.Event] = Outbox(threading.Event)
+        self._wake = threading.Condition(threading.Lock())
+        self._sender: threading.Thread | None = None
 
     # --- public API ---------------------------------------------------------------------
 
@@ -102,19 +126,41 @@ class Client(ClientBase[RequestFuture]):
         keep: bool = False,
         keep_ttl_s: int | None = None,
     ) -> RequestFuture:
-        """Queue one request; return its future at once.
+        """Queue one request; return its future.
+
+        Requests submitted close together (a loop, many threads) are coalesced: the
+        client's sender thread sends everything waiting in one round trip, and a lone
+        request is sent at once. ``inputs`` is encoded before this returns.
 
         ``keep=True`` also keeps the result in Redis under ``future.request_id`` for
         ``keep_ttl_s`` (default: the client's ``result_ttl_s``), so that any process can
-        fetch it with :meth:`result`. Raises :class:`QueueFull` or :class:`UnknownModel` now
-        rather than through the future.
+        fetch it with :meth:`result`.
+
+        Errors of enqueueing (:class:`QueueFull`, :class:`UnknownModel`,
+        :class:`Unavailable`) are raised here for the first request to a model and for
+        every request after a refusal: those wait for their own round trip. While a
+        model's requests are accepted, ``submit()`` returns without waiting, and a later
+        refusal fails the future instead (``future.result()`` raises it).
         """
-        (future,) = self.submit_many(
-            model, [inputs], deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
+        self._check_usable()
+        future = RequestFuture(self._new_id(), model)
+        item = self._outgoing(
+            model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
         )
-        if future.done() and future.exception() is not None:
-            self._forget(future.request_id)
-            raise future.exception()  # type: ignore[misc]
+        self._track([future])
+        self._ensure_reader()
+        flowing = model in self._flowing
+        with self._wake:
+            if self._closed.is_set():  # closed since _check_usable: nobody would send it
+                self._forget(future.request_id)
+                raise RuntimeError("client is closed")
+            sent = self._outbox.put(item)
+            self._wake.notify()
+        if not flowing:
+            sent.wait()  # the sender always sets it, or close() does
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                self._forget(future.request_id)
+                raise future.exception()  # type: ignore[misc]
         return future
 
     def submit_many(
@@ -210,9 +256,15 @@ class Client(ClientBase[RequestFuture]):
 
     def close(self) -> None:
         """Stop the reply reader and close connections. Pending futures fail."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        with self._wake:  # after this, submit() puts nothing more in the outbox
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._wake.notify_all()
+        if self._sender is not None:
+            self._sender.join(timeout=self.socket_timeout_s + 5)
+        with self._wake:
+            _, unsent = self._outbox.take()
         if self._reader is not None:
             try:  # wake the reader from its XREAD now rather than at its timeout
                 self._redis.xadd(self.reply_key, {b"0": b""})
@@ -221,6 +273,8 @@ class Client(ClientBase[RequestFuture]):
                 pass
             self._reader.join(timeout=READ_BLOCK_S + 5)
         self._fail_all(lambda request_id: RequestError("client closed", request_id=request_id))
+        if unsent is not None:
+            unsent.set()
         self._redis.close()
         self._reader_redis.close()
 
@@ -235,7 +289,7 @@ class Client(ClientBase[RequestFuture]):
     def _check_usable(self) -> None:
         if self._closed.is_set():
             raise RuntimeError("client is closed")
-        if os.getpid() != self._pid:
+        if _forks_seen != self._forks:
             # A forked child would share the parent's reply stream and steal its results.
             raise RuntimeError("a Client cannot be used across fork; create one per process")
 
@@ -244,12 +298,18 @@ class Client(ClientBase[RequestFuture]):
     ) -> None:
         ids = [f.request_id for f in futures]
         with self._typed_errors(model):
-            if enqueue.is_large(bodies):
-                entry_ids = self._enqueue_large(model, ids, bodies)
-            else:
-                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-                replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
-                entry_ids = [entry for chunk in replies for entry in chunk]
+            try:
+                if enqueue.is_large(bodies):
+                    entry_ids = self._enqueue_large(model, ids, bodies)
+                else:
+                    calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
+                    replies = self._run_scripts(self._enqueue_sha, ENQUEUE, calls)
+                    entry_ids = [entry for chunk in replies for entry in chunk]
+            except connection.REDIS_ERRORS:
+                # On a cluster, a dead master's slots have moved, or are moving: look up
+                # the topology again, so that the next request goes to the new master.
+                connection.refresh(self._redis)
+                raise
         self._settle(model, futures, entry_ids)
 
     def _enqueue_large(self, model: str, ids: list[str], bodies: Sequence[bytes]) -> list[Any]:
@@ -257,24 +317,65 @@ class Client(ClientBase[RequestFuture]):
         through Lua. Producers racing between the two steps can overshoot the cap by what
         each of them appends at once; the queue stays bounded."""
         (room,) = self._run_scripts(self._room_sha, ROOM, [enqueue.room_call(model, len(bodies))])
-        pipe = self._redis.pipeline(transaction=False)
-        self._fill_xadds(pipe, model, ids[:room], bodies[:room])
-        added: list[Any] = pipe.execute() if room else []
+        if not room:
+            return [0] * len(bodies)
+        pipe, replicas = connection.durable_pipeline(self._redis, keys.stream(model))
+        self._fill_xadds(pipe, model, ids[:room], bodies[:room], replicas)
+        added = self._replies(pipe.execute(), replicas)
         return added + [0] * (len(bodies) - room)
 
     def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        """One round trip of script calls (see :meth:`ClientBase._fill_scripts`)."""
-        for attempt in (1, 2):
-            pipe = self._redis.pipeline(transaction=False)
-            self._fill_scripts(pipe, sha, calls)
+        """One round trip of script calls (see :meth:`ClientBase._fill_scripts`), all on
+        one model's stream (``calls[i][0]``). On a cluster, a slot that moved is looked up
+        again and the call sent again: MOVED means nothing ran."""
+        for attempt in (1, 2, 3):
+            pipe, replicas = connection.durable_pipeline(self._redis, calls[0][0])
+            self._fill_scripts(pipe, sha, calls, replicas)
             try:
-                replies: list[Any] = pipe.execute()
-                return replies
+                return self._replies(pipe.execute(), replicas)
             except redis.exceptions.NoScriptError:
-                if attempt == 2:
+                if attempt == 3:
                     raise
                 self._redis.script_load(script)
+            except redis.ResponseError as e:
+                if attempt == 3 or not connection.moving(e):
+                    raise
+                connection.refresh(self._redis)
         raise AssertionError("unreachable")
+
+    def _send_loop(self) -> None:
+        """The sender thread: take everything waiting, send it, repeat."""
+        while True:
+            with self._wake:
+                while not self._outbox and not self._closed.is_set():
+                    self._wake.wait()
+                if self._closed.is_set():
+                    return  # close() fails what is left
+                items, sent = self._outbox.take()
+            try:
+                self._send(items)
+            except Exception as e:  # a bug here must not strand every later request
+                log.exception("sender: sending %d requests failed", len(items))
+                for model, group in by_model(items).items():
+                    self._fail_unsent(model, [item.future for item in group], e)
+            finally:
+                if sent is not None:
+                    sent.set()
+
+    def _send(self, items: Sequence[Outgoing[RequestFuture]]) -> None:
+        """One round trip per model for ``items``; failures land on their futures."""
+        now = time.monotonic()
+        for model, group in by_model(items).items():
+            live = [item for item in group if not item.future.done()]  # not cancelled
+            if not live:
+                continue
+            futures = [item.future for item in live]
+            try:
+                self._enqueue_all(model, futures, [item.body_now(now) for item in live])
+            except Exception as e:  # the sender must live on: the error goes to the futures
+                if not isinstance(e, RequestError):
+                    log.exception("sending %d requests of model %r failed", len(futures), model)
+                self._fail_unsent(model, futures, e)
 
     def _ensure_reader(self) -> None:
         if self._reader is not None:
@@ -290,6 +391,10 @@ class Client(ClientBase[RequestFuture]):
                     target=self._read_replies, name=f"tfpool-replies-{self._id_prefix}", daemon=True
                 )
                 self._reader.start()
+                self._sender = threading.Thread(
+                    target=self._send_loop, name=f"tfpool-sender-{self._id_prefix}", daemon=True
+                )
+                self._sender.start()
 
     def _read_replies(self) -> None:
         backoff = 0.05
@@ -310,7 +415,7 @@ class Client(ClientBase[RequestFuture]):
                 )
                 batch = self._cursor.take(pipe.execute()[-1])
                 backoff = 0.05
-            except redis.RedisError as e:
+            except connection.REDIS_ERRORS as e:
                 log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
                 reconnected = True
                 self._closed.wait(backoff)

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from queueing import keys, redis_state
+from queueing import connection, keys, redis_state
 from queueing.errors import RedisOutOfMemory, RequestError, Unavailable, UnknownModel
 
 #: Requests per Lua call: bounds how long one call holds Redis.
@@ -49,14 +49,18 @@ def entry_fields(request_id: str, reply_key: str, body: bytes) -> dict[Any, Any]
     return {keys.FIELD_ID: request_id, keys.FIELD_REPLY: reply_key, keys.FIELD_BODY: body}
 
 
-def as_request_error(error: redis.RedisError, model: str, url: str) -> RequestError | None:
-    """The typed error a producer should see for a Redis error while enqueueing, if any."""
+def as_request_error(error: BaseException, model: str, url: str) -> RequestError | None:
+    """The typed error a producer should see for a Redis error while enqueueing, if any.
+    A cluster mid-failover (a slot without a master, a write no replica confirmed) is
+    Redis being unavailable for now, as an unreachable Redis is."""
     if isinstance(error, redis.ResponseError) and "UNKNOWN_MODEL" in str(error):
         return UnknownModel(f"no pool serves model {model!r} on this Redis")
-    if redis_state.out_of_memory(error):
+    if isinstance(error, redis.RedisError) and redis_state.out_of_memory(error):
         return RedisOutOfMemory(
             f"Redis at {url} is out of memory (maxmemory) and refuses new requests: {error}"
         )
-    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+    # READONLY: a master just turned replica in a failover, before it redirects us.
+    for_now = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+    if isinstance(error, for_now) or connection.moving(error):
         return Unavailable(f"cannot reach Redis at {url}: {error}")
     return None

@@ -1,7 +1,17 @@
 """Every Redis key tfpool uses, in one place.
 
-A model's keys share the hash tag ``{model}`` so that in Redis Cluster they live in one slot
-and multi-key Lua scripts (admission control) stay legal.
+In a Redis Cluster, every key one Lua script or MULTI/EXEC touches must live in one hash slot
+(Celery and RQ broke there with ``CROSSSLOT`` errors). A key's slot comes from its *hash tag*,
+the part between braces, so:
+
+* a model's keys share the tag ``{model}``: admission control (stream + info hash), the
+  worker's acks, dead letters and attempt counts stay in one slot, and different models
+  spread over the masters;
+* a reply stream has its producer's tag ``{client id}``, a kept result its request's: a
+  round of answers for many producers touches many slots, so the worker posts them apart
+  from its acks (see :mod:`workers.writer`), and the producers spread over the masters.
+
+On one Redis the braces are just characters.
 """
 
 from __future__ import annotations
@@ -69,14 +79,14 @@ def attempts(model: str) -> str:
 
 def kept_result(request_id: str) -> str:
     """A result kept for fetching by id (``submit(..., keep=True)``): a one-element list."""
-    return f"{PREFIX}:result:{request_id}"
+    return f"{PREFIX}:result:{{{request_id}}}"
 
 
 def reply_stream(client_id: str) -> str:
     """The stream a producer process reads its results from. A stream, not a list: the
     client reads it by entry id and trims what it holds, so that a result stays in Redis
     until the client has it (a popped list element dies with a dropped connection)."""
-    return f"{PREFIX}:reply:{client_id}"
+    return f"{PREFIX}:reply:{{{client_id}}}"
 
 
 def worker_heartbeat(worker_id: str) -> str:

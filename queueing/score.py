@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 import redis
 
-from queueing import keys, liveness
+from queueing import connection, keys, liveness
 from queueing.client import Client, RequestFuture
 from queueing.datasets.formats import is_table_path
 from queueing.errors import RequestError, RequestLost, RequestTimeout
@@ -486,7 +486,7 @@ class _Pool:
 
     def __init__(self, redis_url: str, model: str) -> None:
         self.model = model
-        self.conn = redis.Redis.from_url(redis_url, socket_timeout=10)
+        self.conn = connection.connect(redis_url, socket_timeout=10)
 
     def single_output_name(self) -> str:
         try:

@@ -26,6 +26,7 @@ the dtype allow-list: whoever can write to Redis can submit work, nothing more.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -105,6 +106,8 @@ class RequestBody:
     inputs: Inputs
     deadline_ms: int | None
     keep_s: int
+    #: The producer's W3C trace context (``traceparent``), when it sent one.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,19 +274,44 @@ def _decode_arrays(obj: object, limits: Limits, what: str) -> Inputs:
 
 
 def encode_request_body(
-    model: str, inputs: Sendable, *, deadline_ms: int | None = None, keep_s: int = 0
+    model: str,
+    inputs: Sendable,
+    *,
+    deadline_ms: int | None = None,
+    keep_s: int = 0,
+    traceparent: str | None = None,
 ) -> bytes:
-    """The msgpack body of a request for ``model``."""
-    return msgpack.packb(  # type: ignore[no-any-return]
-        {
-            "v": PROTOCOL_VERSION,
-            "model": model,
-            "inputs": _encode_arrays(inputs),
-            "deadline_ms": deadline_ms,
-            "keep_s": keep_s,
-        },
-        use_bin_type=True,
+    """The msgpack body of a request for ``model``; ``traceparent``: the producer's W3C
+    trace context, for the worker's spans (absent from the body when None)."""
+    body: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "model": model,
+        "inputs": _encode_arrays(inputs),
+        "deadline_ms": deadline_ms,
+        "keep_s": keep_s,
+    }
+    if traceparent is not None:
+        body["traceparent"] = traceparent
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _body_tail(deadline_ms: int | None, keep_s: int) -> bytes:
+    """The last two pairs of a request body, as :func:`encode_request_body` packs them."""
+    return b"".join(
+        msgpack.packb(item, use_bin_type=True)
+        for item in ("deadline_ms", deadline_ms, "keep_s", keep_s)
     )
+
+
+def with_deadline(body: bytes, deadline_ms: int, keep_s: int, new_deadline_ms: int) -> bytes:
+    """``body`` (from :func:`encode_request_body` with ``deadline_ms`` and ``keep_s``) with
+    its deadline replaced, without unpacking it: the deadline and ``keep_s`` are its last
+    two pairs. A client that holds a request before sending it shortens the deadline by
+    that wait, since a worker counts the deadline from the request's arrival in Redis."""
+    old = _body_tail(deadline_ms, keep_s)
+    if not body.endswith(old):
+        raise ValueError("not a request body encoded with this deadline and keep_s")
+    return body[: len(body) - len(old)] + _body_tail(new_deadline_ms, keep_s)
 
 
 def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> RequestBody:
@@ -332,7 +360,17 @@ def decode_request_body(body: object, limits: Limits = DEFAULT_LIMITS) -> Reques
         # The checks above are meant to leave numpy nothing to refuse; if one ever misses a
         # case, the request still gets its typed error and the worker reads on.
         raise InvalidInput(f"inputs cannot be decoded: {type(e).__name__}: {e}") from e
-    return RequestBody(model=model, inputs=inputs, deadline_ms=deadline_ms, keep_s=keep_s)
+    # A trace context is a hint, not part of the request: a malformed one is ignored (as
+    # W3C Trace Context asks), never a reason to refuse the request.
+    traceparent = obj.get("traceparent")
+    if not isinstance(traceparent, str) or not _TRACEPARENT.match(traceparent):
+        traceparent = None
+    return RequestBody(model=model, inputs=inputs, deadline_ms=deadline_ms, keep_s=keep_s,
+                       traceparent=traceparent)  # fmt: skip
+
+
+#: W3C Trace Context ``traceparent``: version, trace id, parent span id, flags.
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 # --- results ----------------------------------------------------------------------------

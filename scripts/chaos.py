@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import redis
 
-from queueing import Client, RequestError, RequestFuture, RequestTimeout, keys
+from queueing import Client, RequestError, RequestFuture, RequestTimeout, connection, keys
 from scripts.flaky_proxy import FlakyProxy
 from workers.cli import redis_url_or_embedded
 from workers.config import PoolConfig
 from workers.demo import DemoWeights, build_demo_model
+from workers.embedded_cluster import LocalCluster
 from workers.embedded_redis import RedisServer, free_port
 from workers.placement import Slot
 from workers.supervisor import Supervisor
@@ -65,13 +65,20 @@ def main() -> int:
         action="store_true",
         help="producers behind a proxy that drops and stalls replies",
     )
-    parser.add_argument("--faults", type=int, default=3, help="restarts / OOM spells")
+    parser.add_argument(
+        "--cluster-failover",
+        choices=["manual", "kill"],
+        help="a private Redis Cluster (3 masters, 3 replicas); under load, fail the master of"
+        " the queue over (CLUSTER FAILOVER on its replica) or SIGKILL it",
+    )
+    parser.add_argument("--faults", type=int, default=3, help="restarts / OOM spells / failovers")
     parser.add_argument("--fault-s", type=float, default=3.0, help="how long each lasts")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--producers", type=int, default=4)
     args = parser.parse_args()  # fmt: skip
     mode = (
         f"redis-restart-{args.redis_restart}" if args.redis_restart
+        else f"cluster-{args.cluster_failover}" if args.cluster_failover
         else "redis-oom" if args.redis_oom
         else "drop-connections" if args.drop_connections
         else "kills"
@@ -82,8 +89,7 @@ def main() -> int:
     weights = DemoWeights.random()
     x = np.random.default_rng(0).standard_normal((args.requests, 16)).astype(np.float32)
     want = weights.forward(x)
-    with tempfile.TemporaryDirectory() as tmp, _redis(args, mode) as server_and_url:
-        server, url = server_and_url
+    with tempfile.TemporaryDirectory() as tmp, _redis(args, mode) as (server, cluster, url):
         config = PoolConfig(model=build_demo_model(tmp, weights), name="chaos", redis_url=url,
                             max_batch_size=16, claim_idle_ms=1000, log_level="ERROR")  # fmt: skip
         supervisor = Supervisor(config, slots=[Slot(i, None, 1, 1) for i in range(args.workers)])
@@ -100,7 +106,7 @@ def main() -> int:
         run = Run(x, want)
         try:
             started = time.perf_counter()
-            fault = _fault(mode, server, supervisor, args)
+            fault = _fault(mode, server, cluster, supervisor, args)
             faults = run.go(proxy.url if proxy else url, fault, args)
             elapsed = time.perf_counter() - started
         finally:
@@ -109,7 +115,7 @@ def main() -> int:
             until.set()
             monitor.join()
             supervisor.drain()
-        conn = redis.Redis.from_url(url)
+        conn = connection.connect(url)
         dead: int = conn.xlen(keys.dead_letters("chaos"))
         conn.close()
 
@@ -136,20 +142,30 @@ def main() -> int:
 
 
 @contextlib.contextmanager
-def _redis(args: argparse.Namespace, mode: str) -> Iterator[tuple[RedisServer | None, str]]:
+def _redis(
+    args: argparse.Namespace, mode: str
+) -> Iterator[tuple[RedisServer | None, LocalCluster | None, str]]:
     if mode == "kills":
         with redis_url_or_embedded(args.redis_url) as url:
-            yield None, url
+            yield None, None, url
+        return
+    if mode.startswith("cluster-"):
+        with LocalCluster(masters=3, replicas=1) as cluster:
+            yield None, cluster, cluster.url
         return
     # A fixed port below the ephemeral range, for a server that restarts on it.
     server = RedisServer(port=free_port(outside_ephemeral=True),
                          appendonly=args.redis_restart == "aof")  # fmt: skip
     with server:
-        yield server, server.url
+        yield server, None, server.url
 
 
 def _fault(
-    mode: str, server: RedisServer | None, supervisor: Supervisor, args: argparse.Namespace
+    mode: str,
+    server: RedisServer | None,
+    cluster: LocalCluster | None,
+    supervisor: Supervisor,
+    args: argparse.Namespace,
 ) -> Callable[[int], str]:
     """What to do at the k-th fault; returns a word for the summary."""
     killed: list[int] = []
@@ -172,7 +188,7 @@ def _fault(
 
     def oom(k: int) -> str:
         assert server is not None
-        conn = redis.Redis.from_url(server.url)
+        conn = connection.connect(server.url)
         try:
             conn.config_set("maxmemory", 1)  # every write that may grow memory is refused
             time.sleep(args.fault_s)
@@ -181,6 +197,21 @@ def _fault(
             conn.close()
         return f"OOM spells (maxmemory, noeviction) of {args.fault_s:g}s"
 
+    def failover(k: int) -> str:
+        assert cluster is not None
+        master = cluster.master_of(keys.stream("chaos"))
+        if mode == "cluster-kill":
+            # The queue's master first; after that its slot's new master has no replica
+            # left, so each later kill takes another master that still has one.
+            if k > 1:
+                master = next(m for m in cluster.masters_with_replicas() if m is not master)
+            cluster.kill(master)
+            return "masters SIGKILLed (a replica promoted)"
+        cluster.failover(master)
+        return "CLUSTER FAILOVERs of the queue's master"
+
+    if mode.startswith("cluster-"):
+        return failover
     return {"kills": kill, "redis-oom": oom}.get(mode, restart)
 
 
@@ -202,7 +233,9 @@ class Run:
         """Run the producers to the end, striking ``args.faults`` (or kills) times."""
         if args.drop_connections:
             count = 0  # the proxy is the fault, all along
-        elif args.redis_restart or args.redis_oom:
+        elif args.cluster_failover == "kill":
+            count = min(args.faults, 2)  # a third kill would leave a slot with no copy
+        elif args.redis_restart or args.redis_oom or args.cluster_failover:
             count = args.faults
         else:
             count = args.kills

@@ -80,6 +80,50 @@ class Claims:
             log.warning("took over %d requests from %s", len(taken), ", ".join(predecessors))
         return taken
 
+    def dead_consumers(self, conn: redis.Redis, *, min_idle_ms: int) -> list[str]:
+        """Consumers holding entries whose worker's heartbeat has expired, idle at least
+        ``min_idle_ms``: workers that died with no successor to take over (a whole pool
+        or host gone). Their entries can be taken now, not after ``claim_idle_ms``."""
+        consumers: list[dict[str, Any]] = conn.xinfo_consumers(self.stream, keys.GROUP)
+        names = [_text(info["name"]) for info in consumers
+                 if info["pending"] and info["idle"] >= min_idle_ms]  # fmt: skip
+        names = [name for name in names if name != self.consumer]
+        if not names:
+            return []
+        pipe = conn.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(keys.worker_heartbeat(name))
+        return [name for name, alive in zip(names, pipe.execute(), strict=True) if not alive]
+
+    def take_from_dead(
+        self, conn: redis.Redis, consumers: list[str], *, min_idle_ms: int
+    ) -> list[Entry]:
+        """Take over the entries pending under ``consumers`` (see :meth:`dead_consumers`)
+        that are idle at least ``min_idle_ms``. Other workers may be taking the same ones:
+        an entry one of them took is no longer idle, and stays theirs. The consumers are
+        left for :meth:`prune_consumers` (removing one would drop what it still holds)."""
+        taken: list[Entry] = []
+        for dead in consumers:
+            rows = cast(
+                list[dict[str, Any]],
+                conn.xpending_range(
+                    self.stream, keys.GROUP, min="-", max="+", count=SWEEP_MAX - len(taken),
+                    consumername=dead,
+                ),
+            )  # fmt: skip
+            if rows:
+                ids = [row["message_id"] for row in rows]
+                claimed: list[Any] = conn.xclaim(
+                    self.stream, keys.GROUP, self.consumer, min_idle_ms, ids
+                )
+                taken += _live(claimed)
+            if len(taken) >= SWEEP_MAX:
+                break
+        if taken:
+            log.warning("took over %d requests from dead workers %s", len(taken),
+                        ", ".join(consumers))  # fmt: skip
+        return taken
+
     def autoclaim(self, conn: redis.Redis) -> list[Entry]:
         """Take over entries idle longer than ``claim_idle_ms``, whoever held them: one
         sweep of the pending entries, from where the last one stopped."""
@@ -108,15 +152,16 @@ class Claims:
             pipe.xpending_range(self.stream, keys.GROUP, min=entry_id, max=entry_id, count=1)
         return [int(rows[0]["times_delivered"]) if rows else 1 for rows in pipe.execute()]
 
-    def fatal_runs(self, conn: redis.Redis, attempts_key: str, entries: list[Entry]) -> list[int]:
-        """For entries just taken over: how many of their runs were under way when a worker
-        died, at most. The first run, in a batch with others, is counted as fatal (it may
-        have been); after that a taken-over entry runs alone and each run is recorded in
-        ``attempts_key`` before it starts."""
+    def recorded_runs(
+        self, conn: redis.Redis, attempts_key: str, entries: list[Entry]
+    ) -> list[int]:
+        """For entries just taken over: the runs of theirs recorded in ``attempts_key``
+        (each run of a suspect, before it starts, and the batch run that may have killed a
+        worker, once taken over; see :func:`workers.intake.plan_takeover`)."""
         if not entries:
             return []
         recorded = conn.hmget(attempts_key, [entry_id for entry_id, _ in entries])
-        return [1 + int(value or 0) for value in recorded]
+        return [int(value or 0) for value in recorded]
 
     def record_runs(self, conn: redis.Redis, attempts_key: str, entry_ids: list[bytes]) -> None:
         """Count a run of each of these taken-over entries in ``attempts_key``, before it
@@ -140,7 +185,7 @@ class Claims:
         removed = 0
         consumers: list[dict[str, Any]] = conn.xinfo_consumers(self.stream, keys.GROUP)
         for info in consumers:
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            name = _text(info["name"])
             if name != self.consumer and info["pending"] == 0 and info["idle"] > PRUNE_IDLE_MS:
                 conn.xgroup_delconsumer(self.stream, keys.GROUP, name)
                 removed += 1
@@ -161,6 +206,10 @@ class Claims:
         gone = [i for i in ids if (i.encode() if isinstance(i, str) else i) not in alive]
         if gone:
             conn.xack(self.stream, keys.GROUP, *gone)
+
+
+def _text(name: str | bytes) -> str:
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def _live(claimed: list[Any]) -> list[Entry]:

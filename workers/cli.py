@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 
-from queueing import Client
+from queueing import Client, connection
 from queueing.base import without_password
 from queueing.client import resolve_redis_url
 from queueing.score import IMAGE_SUFFIXES, check_output_suffix, single_output_name
@@ -63,6 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         line, code = failure
         print(f"tfpool {args.command}: {line}", file=sys.stderr)
     return code
+
+
+#: ``--cluster`` of the commands that talk to Redis.
+CLUSTER_HELP = (
+    "the Redis URL names a node of a Redis Cluster (also TFPOOL_CLUSTER=1, or a"
+    " redis+cluster:// URL)"
+)
+
+
+def _url(args: argparse.Namespace) -> str:
+    """The Redis URL of a command: ``--redis-url`` or TFPOOL_REDIS_URL, in the cluster form
+    with ``--cluster`` (or TFPOOL_CLUSTER)."""
+    return connection.as_cluster_url(resolve_redis_url(args.redis_url), args.cluster or None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--output", help="write here (.npy; .npz for several outputs)")
     predict.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
+    predict.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
     predict.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
     predict.add_argument("--deadline", type=float, help="seconds before the request expires")
     predict.set_defaults(run=_predict)
@@ -126,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         " format (a folder for a folder)",
     )
     score.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
+    score.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
     score.add_argument("--chunk-rows", type=int, help="rows per request (default: 1024; 32 images)")
     score.add_argument("--window", type=int, default=8, help="chunks in flight")
     score.add_argument(
@@ -160,11 +174,13 @@ def _parser() -> argparse.ArgumentParser:
 
     reload = add("reload", "make every pool on this Redis re-scan its model repository now")
     reload.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
+    reload.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
     reload.set_defaults(run=_reload)
     status = add(
         "status", "workers of every host, queues, dead letters; exit 1 if a model has no worker"
     )
     status.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
+    status.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(run=_status)
 
@@ -175,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
         help="scenario to run (repeatable; default: all). One of: " + ", ".join(_bench_scenarios()),
     )
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario (median shown)")
+    bench.add_argument(
+        "--seconds", type=float, help="measure each scenario this long (default: its own)"
+    )
     bench.add_argument("--workers", type=int, default=1, help="worker processes")
     bench.add_argument(
         "--intra-op-threads",
@@ -182,12 +201,20 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="TensorFlow intra-op threads per worker (default: cores / workers)",
     )
+    bench.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="workers record no metrics (to measure what recording costs)",
+    )
     bench.add_argument("--redis-url", help="Redis URL (default: a private redis-server)")
+    bench.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
     bench.add_argument("--json", metavar="FILE", help="also write the figures here")
     bench.set_defaults(run=_bench)
 
     demo = add("demo", "build a demo model, serve it, send it requests")
     demo.add_argument("--redis-url", help="Redis URL (default: a private redis-server)")
+    demo.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
     demo.add_argument("--workers", type=int, default=1, help="worker processes")
     demo.add_argument("--requests", type=int, default=2000, help="one-row requests to send")
     demo.set_defaults(run=_demo)
@@ -210,12 +237,12 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + option.replace("_", "-")
         help_text = help_for(option)
         if kind is bool:
-            parser.add_argument(flag, dest=option, action="store_true", default=None,
-                                help=help_text)  # fmt: skip
+            # --option / --no-option: an option on by default (metrics, convert_inputs) can
+            # be turned off from the command line too.
+            parser.add_argument(flag, dest=option, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)  # fmt: skip
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=option, type=kind, help=help_text)
-        elif kind is bool:
-            parser.add_argument(flag, dest=option, help=help_text + "; true or false")
         elif typing.get_origin(kind) is dict:
             parser.add_argument(flag, dest=option, help=help_text + "; a JSON object")
         else:  # lists: comma- or space-separated
@@ -292,7 +319,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.output:
         check_output_suffix(args.output)
     inputs = _load_inputs(args.input)
-    url = resolve_redis_url(args.redis_url)
+    url = _url(args)
     with Client(url) as client:
         outputs = client.predict(args.model, inputs, timeout=args.timeout, deadline=args.deadline)
     if args.output:
@@ -317,7 +344,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _single_output_name(url: str, model: str) -> str:
-    conn = redis.Redis.from_url(url, socket_timeout=10)
+    conn = connection.connect(url, socket_timeout=10)
     try:
         return single_output_name(conn, model)
     finally:
@@ -351,7 +378,7 @@ def _score(args: argparse.Namespace) -> int:
 
         input_columns = parse_input_columns(args.input_column)
     keep = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
-    with Client(resolve_redis_url(args.redis_url)) as client:
+    with Client(_url(args)) as client:
         try:
             summary = score(client, args.model, args.input, args.output,
                             chunk_rows=args.chunk_rows, window=args.window,
@@ -393,7 +420,7 @@ def _where_errors_are(output: str, separator: str = ", ") -> str:
 def _status(args: argparse.Namespace) -> int:
     from workers.status import collect, render
 
-    conn = redis.Redis.from_url(resolve_redis_url(args.redis_url), socket_timeout=10)
+    conn = connection.connect(_url(args), socket_timeout=10)
     try:
         status = collect(conn)
     finally:
@@ -414,7 +441,7 @@ def _reload(args: argparse.Namespace) -> int:
     """Ask every pool on this Redis to scan its model repository now."""
     from queueing import keys
 
-    conn = redis.Redis.from_url(resolve_redis_url(args.redis_url), socket_timeout=10)
+    conn = connection.connect(_url(args), socket_timeout=10)
     try:
         count = conn.incr(keys.RELOAD)
     finally:
@@ -437,13 +464,18 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"tfpool bench: unknown scenarios {unknown}", file=sys.stderr)
         return 2
-    with redis_url_or_embedded(args.redis_url) as url:
+    given = (
+        connection.as_cluster_url(args.redis_url, args.cluster or None) if args.redis_url else None
+    )
+    with redis_url_or_embedded(given) as url:
         figures = bench.run(
             names,
             redis_url=url,
             runs=args.runs,
             workers=args.workers,
             intra_op_threads=args.intra_op_threads,
+            metrics=args.metrics,
+            seconds=args.seconds,
         )
     print()
     print(bench.render(figures))
@@ -462,10 +494,12 @@ def _demo(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     weights = DemoWeights.random()
     # On the user's Redis, a name of its own: never another pool's "demo", and removed after.
+    if args.redis_url:
+        args.redis_url = connection.as_cluster_url(args.redis_url, args.cluster or None)
     name = f"demo-{uuid.uuid4().hex[:8]}" if args.redis_url else "demo"
     if args.redis_url:  # said now, before TensorFlow builds the model
         check_redis_url(args.redis_url)
-        conn = redis.Redis.from_url(args.redis_url, socket_connect_timeout=5)
+        conn = connection.connect(args.redis_url, socket_connect_timeout=5)
         try:
             conn.ping()
         finally:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from queueing.connection import as_cluster_url, is_cluster
 from queueing.wire import Limits
 from workers.errors import ConfigError
 
@@ -32,7 +33,8 @@ PATH_OPTIONS = ("model", "model_repo", "labels_file")
 POOL_ONLY_OPTIONS = frozenset({
     "model", "model_repo", "models", "name", "redis_url", "workers", "devices",
     "workers_per_device", "intra_op_threads", "inter_op_threads", "heartbeat_s",
-    "memory_limit_mb", "preload", "allow_evicting_redis", "log_level", "poll_s",
+    "memory_limit_mb", "preload", "allow_evicting_redis", "log_level", "poll_s", "cluster",
+    "metrics_port", "metrics_host", "metrics", "trace_exporter",
 })  # fmt: skip
 
 
@@ -79,6 +81,9 @@ class PoolConfig:
     convert_inputs: bool = True
     #: Redis URL. Empty: ``tfpool serve`` starts a private redis-server.
     redis_url: str = ""
+    #: The Redis URL names any node of a Redis Cluster: use redis-py's cluster client (as a
+    #: ``redis+cluster://`` URL does). See the README's "Scaling past one Redis".
+    cluster: bool = False
     #: Worker processes. 0: one per GPU (times ``workers_per_device``), else the CPU default.
     workers: int = 0
     #: GPU ids to use (e.g. ``["0", "1"]``). Empty: detected with nvidia-smi; none -> CPU.
@@ -150,6 +155,18 @@ class PoolConfig:
     #: Serve even on a Redis whose maxmemory-policy is not noeviction (it may delete queued
     #: and pending requests without an error when it fills). Logged loudly at start.
     allow_evicting_redis: bool = False
+    #: Port of the supervisor's HTTP endpoint (/metrics, /healthz, /readyz). -1: none;
+    #: 0: a free port, logged.
+    metrics_port: int = -1
+    #: Address the endpoint listens on.
+    metrics_host: str = "0.0.0.0"
+    #: Workers count requests, batches and latencies (for /metrics and ``tfpool status``).
+    #: Off saves about a microsecond of CPU per request.
+    metrics: bool = True
+    #: OpenTelemetry spans for requests that carry their producer's trace context:
+    #: "" (off), "console", "otlp" (OTEL_EXPORTER_OTLP_* settings), or "module:callable"
+    #: returning a SpanExporter.
+    trace_exporter: str = ""
     #: Log level of the supervisor and workers.
     log_level: str = "INFO"
 
@@ -166,6 +183,7 @@ class PoolConfig:
         if self.poll_s <= 0:
             raise ConfigError(f"poll_s must be > 0, got {self.poll_s}")
         self._check_versions()
+        self._check_cluster()
         positive = (
             "max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device", "max_rows",
             "top_k", "max_image_pixels",
@@ -185,6 +203,9 @@ class PoolConfig:
         for option in non_negative:
             if getattr(self, option) < 0:
                 raise ConfigError(f"{option} must be >= 0, got {getattr(self, option)}")
+        if self.metrics_port < -1 or self.metrics_port > 65535:
+            raise ConfigError(f"metrics_port must be -1 (none), 0 (any) or a port, got"
+                              f" {self.metrics_port}")  # fmt: skip
         if self.heartbeat_s <= 0:
             raise ConfigError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
         if self.buckets and (min(self.buckets) < 1 or max(self.buckets) < self.max_batch_size):
@@ -219,6 +240,19 @@ class PoolConfig:
         return dataclasses.replace(
             self, model=model, model_repo="", models={}, name=name, **overrides
         )
+
+    def _check_cluster(self) -> None:
+        """``cluster`` and the URL's form agree (either turns the other on), so that the
+        mode travels with the URL to every process of the pool."""
+        if self.cluster and not self.redis_url:
+            raise ConfigError("cluster needs redis_url: a node of the Redis Cluster to join")
+        if self.redis_url:
+            try:
+                url = as_cluster_url(self.redis_url, self.cluster or None)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            object.__setattr__(self, "redis_url", url)
+            object.__setattr__(self, "cluster", is_cluster(url))
 
     def _check_processing(self) -> None:
         if self.preprocess not in ("", "image"):

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import redis
 
-from queueing import Client, keys
+from queueing import Client, connection, keys
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def forget_model(redis_url: str, model: str, reply_lists: list[str]) -> None:
     """Remove every key the demo's pool and client left in a user's Redis: the model's
     queue, info and dead letters, its name in the list of models, its workers' last
     heartbeats, and the client's reply lists."""
-    conn = redis.Redis.from_url(redis_url, socket_timeout=10)
+    conn = connection.connect(redis_url, socket_timeout=10)
     try:
         beats = [
             key

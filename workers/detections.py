@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from queueing.wire import STR
 from workers.config import PoolConfig
 from workers.errors import ConfigError
 from workers.postprocess import read_labels
@@ -112,3 +113,15 @@ class Detections:
         """One request's answer: rows trimmed to the most detections any of them has."""
         k = int(outputs["count"].max(initial=0))
         return {name: value if name == "count" else value[:, :k] for name, value in outputs.items()}
+
+    def output_specs(self, model_outputs: Sequence[TensorSpec]) -> list[TensorSpec]:
+        """The answers' specs (see the module docstring): the detection axis is free, as
+        each answer is trimmed to its own rows' most detections."""
+        specs = {
+            "boxes": ("float32", (None, 4)),
+            "scores": ("float32", (None,)),
+            "classes": ("int32", (None,)),
+            "count": ("int32", ()),
+            "labels": (STR, (None,)),
+        }
+        return [TensorSpec(name, *specs[name]) for name in self.output_names]

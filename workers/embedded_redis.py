@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -159,7 +159,8 @@ class RedisServer:
     """A redis-server child process. ``start()`` returns once it answers PING.
 
     ``password`` turns on AUTH for the default user; ``users`` adds ACL users (name,
-    password) with full access; ``tls`` serves TLS only, on ``port``. ``appendonly``
+    password) with full access, or with the ACL rules ``acl`` lists for that name
+    (e.g. ``["~tfpool:*", "+xadd"]``); ``tls`` serves TLS only, on ``port``. ``appendonly``
     turns on AOF persistence, so that :meth:`restart` finds its data again. ``die_with_parent``
     (Linux): the server gets SIGTERM when the thread that started it ends, even if this
     process is killed with SIGKILL, so a killed ``tfpool serve`` leaves no redis-server
@@ -174,6 +175,7 @@ class RedisServer:
         binary: str | None = None,
         password: str | None = None,
         users: Sequence[tuple[str, str]] = (),
+        acl: Mapping[str, Sequence[str]] | None = None,
         tls: TlsFiles | None = None,
         extra_args: Sequence[str] = (),
         appendonly: bool = False,
@@ -183,6 +185,7 @@ class RedisServer:
         self.binary = binary or find_redis_server()
         self.password = password
         self.users = list(users)
+        self.acl = dict(acl or {})
         self.tls = tls
         self.extra_args = list(extra_args)
         self.appendonly = appendonly
@@ -266,7 +269,8 @@ class RedisServer:
         if self.password is not None:
             args += ["--requirepass", self.password]
         for name, password in self.users:
-            args += ["--user", name, "on", f">{password}", "~*", "&*", "+@all"]
+            rules = self.acl.get(name, ["~*", "&*", "+@all"])
+            args += ["--user", name, "on", f">{password}", *rules]
         if self.tls is not None:
             args += [
                 "--port", "0", "--tls-port", str(self.port),

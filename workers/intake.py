@@ -140,6 +140,7 @@ class Intake:
             suspect=suspect,
             arrival=arrival,
             deadline=None if deadline_ms is None else arrival + deadline_ms / 1000,
+            traceparent=r.body.traceparent,
         )
 
     def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> Answer:
@@ -200,6 +201,34 @@ def triage(
             continue
         dead.append((entry, reason))
     return fresh, dead
+
+
+def plan_takeover(
+    entry_ids: list[bytes], recorded: list[int], known_fatal: set[bytes] | None
+) -> tuple[list[int], list[bool], list[bytes]]:
+    """For entries just taken over from dead workers: how many runs of each killed a worker
+    (for :func:`triage`), whether each runs alone, and the entries whose fatal run is to be
+    recorded now. ``recorded``: runs in the attempts hash (:meth:`Claims.recorded_runs`);
+    ``known_fatal``: the entries of the batches the dead workers were running, when their
+    supervisor knew (:mod:`workers.running`); None when nobody knows (a whole pool or host
+    died, or a worker took them over by idle time), and then every entry may have been in it.
+
+    An entry that may have been in the fatal batch and has no recorded run ran *in* that
+    batch (a suspect's runs are recorded before they start): that run is recorded now, and
+    the entry runs alone from here on, each run recorded. An entry the dead worker only held,
+    waiting, batches as a new one.
+    """
+    fatal: list[int] = []
+    alone: list[bool] = []
+    record: list[bytes] = []
+    for entry_id, runs in zip(entry_ids, recorded, strict=True):
+        in_fatal_batch = known_fatal is None or entry_id in known_fatal
+        if in_fatal_batch and runs == 0:
+            record.append(entry_id)
+            runs = 1
+        fatal.append(runs)
+        alone.append(runs > 0)
+    return fatal, alone, record
 
 
 def read_header(fields: dict[bytes, bytes]) -> tuple[str | None, str]:

@@ -49,6 +49,7 @@ class InHand:
     group: Hashable
     arrival: float  # on time.monotonic()'s clock
     deadline: float | None
+    traceparent: str | None = None  # the producer's trace context (workers.tracing)
     suspect: bool = False  # taken over from a worker that died: runs alone, attempts counted
     #: The model version it was routed to (None: a pool of one unversioned model).
     version: int | None = None

@@ -342,3 +342,12 @@ def first_line(error: BaseException) -> str:
         if line.strip():
             return line.strip()[:400]
     return type(error).__name__
+
+
+def gpu_memory_in_use() -> float:
+    """Bytes of GPU memory TensorFlow holds in this process (its one visible GPU: each
+    worker sees only its own), 0 when it cannot tell."""
+    try:
+        return float(tf.config.experimental.get_memory_info("GPU:0")["current"])
+    except (ValueError, RuntimeError):  # no GPU, or a TensorFlow build without the figure
+        return 0.0

@@ -33,6 +33,8 @@ OPTION_HELP: dict[str, str] = {
     "poll_s": "seconds between scans of the model repository",
     "signature": "SavedModel signature to serve",
     "redis_url": "Redis URL: redis://, rediss:// or unix:// (also TFPOOL_REDIS_URL)",
+    "cluster": "the Redis URL names a node of a Redis Cluster (also TFPOOL_CLUSTER, or a"
+    " redis+cluster:// URL)",
     "workers": "worker processes",
     "devices": "GPU ids to use, e.g. 0,1",
     "workers_per_device": "worker processes per GPU",
@@ -65,6 +67,13 @@ OPTION_HELP: dict[str, str] = {
     "top_k": "classes top_k returns per row",
     "labels_file": "file of class labels, one per line, for argmax / top_k",
     "postprocess_output": "the output argmax / top_k reads",
+    "metrics_port": "serve /metrics, /healthz, /readyz on this port (-1: no endpoint; 0: any"
+    " free port, logged)",
+    "metrics_host": "address the /metrics, /healthz, /readyz endpoint listens on",
+    "metrics": "workers count requests, batches and latencies for /metrics and tfpool status"
+    " (false saves about a microsecond of CPU per request)",
+    "trace_exporter": "OpenTelemetry spans for traced requests: console, otlp, or"
+    " module:callable returning a SpanExporter ('': off)",
     "log_level": "log level of the supervisor and workers: DEBUG, INFO, WARNING, ERROR",
 }
 

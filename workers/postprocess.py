@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from queueing.wire import STR
 from workers.config import PoolConfig
 from workers.errors import ConfigError
+from workers.spec import TensorSpec
 
 
 class TopK:
@@ -89,6 +91,18 @@ class TopK:
     def finish(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request's answer: as the batch's rows give it."""
         return outputs
+
+    def output_specs(self, model_outputs: Sequence[TensorSpec]) -> list[TensorSpec]:
+        """The answers' specs, from the model's (empty if the scored output's is unknown)."""
+        scores = next((s for s in model_outputs if s.name == self.output), None)
+        if scores is None or not scores.shape:
+            return []
+        shape = scores.shape[:-1] if self.argmax else (*scores.shape[:-1], self.k)
+        dtypes = ("int32", scores.dtype, STR)
+        return [
+            TensorSpec(name=name, dtype=dtype, shape=shape, batch=scores.batch)
+            for name, dtype in zip(self.output_names, dtypes, strict=False)
+        ]
 
     def _ties_to_lower_index(self, scores: np.ndarray, best: np.ndarray) -> np.ndarray:
         """argpartition may keep a higher-index class tied with the k-th score in place of

@@ -8,6 +8,7 @@ the requests of a long batch while it runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -19,10 +20,11 @@ import psutil
 import redis
 from redis.typing import EncodableT, FieldT
 
-from queueing import keys, liveness
+from queueing import connection, keys, liveness
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.messages import WorkerStats
+from workers.metrics import Recorder, Snapshot, Window
 from workers.shared import HeldEntries, StreamClock
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Presence:
         clock: StreamClock,
         stopping: threading.Event,
         stop: Callable[[], None],
+        metrics: Recorder,
         details: Callable[[], Mapping[FieldT, EncodableT]] | None = None,
     ) -> None:
         self.config = config
@@ -62,6 +65,8 @@ class Presence:
         self.clock = clock
         self.stopping = stopping
         self.stop = stop  # when the supervisor is gone
+        self.metrics = metrics
+        self._window = Window()
         self.details = details  # more heartbeat fields (the versions served)
         self._parent_pid = os.getppid()
         self._started = time.time()
@@ -123,7 +128,7 @@ class Presence:
                 if not self.redis.exists(keys.model_info(self.config.name)):
                     log.warning("the model's registration is gone from Redis; registering again")
                     self.register()
-            except redis.RedisError as e:
+            except connection.REDIS_ERRORS as e:
                 log.warning("heartbeat: %s", e)
 
     def heartbeat(self, state: str) -> None:
@@ -144,6 +149,7 @@ class Presence:
             "model_s": round(stats.model_s, 3),
             "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
             "cpu_percent": self._process.cpu_percent(None),
+            "window": json.dumps(self._window_figures()),
             "started": self._started,
             "updated": time.time(),
             **self.settings,
@@ -158,3 +164,12 @@ class Presence:
             stamp = liveness.heartbeat_fields(redis_now, ttl_s)
             pipe.hset(keys.last_alive(self.config.name), mapping=stamp)  # type: ignore[arg-type]
         pipe.execute()
+
+    def _window_figures(self) -> dict[str, object]:
+        """This slot's last minute (workers.metrics.Window), for ``tfpool status`` and the
+        drain estimate; and the GPU memory gauge, on a GPU."""
+        if self.device is not None:
+            from workers.model import gpu_memory_in_use
+
+            self.metrics.gpu_memory(gpu_memory_in_use())
+        return self._window.figures(Snapshot.read(self.metrics.layout, self.metrics.cells))

@@ -11,10 +11,10 @@ from typing import Any, Protocol, cast
 
 import redis
 
-from queueing import keys
+from queueing import connection, keys
 from workers.claims import Claims
 from workers.config import PoolConfig
-from workers.intake import triage
+from workers.intake import plan_takeover, triage
 from workers.messages import Answer, Entry, InHand
 from workers.shared import BatchDesk, HeldEntries
 from workers.writer import Writer
@@ -52,6 +52,7 @@ class Reader:
         *,
         consumer: str,
         inherit_from: Sequence[str],
+        suspects: set[bytes] | None = None,
         claims: Claims,
         intake: Admission,
         desk: BatchDesk,
@@ -64,6 +65,7 @@ class Reader:
         self.consumer = consumer
         self.stream = keys.stream(config.name)
         self.inherit_from = list(inherit_from)
+        self.suspects = suspects  # what the predecessors were running (see workers.running)
         self.claims = claims
         self.intake = intake
         self.desk = desk
@@ -76,7 +78,7 @@ class Reader:
     def run(self) -> None:
         """Take over the dead predecessors' entries, then read until stopping."""
         # Its own connection (it blocks), held rather than checked out of a pool per call.
-        conn = redis.Redis.from_url(
+        conn = connection.connect(
             self.config.redis_url,
             socket_timeout=READ_BLOCK_MS / 1000 + 10,
             single_connection_client=True,
@@ -88,15 +90,19 @@ class Reader:
         # Take over entries of dead workers this often (and the idle consumers now and then).
         claim_every = max(0.1, self.config.claim_idle_ms / 2000)
         next_claim = time.monotonic() + claim_every
+        next_dead_check = time.monotonic()  # at once: a pool may have died holding requests
         next_prune = time.monotonic() + 60
         reconnected = False
         try:
-            self._take_over(conn, self.claims.inherit(conn, self.inherit_from))
+            self._take_over(conn, self.claims.inherit(conn, self.inherit_from), self.suspects)
             while not self.stopping.is_set():
                 if not self.desk.wait_for_room(0.1):
                     continue
                 try:
                     now = time.monotonic()
+                    if now >= next_dead_check:
+                        next_dead_check = now + self.config.heartbeat_s
+                        self._take_from_dead(conn)
                     if now >= next_claim:
                         next_claim = now + claim_every
                         self._take_over(conn, self.claims.autoclaim(conn))
@@ -122,7 +128,7 @@ class Reader:
                     log.warning("reader: %s; registering the model again", e)
                     self.register()
                     continue
-                except redis.RedisError as e:
+                except connection.REDIS_ERRORS as e:  # a cluster's own errors included
                     log.warning("reader: %s; retrying in %.2fs", e, backoff)
                     reconnected = True
                     self.stopping.wait(backoff)
@@ -134,6 +140,16 @@ class Reader:
             conn.close()
             self.done.set()
             self.desk.wake()
+
+    def _take_from_dead(self, conn: redis.Redis) -> None:
+        """Take over the entries of workers whose heartbeat expired and that nobody took
+        over (a pool or host gone): at once, rather than after ``claim_idle_ms``. A
+        worker that has not beaten for three heartbeats is dead; idle that long too."""
+        dead_after_ms = int(self.config.heartbeat_s * 3000)
+        dead = self.claims.dead_consumers(conn, min_idle_ms=dead_after_ms)
+        if dead:
+            taken = self.claims.take_from_dead(conn, dead, min_idle_ms=dead_after_ms)
+            self._take_over(conn, taken)
 
     def _recover_own(self, conn: redis.Redis) -> None:
         """After a lost connection: entries Redis handed us whose reply never arrived (it
@@ -151,14 +167,23 @@ class Reader:
                         " again", len(lost))  # fmt: skip
             self._accept(lost, queue_empty=None)
 
-    def _take_over(self, conn: redis.Redis, entries: list[Entry]) -> None:
+    def _take_over(
+        self, conn: redis.Redis, entries: list[Entry], known_fatal: set[bytes] | None = None
+    ) -> None:
         """Entries taken from dead workers: dead-letter those whose runs kept killing their
-        worker, batch the rest like new ones (but each alone)."""
+        worker; of the rest, those that may have killed one run alone, the others batch
+        like new ones (see :func:`plan_takeover`; ``known_fatal`` likewise)."""
         if not entries:
             return
+        attempts = keys.attempts(self.config.name)
         deliveries = self.claims.delivery_counts(conn, entries)
-        runs = self.claims.fatal_runs(conn, keys.attempts(self.config.name), entries)
-        fresh, dead = triage(entries, deliveries, runs, max_deliveries=self.config.max_deliveries)
+        recorded = self.claims.recorded_runs(conn, attempts, entries)
+        fatal, alone, record = plan_takeover(
+            [entry_id for entry_id, _ in entries], recorded, known_fatal
+        )
+        if record:
+            self.claims.record_runs(conn, attempts, record)
+        fresh, dead = triage(entries, deliveries, fatal, max_deliveries=self.config.max_deliveries)
         if dead:
             log.error("dead-lettering %d requests: their workers kept dying", len(dead))
             self.held.add(entry_id for (entry_id, _), _ in dead)
@@ -168,7 +193,9 @@ class Reader:
                     for (entry_id, fields), reason in dead
                 ]
             )
-        self._accept(fresh, queue_empty=None, suspect=True)
+        by_alone = dict(zip((entry_id for entry_id, _ in entries), alone, strict=True))
+        self._accept([e for e in fresh if by_alone[e[0]]], queue_empty=None, suspect=True)
+        self._accept([e for e in fresh if not by_alone[e[0]]], queue_empty=None)
 
     def _accept(
         self, entries: list[Entry], *, queue_empty: bool | None, suspect: bool = False

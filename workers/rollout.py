@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from queueing import keys
+from queueing import connection, keys
 from workers.repository import Fingerprint, ModelWatch, VersionPolicy, version_folders
 from workers.versions import FAILED, LOADING, WARMING, Version, Versions
 
@@ -60,7 +60,7 @@ class VersionWatcher:
 
     def run(self) -> None:
         """Scan every ``poll_s`` seconds, or at once when woken, until stopping."""
-        conn = redis.Redis.from_url(self.redis_url, socket_timeout=5) if self.redis_url else None
+        conn = connection.connect(self.redis_url, socket_timeout=5) if self.redis_url else None
         reload_seen = _reload_count(conn)
         next_scan = time.monotonic() + self.poll_s
         try:
@@ -134,6 +134,6 @@ def _reload_count(conn: redis.Redis | None) -> bytes | None:
         return None
     try:
         value = conn.get(keys.RELOAD)
-    except redis.RedisError:
+    except connection.REDIS_ERRORS:
         return None
     return value if isinstance(value, bytes) else None

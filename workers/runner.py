@@ -22,6 +22,7 @@ from queueing.errors import ModelError
 from workers.batcher import Batch, Batcher
 from workers.config import PoolConfig
 from workers.messages import Answer, AnswerMaker, InHand, WorkerStats
+from workers.metrics import Recorder
 from workers.spec import TensorSpec
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from workers.model import LoadedModel
     from workers.postprocess import TopK
     from workers.preprocess import ImagePreprocessor
+    from workers.tracing import BatchTracer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,14 @@ class Served:
             else f"{s.name}: {s.describe()}"
             for s in self.model.inputs
         )
+
+    def output_specs(self) -> list[TensorSpec]:
+        """The outputs as answers carry them (after any post-processing), in
+        ``output_names`` order; an output whose spec is not known is left out."""
+        if self.postprocess is not None:
+            return self.postprocess.output_specs(self.model.outputs)
+        by_name = {s.name: s for s in self.model.outputs}
+        return [by_name[name] for name in self.output_names if name in by_name]
 
 
 def load(
@@ -160,7 +170,9 @@ class Runner:
         bucket_for: Callable[[int], int],
         stats: WorkerStats,
         answers: AnswerMaker,
+        metrics: Recorder,
         postprocess: Postprocess | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
         self.model = model
         self.inputs = list(inputs)
@@ -170,20 +182,47 @@ class Runner:
         self.bucket_for = bucket_for
         self.stats = stats
         self.answers = answers
+        self.metrics = metrics
         self.postprocess = postprocess
+        self.tracer = tracer  # None unless trace_exporter is set
 
     def run(self, batch: Batch[InHand]) -> list[Answer]:
         """Run one batch; return the answers of the requests it completed."""
+        started = time.monotonic()
         try:
             self._keep_outputs(batch, self._infer(assemble(batch, self.inputs)))
         except Exception as e:
             log.warning("batch of %d failed (%s); running its requests one by one", batch.rows, e)
             self._run_parts_alone(batch)
+        computed = time.monotonic()
+        waits = [started - part.item.arrival for part in batch.parts if part.start == 0]
+        self.metrics.batch_done(batch.rows, computed - started, waits)
         self.stats.batches += 1
         self.stats.rows += batch.rows
-        return [
+        answers = [
             self._finish(part.item) for part in batch.parts if part.item.rows_done == part.item.rows
         ]
+        if self.tracer is not None:
+            self._trace(batch, started, computed)
+        return answers
+
+    def _trace(self, batch: Batch[InHand], started: float, computed: float) -> None:
+        from workers.tracing import Traced
+
+        traced = [
+            Traced(p.item.traceparent, p.item.arrival, p.rows, p.start == 0)
+            for p in batch.parts
+            if p.item.traceparent is not None
+        ]
+        if traced and self.tracer is not None:
+            self.tracer.batch(
+                traced,
+                rows=batch.rows,
+                padded_rows=batch.padded_rows,
+                started=started,
+                computed=computed,
+                finished=time.monotonic(),
+            )
 
     def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model, then the post-processing, on one batch."""

@@ -1,11 +1,16 @@
 """``tfpool status``: every worker of every host, and each model's queue, from Redis alone.
 
 Workers publish a heartbeat hash with a TTL, so a dead worker drops out of the list within
-three heartbeats; the queue figures come from the streams themselves.
+three heartbeats; the queue figures come from the streams themselves. Each heartbeat also
+carries what its worker did in the last minute (``workers.metrics.Window``): rates and
+quantiles here are computed from those buckets as Prometheus computes them from the
+scraped ones, and the supervisor's ``/metrics`` reads its queue gauges through
+``model_status``, so that the CLI and the dashboard show the same figures.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,8 +21,10 @@ import redis
 from queueing import keys
 from queueing.liveness import FIELD_LAST_SEEN, ago
 from queueing.redis_state import SAFE_POLICY
+from workers.metrics import Rates, drain_seconds
 
-#: Heartbeat fields that stay text; the others are numbers (in ``--json`` too).
+#: Heartbeat fields that stay text; the others are numbers (in ``--json`` too). ``window``
+#: is the worker's last minute, as JSON (read by :func:`worker_rates`).
 TEXT_FIELDS = frozenset(
     {
         "host",
@@ -26,6 +33,7 @@ TEXT_FIELDS = frozenset(
         "state",
         "cuda_visible_devices",
         "memory_growth",
+        "window",
         "versions",
         "labels",
     }
@@ -48,6 +56,16 @@ class ModelStatus:
     consumers: int
     max_queue: int
     inputs: str
+    #: Age of the oldest request not yet read (0 when none waits).
+    oldest_waiting_s: float = 0.0
+    #: Requests answered per second by every worker of the model, over the last minute.
+    requests_per_s: float = 0.0
+    #: (waiting + pending) / requests_per_s: how long the backlog takes at today's pace.
+    estimated_drain_s: float = 0.0
+    #: Mean rows per batch, and queue wait quantiles (s), over the last minute.
+    mean_batch: float | None = None
+    queue_wait_p50_s: float | None = None
+    queue_wait_p99_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,9 +85,14 @@ class PoolStatus:
     redis: RedisStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
+        models = [
+            # JSON has no infinity: a drain time that cannot be estimated is null.
+            {k: None if v == float("inf") else v for k, v in asdict(m).items()}
+            for m in self.models
+        ]
         return {
             "workers": self.workers,
-            "models": [asdict(m) for m in self.models],
+            "models": models,
             "redis": None if self.redis is None else asdict(self.redis),
         }
 
@@ -81,24 +104,26 @@ class PoolStatus:
 
 def collect(conn: redis.Redis) -> PoolStatus:
     """Read the status of every pool on this Redis."""
+    workers = heartbeats(conn)
+    names = sorted(n.decode() for n in conn.smembers(keys.MODELS))  # type: ignore[union-attr]
+    seconds, micros = conn.time()
+    return PoolStatus(
+        workers=workers,
+        models=[model_status(conn, n, workers) for n in names],
+        now=seconds + micros / 1e6,
+        redis=_redis(conn),
+    )
+
+
+def heartbeats(conn: redis.Redis) -> list[dict[str, Any]]:
+    """Every live worker's heartbeat, of every model and host."""
     workers = []
     for key in conn.scan_iter(match=keys.WORKER_PATTERN, count=500):
         fields: dict[bytes, bytes] = conn.hgetall(key)  # type: ignore[assignment]
         if fields:
             workers.append({k.decode(): _typed(k.decode(), v.decode()) for k, v in fields.items()})
     workers.sort(key=lambda w: (w.get("model", ""), w.get("host", ""), w.get("slot", 0)))
-    names = sorted(n.decode() for n in conn.smembers(keys.MODELS))  # type: ignore[union-attr]
-    seconds, micros = conn.time()
-    live: dict[str, int] = {}
-    for w in workers:
-        if w.get("state") == "ready":  # a heartbeat key exists only while its TTL runs
-            live[w.get("model", "")] = live.get(w.get("model", ""), 0) + 1
-    return PoolStatus(
-        workers=workers,
-        models=[_model_status(conn, n, live.get(n, 0)) for n in names],
-        now=seconds + micros / 1e6,
-        redis=_redis(conn),
-    )
+    return workers
 
 
 def _redis(conn: redis.Redis) -> RedisStatus | None:
@@ -130,26 +155,53 @@ def _typed(name: str, value: str) -> Any:
     return value
 
 
-def _model_status(conn: redis.Redis, name: str, live_workers: int) -> ModelStatus:
+def worker_rates(workers: Sequence[dict[str, Any]], model: str | None = None) -> Rates:
+    """The last minute of the workers given (of ``model`` only, if named), summed."""
+    windows = [
+        json.loads(w["window"])
+        for w in workers
+        if "window" in w and (model is None or w.get("model") == model)
+    ]
+    return Rates.of(windows)
+
+
+def model_status(conn: redis.Redis, name: str, workers: Sequence[dict[str, Any]]) -> ModelStatus:
+    """One model's queue, read now, and its workers' last minute (from ``workers``, the
+    heartbeats of every host)."""
+    # A heartbeat key exists only while its TTL runs: a ready one is a live worker.
+    live_workers = sum(1 for w in workers if w.get("model") == name and w.get("state") == "ready")
     stream = keys.stream(name)
     pipe = conn.pipeline(transaction=False)
     pipe.xlen(stream)
     pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.model_info(name))
     pipe.hget(keys.last_alive(name), FIELD_LAST_SEEN)
-    length, dead, info, last_seen = pipe.execute()
-    pending, consumers = 0, 0
+    pipe.time()
+    length, dead, info, last_seen, (seconds, micros) = pipe.execute()
+    pending, consumers, last_read = 0, 0, b"0-0"
     try:
         groups: list[dict[str, Any]] = conn.xinfo_groups(stream)
         for group in groups:
             if group["name"] in (keys.GROUP, keys.GROUP.encode()):
                 pending, consumers = int(group["pending"]), int(group["consumers"])
+                last_read = group["last-delivered-id"]
     except redis.ResponseError:  # no stream yet
         pass
+    # Answered entries are deleted: what the stream holds is waiting or pending.
+    waiting = max(0, int(length) - pending)
+    oldest_waiting_s = 0.0
+    if waiting:
+        # The oldest entry not yet read is the first one after the group's last delivery;
+        # its id is its arrival on Redis's clock, like the TIME read above.
+        last = last_read.decode() if isinstance(last_read, bytes) else str(last_read)
+        first: list[tuple[bytes, Any]] = conn.xrange(stream, min=f"({last}", count=1)  # type: ignore[assignment]
+        if first:
+            arrived_ms = int(first[0][0].split(b"-", 1)[0])
+            oldest_waiting_s = max(0.0, seconds + micros / 1e6 - arrived_ms / 1000)
+    rates = worker_rates(workers, name)
     return ModelStatus(
         name=name,
-        # Answered entries are deleted: what the stream holds is waiting or pending.
-        waiting=max(0, int(length) - pending),
+        waiting=waiting,
         pending=pending,
         dead_letters=int(dead),
         live_workers=live_workers,
@@ -157,33 +209,45 @@ def _model_status(conn: redis.Redis, name: str, live_workers: int) -> ModelStatu
         consumers=consumers,
         max_queue=int(info.get(b"max_queue", 0)),
         inputs=info.get(b"inputs", b"").decode(),
+        oldest_waiting_s=oldest_waiting_s,
+        requests_per_s=rates.requests_per_s,
+        estimated_drain_s=drain_seconds(waiting + pending, rates.requests_per_s),
+        mean_batch=rates.mean_batch,
+        queue_wait_p50_s=rates.queue_wait.quantile(0.5),
+        queue_wait_p99_s=rates.queue_wait.quantile(0.99),
     )
 
 
 def render(status: PoolStatus, *, now: float | None = None) -> str:
-    """A plain-text report: a workers table, then a models table."""
+    """A plain-text report: a workers table, then a models table. Rates, batch sizes and
+    queue waits are over the last minute (what ``rate(...[1m])`` shows on the dashboard)."""
     now = status.now if now is None else now
     lines = []
     if status.redis is not None:
         lines += [_describe_redis(status.redis), ""]
     header = ("HOST", "PID", "SLOT", "DEVICE", "MODEL", "STATE", "BATCHES", "REQUESTS",
-              "RSS MiB", "CPU %", "UP")  # fmt: skip
-    rows = [
-        (
-            w.get("host", "?"),
-            w.get("pid", "?"),
-            w.get("slot", "?"),
-            w.get("device", "?"),
-            w.get("model", "?"),
-            w.get("state", "?"),
-            w.get("batches", "0"),
-            w.get("requests", "0"),
-            w.get("rss_mb", "?"),
-            w.get("cpu_percent", "?"),
-            _age(now - float(w.get("started", now))),
+              "REQ/S", "BATCH", "WAIT p50/p99 ms", "RSS MiB", "CPU %", "UP")  # fmt: skip
+    rows = []
+    for w in status.workers:
+        rates = worker_rates([w])
+        rows.append(
+            (
+                w.get("host", "?"),
+                w.get("pid", "?"),
+                w.get("slot", "?"),
+                w.get("device", "?"),
+                w.get("model", "?"),
+                w.get("state", "?"),
+                w.get("batches", "0"),
+                w.get("requests", "0"),
+                f"{rates.requests_per_s:.1f}",
+                _number(rates.mean_batch),
+                _waits(rates.queue_wait.quantile(0.5), rates.queue_wait.quantile(0.99)),
+                w.get("rss_mb", "?"),
+                w.get("cpu_percent", "?"),
+                _age(now - float(w.get("started", now))),
+            )
         )
-        for w in status.workers
-    ]
     lines.append(f"workers: {len(status.workers)}")
     lines += _table(header, rows)
     lines.append("")
@@ -197,13 +261,20 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
             str(m.pending),
             str(m.dead_letters),
             str(m.max_queue or "none"),
+            f"{m.requests_per_s:.1f}",
+            _number(m.mean_batch),
+            _waits(m.queue_wait_p50_s, m.queue_wait_p99_s),
+            f"{m.oldest_waiting_s:.1f}",
+            _number(m.estimated_drain_s),
             m.inputs,
         )
         for m in status.models
     ]
     lines += _table(
-        ("MODEL", "LIVE", "LAST SEEN", "WAITING", "PENDING", "DEAD", "CAP", "INPUTS"), model_rows
-    )
+        ("MODEL", "LIVE", "LAST SEEN", "WAITING", "PENDING", "DEAD", "CAP", "REQ/S", "BATCH",
+         "WAIT p50/p99 ms", "OLDEST s", "DRAIN s", "INPUTS"),
+        model_rows,
+    )  # fmt: skip
     version_rows = [
         (
             w.get("model", "?"),
@@ -238,6 +309,16 @@ def _last_seen(last_seen: float | None, now: float) -> str:
     if last_seen is None:
         return "unknown"
     return f"{time.strftime('%H:%M:%S', time.localtime(last_seen))} ({ago(now - last_seen)})"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _waits(p50: float | None, p99: float | None) -> str:
+    if p50 is None or p99 is None:
+        return "-"
+    return f"{p50 * 1000:.1f}/{p99 * 1000:.1f}"
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:

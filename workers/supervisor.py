@@ -21,16 +21,23 @@ from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import psutil
 import redis
 
+from queueing import connection
 from queueing.base import without_password
 from queueing.redis_state import eviction_problem, read_policy
 from workers.config import PoolConfig
 from workers.errors import ConfigError, RedisSettingsError
+from workers.metrics import Cells, Layout
 from workers.placement import Slot, describe_slots, plan
+from workers.running import RunningBatch
 from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
+
+if TYPE_CHECKING:
+    from workers.exporter import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +63,16 @@ class WorkerHandle:
     """A slot and the process currently filling it."""
 
     slot: Slot
+    #: The slot's counters in shared memory (workers.metrics): made once, kept by every
+    #: process that fills the slot, so that a crash loses none of them.
+    metrics: Cells
     process: SpawnProcess | None = None
     worker_id: str = ""  # the live process's consumer name
     predecessors: list[str] = field(default_factory=list)  # dead consumers to take over
+    # The entries of the batches that were running when they died (None: not known): the
+    # only requests their successor runs alone (see workers.running).
+    suspects: set[bytes] | None = field(default_factory=set)
+    running: RunningBatch | None = None  # where the current process writes its batch
     # Set to 1 by the worker once it serves. A flag in shared memory, polled: a
     # multiprocessing.Event would hang its setter if a waiter were killed, and workers
     # are killed here on purpose.
@@ -68,6 +82,7 @@ class WorkerHandle:
     restart_at: float | None = None
     ever_ready: bool = False
     recycling: bool = False
+    restarts: int = 0  # processes started after the first
 
     @property
     def is_ready(self) -> bool:
@@ -84,6 +99,7 @@ class Supervisor:
         *,
         slots: list[Slot] | None = None,
         on_ready: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not config.redis_url:
             raise ValueError("the supervisor needs a Redis URL (start an embedded one first)")
@@ -91,30 +107,68 @@ class Supervisor:
         self.config = config
         #: Called once, with the number of workers, when every worker first serves.
         self.on_ready = on_ready
+        #: What restart times, backoff and health are measured with (tests step it).
+        self._clock = clock
         self._announced = False
         self.slots = slots if slots is not None else plan(config)
-        self.handles = [WorkerHandle(slot) for slot in self.slots]
-        #: What happened to workers, in order: (kind, slot, pid); kind is "crash",
-        #: "recycle" or "exit".
+        self.layout = Layout.for_config(config)
+        self.handles = [
+            WorkerHandle(
+                slot,
+                _SPAWN.RawArray("d", self.layout.size),
+                running=RunningBatch(_SPAWN, max_requests=config.max_batch_size),
+            )
+            for slot in self.slots
+        ]
+        #: What happened to workers, in order: (kind, slot, pid); kind is "crash" (an exit
+        #: code other than 0), "recycle" (drained and exited 0 at the memory watchdog's
+        #: request) or "exit" (exited 0 unasked).
         self.events: list[tuple[str, int, int]] = []
         self._draining = threading.Event()
         self.exit_code = EXIT_DRAINED
+        self.metrics_server: MetricsServer | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Check Redis's settings, then spawn every worker (they load and warm up in
-        parallel). Raises RedisSettingsError on a Redis that would lose requests."""
+        """Check Redis's settings, start the metrics endpoint if the config asks for one,
+        then spawn every worker (they load and warm up in parallel). Raises
+        RedisSettingsError on a Redis that would lose requests, ConfigError when the
+        endpoint cannot listen."""
         self.check_redis()
+        if self.config.metrics_port >= 0 and self.metrics_server is None:
+            self.serve_metrics()
         what = f"models of {self.config.model_repo}" if self.config.model_repo else "model"
         log.info("%s %s: %s", what, self.config.name, describe_slots(self.slots))
         for handle in self.handles:
             self._spawn(handle)
 
+    def serve_metrics(self, port: int | None = None) -> int:
+        """Start the HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) on ``port``
+        (default: the config's; 0: a free one). Returns the port bound."""
+        from workers.exporter import MetricsServer  # prometheus_client: only when asked
+
+        port = max(0, self.config.metrics_port if port is None else port)
+        host = self.config.metrics_host
+        try:
+            self.metrics_server = MetricsServer(self, host=host, port=port)
+        except OSError as e:  # a port in use, most often: one line and exit 2, no traceback
+            raise ConfigError(f"metrics_port: cannot listen on {host}:{port}: {e}") from e
+        self.metrics_server.start()
+        return self.metrics_server.port
+
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` says: a worker of the model serves, and the pool is not
+        draining."""
+        return not self._draining.is_set() and any(
+            h.is_ready and h.process is not None and h.process.is_alive() for h in self.handles
+        )
+
     def check_redis(self) -> None:
         """Refuse an evicting Redis (see queueing.redis_state), unless the config allows
         it; then say so loudly."""
-        conn = redis.Redis.from_url(self.config.redis_url, socket_timeout=10)
+        conn = connection.connect(self.config.redis_url, socket_timeout=10)
         try:
             problem = eviction_problem(read_policy(conn))
         finally:
@@ -137,7 +191,7 @@ class Supervisor:
         delay = REDIS_RETRY_START_S
         safe_url = without_password(self.config.redis_url)
         while not self._draining.is_set():
-            conn = redis.Redis.from_url(
+            conn = connection.connect(
                 self.config.redis_url, socket_connect_timeout=5, socket_timeout=5
             )
             try:
@@ -194,7 +248,7 @@ class Supervisor:
     def poll(self) -> None:
         """One round: reap exited workers, restart them when their backoff is up, and
         recycle one whose memory is over the limit."""
-        now = time.monotonic()
+        now = self._clock()
         for handle in self.handles:
             if handle.is_ready and not handle.ever_ready:
                 handle.ever_ready = True
@@ -231,6 +285,13 @@ class Supervisor:
                 handle.process.kill()
                 handle.process.join()
         log.info("all workers stopped")
+        self.close_metrics()
+
+    def close_metrics(self) -> None:
+        """Stop the HTTP endpoint, if it runs."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     def kill(self) -> None:
         """Stop every worker at once, without draining."""
@@ -261,16 +322,27 @@ class Supervisor:
         slot = handle.slot
         process = _SPAWN.Process(
             target=worker_main,
-            args=(self.config, slot, list(handle.predecessors), handle.ready),
+            args=(
+                self.config,
+                slot,
+                list(handle.predecessors),
+                handle.ready,
+                handle.metrics,
+                handle.running,
+                handle.suspects,
+            ),
             name=f"tfpool-worker-{slot.index}",
             daemon=False,
         )
         process.start()
         assert process.pid is not None
+        if handle.worker_id:  # the slot had a process before this one
+            handle.restarts += 1
         handle.process = process
         handle.worker_id = consumer_name(process.pid)
         handle.predecessors = []
-        handle.started_at = time.monotonic()
+        handle.suspects = set()
+        handle.started_at = self._clock()
         handle.restart_at = None
         log.info(
             "worker %s started (slot %d, %s, %d intra-op threads)",
@@ -285,9 +357,16 @@ class Supervisor:
         handle.process = None
         # Whatever it held and did not ack, its successor takes over at start.
         handle.predecessors.append(handle.worker_id)
+        if handle.running is not None:
+            ran = handle.running.read()
+            handle.running.clear()
+            handle.suspects = (
+                None if ran is None or handle.suspects is None else (handle.suspects | ran)
+            )
         if self._draining.is_set():
             return
-        kind = "recycle" if handle.recycling else "exit" if code == EXIT_OK else "crash"
+        # A recycle is a drain that ended well: a recycled worker that died is a crash.
+        kind = "crash" if code != EXIT_OK else "recycle" if handle.recycling else "exit"
         self.events.append((kind, handle.slot.index, pid))
         if code == EXIT_LOAD_FAILED and not handle.ever_ready:
             log.error("worker %s could not load the model; stopping the pool", handle.worker_id)
@@ -310,7 +389,9 @@ class Supervisor:
     def _watch_memory(self) -> None:
         """Drain and replace a worker whose RSS is over the limit, one at a time, so that
         the others keep serving while it reloads."""
-        if any(h.recycling for h in self.handles):
+        # One out at a time: none while a worker drains, or while its successor (or any
+        # other worker) still loads: recycling then could leave no worker serving.
+        if any(h.recycling or (h.process is not None and not h.is_ready) for h in self.handles):
             return
         limit = self.config.memory_limit_mb * 2**20
         for handle in self.handles:
@@ -356,11 +437,12 @@ class Supervisor:
 def check_redis_url(url: str) -> None:
     """Raise ConfigError unless ``url`` is a Redis URL redis-py can connect with."""
     try:
-        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        redis.connection.parse_url(connection.first_node_url(url))  # type: ignore[no-untyped-call]
     except ValueError as e:
         raise ConfigError(
             f"redis_url {without_password(url)!r} is not a Redis URL: {e}"
-            " (e.g. redis://host:6379/0, rediss://..., unix:///path/redis.sock)"
+            " (e.g. redis://host:6379/0, rediss://..., unix:///path/redis.sock,"
+            " redis+cluster://node:6379)"
         ) from e
 
 

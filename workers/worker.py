@@ -28,7 +28,24 @@ object         written by                       read by               guarded by
                writer's callers (answers)                             answer counts
 ``writer``     reader, main (submit)            writer thread         its queue
 ``stopping``   signal handler, heartbeat        all                   an Event
+``metrics``    main (batches), writer and main  heartbeat (window),   its lock
+               (answers stored), heartbeat      the supervisor
+               (GPU memory)                     (scrapes)
+``running``    main (before and after a batch)  the supervisor, once  shared memory, read
+                                                the process is gone   only after its death
+``versions``   watcher (adds, retires), reader  all                   its lock
+               (in hand), main (answered)
 ============== ================================ ===================== =====================
+
+``metrics`` is the slot's block of shared memory (:mod:`workers.metrics`): it outlives
+this process, so what it counted survives a crash.
+
+With ``model_repo``, one process serves every model of the repository: one
+:class:`Worker` (a lane) per model, each with the threads above and a watcher
+(:mod:`workers.rollout`), all in one process (see :func:`run_models`). The lanes share the
+slot's ``metrics`` (each counts its own too, for its heartbeat:
+:class:`workers.metrics.LaneRecorder`) and ``running`` (the union of the lanes' batches:
+:class:`workers.running.RunningLanes`).
 """
 
 from __future__ import annotations
@@ -49,7 +66,7 @@ from typing import TYPE_CHECKING
 import redis
 from redis.typing import EncodableT, FieldT
 
-from queueing import keys
+from queueing import connection, keys
 from workers.batcher import Batcher
 from workers.claims import Claims
 from workers.config import PoolConfig
@@ -57,6 +74,7 @@ from workers.errors import ModelLoadError, WorkerError
 from workers.intake import Intake, deadline_error
 from workers.memory import keep_large_buffers
 from workers.messages import AnswerMaker, InHand, WorkerStats
+from workers.metrics import Cells, LaneRecorder, Layout, Recorder
 from workers.placement import Slot
 from workers.presence import Presence
 from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
@@ -64,6 +82,7 @@ from workers.reader import Reader
 from workers.repository import VersionPolicy, model_names, parse_labels
 from workers.rollout import VersionWatcher
 from workers.runner import Runner, load
+from workers.running import LaneRunning, RunningBatch, RunningLanes
 from workers.shared import BatchDesk, HeldEntries, StreamClock
 from workers.versions import Version, VersionRouter, Versions
 from workers.writer import Writer
@@ -72,12 +91,16 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
     from workers.model import LoadedModel
+    from workers.tracing import BatchTracer
 
 log = logging.getLogger(__name__)
 
 #: Exit codes a worker reports to its supervisor.
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
+
+#: Longest wait for the writer to store earlier answers before a suspect's run.
+SETTLE_S = 5.0
 
 
 class Worker:
@@ -93,22 +116,38 @@ class Worker:
         inherit_from: Sequence[str] = (),
         settings: Mapping[FieldT, EncodableT] | None = None,
         ready: Synchronized[int] | None = None,
+        metrics: Cells | None = None,
+        running: RunningBatch | LaneRunning | None = None,
+        suspects: set[bytes] | None = None,
         repo_folder: Path | None = None,
         heartbeat_id: str | None = None,
+        slot_metrics: Recorder | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
         self.slot = slot
         self.device = device
         self.inherit_from = list(inherit_from)
+        # What the predecessors were running when they died (None: unknown, all suspect).
+        self.suspects = suspects
+        self.running = running
         self.settings: dict[FieldT, EncodableT] = dict(settings or {})
         self._batches_fixed = False  # the desk's batcher is set from the first version
         self.stats = WorkerStats()
         self.answers = AnswerMaker(self.stats)
         self.stopping = threading.Event()
-        self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=10)
+        self.redis = connection.connect(config.redis_url, socket_timeout=10)
         self.clock = StreamClock()
         self.held = HeldEntries()
+        # The slot's counters in the supervisor's shared memory; a private array without.
+        # One model of several (slot_metrics given): its own counts, added to the slot's.
+        layout = Layout.for_config(config)
+        self.metrics: Recorder = (
+            LaneRecorder(layout, slot=slot_metrics) if slot_metrics is not None
+            else Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
+                          enabled=config.metrics)
+        )  # fmt: skip
+        self.tracer: BatchTracer | None = None  # set in run() when trace_exporter is
         batcher: Batcher[InHand] = Batcher(
             max_rows=config.max_batch_size,
             max_latency_s=config.max_latency_ms / 1000,
@@ -124,7 +163,7 @@ class Worker:
         )  # fmt: skip
         self.writer = Writer(
             redis_url=config.redis_url, model=config.name, result_ttl_s=config.result_ttl_s,
-            held=self.held, shared=self.redis,
+            held=self.held, shared=self.redis, metrics=self.metrics, clock=self.clock,
         )  # fmt: skip
         self._ready_flag = ready
         #: The heartbeat's key: the worker id, or ``id/model`` for one model of several.
@@ -143,11 +182,18 @@ class Worker:
 
     def run(self) -> int:
         """Load, warm up, register, serve until stopped, drain. Returns the exit code."""
+        if self.config.trace_exporter:  # before any version's runner is built
+            from workers.tracing import BatchTracer
+
+            self.tracer = BatchTracer(
+                self.config.trace_exporter, model=self.config.name, worker_id=self.worker_id
+            )
         try:
             first = self._load_first()
         finally:
             self.first_attempt.set()
         if first is None:
+            self._close_tracer()
             return EXIT_OK  # stopped before any version could load
         self.desk.batcher = first.served.batcher  # the batches the model allows
         self._batches_fixed = True
@@ -177,6 +223,7 @@ class Worker:
         with contextlib.suppress(redis.RedisError):
             self.claims.release_if_idle(self.redis)
         presence.heartbeat("stopped")
+        self._close_tracer()
         log.info("worker %s stopped after %d batches, %d requests", self.worker_id,
                  self.stats.batches, self.stats.requests)  # fmt: skip
         return EXIT_OK
@@ -187,6 +234,10 @@ class Worker:
         retired version is dropped once drained."""
         version = self.versions.default_version()
         return None if version is None else version.served.model
+
+    def _close_tracer(self) -> None:
+        if self.tracer is not None:
+            self.tracer.close()  # sends the spans still buffered
 
     def stop(self) -> None:
         """Stop reading; finish and answer what is in hand; then ``run()`` returns."""
@@ -206,12 +257,18 @@ class Worker:
                 if closing and self.desk.is_empty():
                     return
                 continue
-            suspects = [part.item.entry_id for part in batch.parts if part.item.suspect]
-            if suspects:
-                self.claims.record_runs(self.redis, keys.attempts(self.config.name), suspects)
+            alone = [part.item.entry_id for part in batch.parts if part.item.suspect]
+            if alone:  # counted before the run: if it kills us, the count says so
+                self.claims.record_runs(self.redis, keys.attempts(self.config.name), alone)
+                # The answers of earlier batches must not die with this one.
+                self.writer.settle(timeout=SETTLE_S)
             version = self.versions.get(batch.parts[0].item.version or 0)
+            if self.running is not None:
+                self.running.start(part.item.entry_id for part in batch.parts)
             answers = version.runner.run(batch)
-            if suspects:
+            if self.running is not None:
+                self.running.clear()
+            if alone:
                 # The next batch may be the request that killed the last worker: these
                 # answers must not die with it.
                 self.writer.post_now(answers)
@@ -263,7 +320,7 @@ class Worker:
         runner = Runner(
             model=served.model, inputs=served.model.inputs, output_names=served.output_names,
             bucket_for=served.batcher.bucket_for, stats=self.stats, answers=self.answers,
-            postprocess=served.postprocess,
+            metrics=self.metrics, postprocess=served.postprocess, tracer=self.tracer,
         )  # fmt: skip
         return Version(number, path, served, intake, runner)
 
@@ -279,6 +336,10 @@ class Worker:
         if default is not None:
             info["inputs"] = default.served.describe_inputs()
             info["outputs"] = ", ".join(default.served.output_names)
+            # Their dtypes and shapes, as "inputs" gives the inputs' (the gateway's metadata).
+            info["output_specs"] = ", ".join(
+                f"{s.name}: {s.describe()}" for s in default.served.output_specs()
+            )
             info["default_version"] = default.number
         return info
 
@@ -299,24 +360,32 @@ class Worker:
             self.config, self.redis, worker_id=self.heartbeat_id, slot=self.slot,
             device=self.device, settings=self.settings, model_info=self._model_info(),
             stats=self.stats, held=self.held, claims=self.claims, clock=self.clock,
-            stopping=self.stopping, stop=self.stop, details=self._details,
+            stopping=self.stopping, stop=self.stop, metrics=self.metrics, details=self._details,
         )  # fmt: skip
         self.versions.on_change = lambda: presence.update_info(self._model_info())
         router = VersionRouter(self.versions, self.answers, fallback=first.intake)
         reader = Reader(
             self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
-            claims=self.claims, intake=router, desk=self.desk, writer=self.writer,
-            held=self.held, stopping=self.stopping, register=presence.register_quietly,
+            suspects=self.suspects, claims=self.claims, intake=router, desk=self.desk,
+            writer=self.writer, held=self.held, stopping=self.stopping,
+            register=presence.register_quietly,
         )  # fmt: skip
         return presence, reader
 
 
 def worker_main(
-    config: PoolConfig, slot: Slot, inherit_from: list[str], ready: Synchronized[int]
+    config: PoolConfig,
+    slot: Slot,
+    inherit_from: list[str],
+    ready: Synchronized[int],
+    metrics: Cells | None = None,
+    running: RunningBatch | None = None,
+    suspects: set[bytes] | None = None,
 ) -> None:
     """Entry point of a spawned worker process. Sets the device environment *before*
     TensorFlow is imported, so that a worker sees only its own GPU. SIGTERM drains (the
-    supervisor's way to stop or recycle it); a second SIGTERM exits at once."""
+    supervisor's way to stop or recycle it); a second SIGTERM exits at once. ``running``
+    and ``suspects``: see :mod:`workers.running`."""
     # An empty CUDA_VISIBLE_DEVICES keeps a CPU worker off every GPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
     debug = config.log_level.upper() == "DEBUG"
@@ -328,6 +397,12 @@ def worker_main(
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
     )
     if config.model_repo:
+        # The slot's shared memory (laid out for the pool's config, as the supervisor
+        # reads it) counts every lane; each lane also counts its own model's figures.
+        layout = Layout.for_config(config)
+        slot_metrics = Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
+                                enabled=config.metrics)  # fmt: skip
+        shared_running = None if running is None else RunningLanes(running)
         lanes = [
             Worker(
                 config.for_model(name, str(Path(config.model_repo) / name)),
@@ -335,6 +410,11 @@ def worker_main(
                 slot=slot.index,
                 device=slot.device,
                 inherit_from=inherit_from,
+                # Shared: each lane's reader takes over its own stream's entries, and the
+                # ids are those of every lane's batch (see RunningLanes).
+                suspects=suspects,
+                running=None if shared_running is None else shared_running.lane(name),
+                slot_metrics=slot_metrics,
                 repo_folder=Path(config.model_repo) / name,
                 heartbeat_id=f"{worker_id}/{name}",
             )
@@ -349,6 +429,9 @@ def worker_main(
                 device=slot.device,
                 inherit_from=inherit_from,
                 ready=ready,
+                metrics=metrics,
+                running=running,
+                suspects=suspects,
             )
         ]
     worker = lanes[0]

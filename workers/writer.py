@@ -1,28 +1,42 @@
-"""Posting answers: turn them into Redis commands (a pure step, :func:`redis_commands`),
-then send those in one MULTI/EXEC per round (:class:`Writer`).
+"""Posting answers: turn them into Redis commands (a pure step, :func:`round_commands`),
+then send those, once per round (:class:`Writer`).
 
-Replies go first, then ``XACK`` + ``XDEL``, all in one transaction: Redis runs all of it or,
-when it refuses a write (out of memory), none of it, so a request is never acked without
-its answer. A crash before the EXEC means a second delivery and a duplicate result, which
-the client drops by id, never a lost one. A round Redis does not take is kept and sent
-again, with whatever answers came meanwhile, until it is stored: its entries stay held, so
-their claims are renewed and no other worker takes them over.
+On one Redis, replies go first, then ``XACK`` + ``XDEL``, all in one MULTI/EXEC: Redis runs
+all of it or, when it refuses a write (out of memory), none of it, so a request is never
+acked without its answer. A crash before the EXEC means a second delivery and a duplicate
+result, which the client drops by id, never a lost one. A round Redis does not take is kept
+and sent again, with whatever answers came meanwhile, until it is stored: its entries stay
+held, so their claims are renewed and no other worker takes them over.
+
+On a Redis Cluster one transaction cannot span slots, and a round's reply streams (one per
+producer, each under its producer's hash tag) live in other slots than the model's stream.
+So a round goes in two steps, in this order: (1) the answers (replies, kept results), one
+pipeline per master, each ended by ``WAIT`` for a replica so that a failover cannot take
+them back; (2) only when every one of them is stored, one MULTI/EXEC in the model's slot
+with the dead letters, attempt counts and the acks. The guarantee is the same as above,
+step for step: a failure in (1) acks nothing and the round is sent again (a producer may
+get an answer twice and drops the repeat by id); a failure in (2), or a crash between the
+two, leaves the requests pending, to be answered again, never acked unanswered. What the
+split gives up is only the all-or-nothing of the answers among themselves, which nothing
+relied on: each answer is delivered at least once, and exactly once as the client sees it.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from typing import Any, cast
 
 import redis
 from redis.typing import EncodableT
 
-from queueing import keys, redis_state, wire
+from queueing import connection, keys, redis_state, wire
 from queueing.errors import ModelError
 from workers.messages import Answer
-from workers.shared import HeldEntries
+from workers.metrics import Recorder, outcome
+from workers.shared import HeldEntries, StreamClock
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +66,47 @@ def encode(answer: Answer) -> bytes | None:
         return wire.encode_error(answer.request_id, error)
 
 
-def redis_commands(
+def round_commands(
     answers: list[Answer], payloads: list[bytes | None], *, model: str, result_ttl_s: int
-) -> list[Command]:
-    """The commands that post ``answers`` (``payloads``: theirs, from :func:`encode`), in
-    order: dead letters and kept results, replies (one XADD per reply stream, of all its
-    results), attempt counts cleared, and last the acks, so that nothing is acked before
-    it is answered."""
-    commands: list[Command] = []
+) -> tuple[list[Command], list[Command]]:
+    """The commands that post ``answers`` (``payloads``: theirs, from :func:`encode`), as
+    ``(posts, acks)``. ``posts``: kept results and replies (one XADD per reply stream, of all
+    its results), keys of other slots than the model's. ``acks``: dead letters, attempt
+    counts cleared, and last the acks, all in the model's slot. Nothing may be acked before
+    every post is stored."""
+    posts: list[Command] = []
+    acks: list[Command] = []
     replies: dict[str, list[bytes]] = {}
     for a, payload in zip(answers, payloads, strict=True):
         if a.dead_reason is not None:
             fields: dict[bytes, bytes | str] = {**(a.dead_fields or {})}
             fields.update({b"reason": a.dead_reason, b"entry": a.entry_id})
             flat: list[bytes | str] = [item for pair in fields.items() for item in pair]
-            commands.append(("XADD", keys.dead_letters(model), "*", *flat))
+            acks.append(("XADD", keys.dead_letters(model), "*", *flat))
         if payload is not None and a.keep_s:
             kept = keys.kept_result(cast(str, a.request_id))
-            commands += [("DEL", kept), ("RPUSH", kept, payload), ("EXPIRE", kept, a.keep_s)]
+            posts += [("DEL", kept), ("RPUSH", kept, payload), ("EXPIRE", kept, a.keep_s)]
         if a.reply and payload is not None:
             replies.setdefault(a.reply, []).append(payload)
     for key, results in replies.items():
-        commands += [("XADD", key, "*", *keys.result_fields(results)),
-                     ("EXPIRE", key, result_ttl_s)]  # fmt: skip
+        posts += [("XADD", key, "*", *keys.result_fields(results)),
+                  ("EXPIRE", key, result_ttl_s)]  # fmt: skip
     suspects = [a.entry_id for a in answers if a.suspect]
     if suspects:
-        commands.append(("HDEL", keys.attempts(model), *suspects))
+        acks.append(("HDEL", keys.attempts(model), *suspects))
     entry_ids = [a.entry_id for a in answers]
     stream = keys.stream(model)
-    commands += [("XACK", stream, keys.GROUP, *entry_ids), ("XDEL", stream, *entry_ids)]
-    return commands
+    acks += [("XACK", stream, keys.GROUP, *entry_ids), ("XDEL", stream, *entry_ids)]
+    return posts, acks
+
+
+def redis_commands(
+    answers: list[Answer], payloads: list[bytes | None], *, model: str, result_ttl_s: int
+) -> list[Command]:
+    """:func:`round_commands` as one list, posts first: what one MULTI/EXEC sends on one
+    Redis."""
+    posts, acks = round_commands(answers, payloads, model=model, result_ttl_s=result_ttl_s)
+    return posts + acks
 
 
 class Writer:
@@ -96,18 +121,33 @@ class Writer:
         result_ttl_s: int,
         held: HeldEntries,
         shared: redis.Redis,
+        metrics: Recorder,
+        clock: StreamClock,
     ) -> None:
         self.redis_url = redis_url
         self.model = model
         self.result_ttl_s = result_ttl_s
         self.held = held
         self._shared = shared  # the worker's pooled client, for post_now on other threads
+        self.metrics = metrics
+        self.clock = clock
         self._queue: queue.Queue[list[Answer] | None] = queue.Queue()
+        self._unstored = 0  # answers submitted and not yet stored, under _settled
+        self._settled = threading.Condition()
 
     def submit(self, answers: list[Answer]) -> None:
         """Post ``answers`` in the writer's next round."""
         if answers:
+            with self._settled:
+                self._unstored += len(answers)
             self._queue.put(answers)
+
+    def settle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every answer submitted is stored (before a
+        batch that may kill the worker, and the answers waiting here with it). False if
+        some are still waiting (Redis is not taking them)."""
+        with self._settled:
+            return self._settled.wait_for(lambda: self._unstored == 0, timeout=timeout)
 
     def post_now(self, answers: list[Answer]) -> None:
         """Post ``answers`` before returning, on the caller's thread: for answers that must
@@ -124,9 +164,7 @@ class Writer:
         """The writer thread: take every ready list of answers, post them in one round;
         keep what Redis does not take, and try again (with what came meanwhile) after a
         backoff, until it is stored or, once closing, until DRAIN_S has passed."""
-        conn = redis.Redis.from_url(
-            self.redis_url, socket_timeout=10, single_connection_client=True
-        )
+        conn = connection.connect(self.redis_url, socket_timeout=10, single_connection_client=True)
         unposted: list[Answer] = []
         backoff = 0.05
         closing = False
@@ -140,6 +178,9 @@ class Writer:
             if not unposted:
                 continue
             if self._send(unposted, conn):
+                with self._settled:
+                    self._unstored -= len(unposted)
+                    self._settled.notify_all()
                 unposted, backoff = [], 0.05
                 continue
             if time.monotonic() > give_up:
@@ -170,28 +211,81 @@ class Writer:
         if not answers:  # a batch that only started a split request completes nothing
             return True
         payloads = [encode(a) for a in answers]
-        commands = redis_commands(answers, payloads, model=self.model,
-                                  result_ttl_s=self.result_ttl_s)  # fmt: skip
-        pipe: Any = conn.pipeline(transaction=True)  # redis-py leaves this call untyped
-        for command in commands:
-            pipe.execute_command(*command)
+        posts, acks = round_commands(answers, payloads, model=self.model,
+                                     result_ttl_s=self.result_ttl_s)  # fmt: skip
         try:
-            pipe.execute()
-        except redis.RedisError as e:
+            if connection.clustered(conn):
+                self._post_apart(conn, posts)
+                pipe, _ = connection.durable_pipeline(conn, keys.stream(self.model),
+                                                      transaction=True)  # fmt: skip
+                _fill(pipe, acks).execute()
+            else:
+                pipe = conn.pipeline(transaction=True)
+                _fill(pipe, posts + acks).execute()
+            self._count(answers)
+        except connection.REDIS_ERRORS as e:
             if passing(e):
                 log.warning("writer: %d answers not stored (%s); keeping them", len(answers), e)
+                connection.refresh(conn)  # a cluster may have moved: learn where to now
                 return False
             # Refused at run time, after EXEC: retrying the same commands cannot help.
             log.exception("writer: Redis refused part of a round of %d answers", len(answers))
         self.held.discard(a.entry_id for a in answers)
         return True
 
+    def _count(self, answers: list[Answer]) -> None:
+        """Outcomes and latencies (arrival -> now) of answers just stored. Counted here,
+        not when made: a request delivered again after a crash is counted once."""
+        now = time.monotonic()
+        self.metrics.answered(
+            (outcome(a.error, dead=a.dead_reason is not None), now - self.clock.arrival(a.entry_id))
+            for a in answers
+        )
 
-def passing(error: redis.RedisError) -> bool:
+    @staticmethod
+    def _post_apart(conn: redis.Redis, posts: list[Command]) -> None:
+        """The posts of a round on a cluster: one pipeline per master, each ended by a WAIT
+        for its replica. Raises on any refusal for now (nothing may be acked then); logs a
+        refusal for good and goes on (as the MULTI/EXEC of one Redis does: the others ran)."""
+        by_key: dict[str, list[Command]] = {}
+        for command in posts:
+            by_key.setdefault(str(command[1]), []).append(command)
+        by_node: dict[str, list[Command]] = {}
+        first_key: dict[str, str] = {}
+        for key, commands in by_key.items():
+            node = connection.node_name(conn, key)
+            by_node.setdefault(node, []).extend(commands)
+            first_key.setdefault(node, key)
+        for node, commands in by_node.items():
+            pipe, replicas = connection.durable_pipeline(conn, first_key[node])
+            _fill(pipe, commands)
+            if replicas:
+                pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            errors = [r for r in replies if isinstance(r, Exception)]
+            for error in errors:
+                if passing(error):
+                    raise error
+            if errors:
+                log.error("writer: Redis refused %d answer commands: %s", len(errors), errors[0])
+            connection.check_wait(replies, replicas)
+
+
+def _fill(pipe: Any, commands: list[Command]) -> Any:
+    """``pipe`` with ``commands`` queued (redis-py leaves execute_command untyped)."""
+    for command in commands:
+        pipe.execute_command(*command)
+    return pipe
+
+
+def passing(error: BaseException) -> bool:
     """Whether Redis refused for now (unreachable, loading, out of memory, a replica during
-    a failover, a failing snapshot) rather than for good."""
+    a failover, a failing snapshot, a cluster slot that moved or has no master yet) rather
+    than for good."""
     if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
         return True  # BusyLoadingError (LOADING) is a ConnectionError
+    if connection.moving(error):
+        return True
     refused_for_now = (
         redis.exceptions.OutOfMemoryError,  # a command of the round, refused as it was queued
         redis.exceptions.ExecAbortError,  # ... and so the whole round
@@ -199,4 +293,6 @@ def passing(error: redis.RedisError) -> bool:
     )
     if isinstance(error, refused_for_now):
         return True
+    if not isinstance(error, redis.RedisError):
+        return False
     return redis_state.out_of_memory(error) or str(error).startswith("MISCONF")

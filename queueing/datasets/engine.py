@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import redis
 
-from queueing import keys
+from queueing import connection, keys
 from queueing.client import Client, RequestFuture
 from queueing.datasets.base import Sink, Source, rechunk
 from queueing.datasets.columns import (
@@ -360,7 +359,7 @@ def _load(sidecar: str, fingerprint: dict[str, Any]) -> _State:
 def _model_inputs(client: Client, model: str) -> list[InputSpec] | None:
     """The model's inputs as its pool describes them in Redis (names, dtypes): how columns
     are matched and cast. None before any pool has served the model."""
-    conn = redis.Redis.from_url(client.redis_url, socket_timeout=10)
+    conn = connection.connect(client.redis_url, socket_timeout=10)
     try:
         text = conn.hget(keys.model_info(model), "inputs")
     finally:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any, cast
 
 import redis
@@ -50,13 +52,17 @@ def heartbeats(url: str, model: str, state: str | None = "ready") -> list[dict[s
 
 
 def start_serve(*args: str, new_session: bool = False) -> subprocess.Popen[str]:
-    """``tfpool serve ARGS`` as a child process, its output piped."""
+    """``tfpool serve ARGS`` as a child process, its output piped. The checkout's root
+    is on its PYTHONPATH, so that its workers can ``--preload`` the tests' modules."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.Popen(
         [*TFPOOL, "serve", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=new_session,
+        env={**os.environ, "PYTHONPATH": path},
     )
 
 

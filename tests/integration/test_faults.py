@@ -232,29 +232,44 @@ def test_sigterm_under_load_answers_what_was_read_and_leaves_the_rest(
     mlp_path: str, redis_url: str, start_pool: PoolFactory
 ) -> None:
     serve = start_serve("--model", mlp_path, "--name", "drain", "--redis-url", redis_url,
-                        "--workers", "1", "--max-batch-size", "8")  # fmt: skip
+                        "--workers", "2", "--max-batch-size", "8", "--claim-idle-ms", "600000",
+                        "--heartbeat-s", "0.2")  # fmt: skip
     try:
-        wait_until(lambda: heartbeats(redis_url, "drain"), timeout=120, what="ready worker")
+        wait_until(lambda: len(heartbeats(redis_url, "drain")) == 2, timeout=120,
+                   what="2 ready workers")  # fmt: skip
         x = np.random.default_rng(6).standard_normal((3000, 8)).astype(np.float32)
+        conn = redis.Redis.from_url(redis_url)
         with Client(redis_url) as c:
             futures = c.submit_many("drain", list(x))
-            wait_until(lambda: sum(f.done() for f in futures) >= 200, timeout=60, what="progress")
+
+            def both_serving() -> bool:
+                served = [int(b["requests"]) for b in heartbeats(redis_url, "drain")]
+                return len(served) == 2 and min(served) > 0
+
+            # Both workers serve, and hold requests, when the signal comes.
+            wait_until(both_serving, timeout=60, what="both workers serving")
+            held = conn.xpending(keys.stream("drain"), keys.GROUP)
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(timeout=60) == 0
-            conn = redis.Redis.from_url(redis_url)
-            # Every entry a worker read was answered and acked: none is left pending.
+            # Every entry a worker read was answered and acked: none is left pending, and
+            # (claims go stale only after 10 min) none waits for another worker.
             groups: list[Any] = conn.xinfo_groups(keys.stream("drain"))
             assert groups[0]["pending"] == 0
             left: int = conn.xlen(keys.stream("drain"))
-            conn.close()
             answered = sum(f.done() for f in futures)
             assert all(f.exception() is None for f in futures if f.done())
-            assert left > 0 and answered + left == len(futures)
+            assert held["pending"] > 0 and left > 0 and answered + left == len(futures)
             # The rest wait in the stream for the next pool, which answers them.
             start_pool(mlp_path, name="drain")
             got = np.stack([np.asarray(c.wait(f, timeout=120)) for f in futures])
+            assert c.duplicates_ignored == 0  # nothing was run twice
+        conn.close()
         want = next(iter(models.keras_outputs(mlp_path, x).values()))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        print(
+            f"\ndrain: {held['pending']} held at SIGTERM, {answered} answered by the"
+            f" draining pool, {left} left in the stream for the next"
+        )
     finally:
         stop_process(serve)
 
@@ -316,16 +331,49 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def test_memory_watchdog_recycles_a_worker_and_requests_still_get_answers(
+@pytest.mark.slow  # about a minute: three reloads of a worker under traffic
+def test_memory_watchdog_recycles_workers_one_at_a_time_while_requests_flow(
     start_pool: PoolFactory, mlp_path: str, redis_url: str
 ) -> None:
-    # Any TensorFlow worker is over 50 MiB: it is recycled as soon as it is ready.
-    supervisor = start_pool(mlp_path, name="leaky", workers=1, memory_limit_mb=50)
-    wait_until(lambda: any(e[0] == "recycle" for e in supervisor.events), timeout=60,
-               what="a recycle")  # fmt: skip
-    x = np.ones((2, 8), np.float32)
-    with Client(redis_url) as c:
-        out = c.predict("leaky", x, timeout=120)
+    # Any TensorFlow worker is over 50 MiB: each is recycled once it is ready and the other
+    # one serves. Claims go stale only after 10 min: a request a recycled worker held
+    # and dropped would never be answered within this test.
+    supervisor = start_pool(mlp_path, name="leaky", workers=2, memory_limit_mb=50,
+                            claim_idle_ms=600_000)  # fmt: skip
+    stop = threading.Event()
+    sent: list[tuple[np.ndarray, np.ndarray]] = []
+    most_busy = [0]
+
+    def traffic(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with Client(redis_url) as c:
+            while not stop.is_set():
+                x = rng.standard_normal((100, 8)).astype(np.float32)
+                futures = c.submit_many("leaky", list(x))
+                sent.append((x, np.stack([np.asarray(c.wait(f, timeout=120)) for f in futures])))
+            assert c.duplicates_ignored == 0
+
+    def recycled_twice() -> bool:
+        # Never two workers out at once (draining, or reloading after a recycle).
+        busy = sum(h.recycling or not h.is_ready for h in supervisor.handles)
+        most_busy[0] = max(most_busy[0], busy)
+        return sum(e[0] == "recycle" for e in supervisor.events) >= 3
+
+    with ThreadPoolExecutor(2) as pool:
+        flows = [pool.submit(traffic, seed) for seed in (1, 2)]
+        wait_until(recycled_twice, timeout=240, what="3 recycles under traffic")
+        stop.set()
+        for flow in flows:
+            flow.result(timeout=180)  # raises if any request failed or timed out
+    x = np.concatenate([pair[0] for pair in sent])
+    got = np.concatenate([pair[1] for pair in sent])
     want = next(iter(models.keras_outputs(mlp_path, x).values()))
-    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    recycled = {e[2] for e in supervisor.events if e[0] == "recycle"}
+    assert len(recycled) >= 3  # each recycle replaced a worker, and the replacement too
     assert not any(e[0] == "crash" for e in supervisor.events)
+    assert most_busy[0] == 1, most_busy
+    conn = redis.Redis.from_url(redis_url)
+    assert (conn.xpending(keys.stream("leaky"), keys.GROUP))["pending"] == 0
+    conn.close()
+    print(f"\nwatchdog: {len(recycled)} workers recycled, {len(x)} requests answered")

@@ -67,6 +67,10 @@ def test_a_stopped_pool_is_named_in_timeouts_and_status(
     assert isinstance(worker["batches"], int) and worker["state"] == "ready"
     (model,) = report["models"]
     assert model["live_workers"] == 1 and isinstance(model["waiting"], int)
+    # Issue 15's figures beside issue 12's and 13's: the last minute, the Redis settings.
+    assert isinstance(json.loads(worker["window"]), dict)
+    assert {"requests_per_s", "mean_batch", "queue_wait_p99_s", "oldest_waiting_s"} <= set(model)
+    assert report["redis"]["maxmemory_policy"] == "noeviction"
 
     supervisor.drain()
     conn = redis.Redis.from_url(url)
@@ -102,6 +106,12 @@ def test_a_stopped_pool_is_named_in_timeouts_and_status(
     header, row = status.stdout.splitlines()[-2:]
     assert header.split()[:4] == ["MODEL", "LIVE", "LAST", "SEEN"]
     assert re.match(r"gone\s+0\s+\d\d:\d\d:\d\d \(\d+ s ago\)\s+3\s", row), row
+    assert all(column in header for column in ("REQ/S", "WAIT p50/p99 ms", "OLDEST s", "DRAIN s"))
+    assert re.search(r"\s0\.0\s+-\s+-\s+\d+\.\d\s+inf\s", row), row  # no rate: no drain time
+    stopped = json.loads(_tfpool("status", "--json", "--redis-url", url).stdout)
+    (model,) = stopped["models"]
+    assert model["waiting"] == 3 and model["oldest_waiting_s"] > 0
+    assert model["estimated_drain_s"] is None  # a backlog and nobody answering: no estimate
 
     # Scoring into a dead pool says so at once, then waits (a pool may come): Ctrl-C ends it.
     run = subprocess.Popen(

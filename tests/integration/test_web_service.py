@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +18,7 @@ from scripts.web_service import create_app
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
 from tests.integration.models import IMAGE_LABELS, decoded_image_input, encode_image
+from tests.waiting import wait_until
 from workers.embedded_redis import free_port
 
 Call = Callable[[TestClient[Any, Any]], Awaitable[None]]
@@ -129,3 +133,61 @@ def test_json_sent_without_its_content_type_is_told_so(redis_url: str) -> None:
         )
 
     _serve(redis_url, call)
+
+
+def test_a_full_queue_is_503_with_retry_after_and_a_late_answer_is_504(
+    start_pool: PoolFactory, mlp_path: str, redis_url: str
+) -> None:
+    supervisor = start_pool(mlp_path, name="web-stalled", max_queue=3)
+    worker = supervisor.handles[0].process
+    assert worker is not None and worker.pid is not None
+    pid = worker.pid
+    row = {"inputs": [0.5] * 8}
+    deadline_ms = 50
+
+    async def main() -> None:
+        async with (
+            AsyncClient(redis_url) as client,
+            TestClient(TestServer(create_app(client, timeout_s=1))) as short,
+            TestClient(TestServer(create_app(client, timeout_s=30))) as long,
+        ):
+            # No answer within the service's timeout: 504 RequestTimeout (queue: 1 of 3).
+            reply = await short.post("/v1/models/web-stalled/predict", json=row)
+            assert reply.status == 504 and (await reply.json())["error"] == "RequestTimeout"
+            assert "Retry-After" not in reply.headers
+            # A request whose deadline passes while it waits (queue: 2 of 3), one more (3).
+            reply = await long.post("/v1/models/web-stalled/submit", json=row,
+                                    params={"deadline_ms": str(deadline_ms)})  # fmt: skip
+            assert reply.status == 202
+            late = (await reply.json())["id"]
+            sent = time.monotonic()
+            assert (await long.post("/v1/models/web-stalled/submit", json=row)).status == 202
+            # The queue is full: 503 QueueFull, come back in a second.
+            reply = await long.post("/v1/models/web-stalled/predict", json=row)
+            assert reply.status == 503 and (await reply.json())["error"] == "QueueFull"
+            assert reply.headers["Retry-After"] == "1"
+            await asyncio.to_thread(
+                wait_until, lambda: time.monotonic() > sent + deadline_ms / 1000,
+                what="the deadline to pass",
+            )  # fmt: skip
+            os.kill(pid, signal.SIGCONT)
+            # The worker sheds it unrun: 504 DeadlineExceeded.
+            reply = await long.get(f"/v1/results/{late}", params={"wait": "20"})
+            assert reply.status == 504 and (await reply.json())["error"] == "DeadlineExceeded"
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        asyncio.run(main())
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_redis_unreachable_is_503_with_retry_after() -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+    async def call(http: TestClient[Any, Any]) -> None:
+        reply = await http.post("/v1/models/web-mlp/predict", json={"inputs": [0.5] * 8})
+        assert reply.status == 503 and (await reply.json())["error"] == "Unavailable"
+        assert reply.headers["Retry-After"] == "1"
+
+    _serve(closed, call)

@@ -130,3 +130,20 @@ def test_describe_slots_says_when_no_gpu_was_found() -> None:
     assert describe_slots([Slot(0, None, 2, 1)]) == "no GPU found: 1 CPU worker"
     assert describe_slots([Slot(i, None, 1, 1) for i in range(2)]) == "no GPU found: 2 CPU workers"
     assert describe_slots([Slot(0, "0", 1, 0), Slot(1, "1", 1, 0)]) == "GPUs 0, 1: 2 workers"
+
+
+def test_metrics_options_from_the_environment_and_the_command_line() -> None:
+    assert PoolConfig(model="m.keras").metrics_port == -1  # no endpoint unless asked
+    env = {"TFPOOL_METRICS_PORT": "0", "TFPOOL_METRICS": "false"}
+    config = PoolConfig.load(env=env, overrides={"model": "m.keras"})
+    assert config.metrics_port == 0 and config.metrics is False
+    from workers.cli import _parser
+
+    args = _parser().parse_args(["serve", "--model", "m.keras", "--metrics-port", "9100"])
+    assert args.metrics_port == 9100
+    # An option on by default can be turned off on the command line too.
+    args = _parser().parse_args(["serve", "--model", "m.keras", "--no-metrics"])
+    assert args.metrics is False
+    assert _parser().parse_args(["serve", "--model", "m.keras"]).metrics is None  # unset
+    with pytest.raises(ConfigError, match="metrics_port"):
+        PoolConfig(model="m.keras", metrics_port=70000)

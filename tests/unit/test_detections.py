@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from queueing.wire import dtype_name
 from workers.detections import Detections
 
 
@@ -44,3 +45,16 @@ def test_a_row_without_detections() -> None:
     result = post.finish(post(outputs()))
     assert result["count"].tolist() == [0, 0]
     assert result["boxes"].shape == (2, 0, 4)
+
+
+def test_output_specs_are_what_the_answers_carry() -> None:
+    """The specs a worker registers (the gateway's metadata); the detection axis is free."""
+    post = Detections(labels=["cat", "dog", "owl"])
+    answer = post.finish(post(outputs()))
+    specs = post.output_specs([])
+    assert [s.name for s in specs] == list(answer)
+    for spec in specs:
+        got = answer[spec.name]
+        assert spec.dtype == dtype_name(got)
+        assert len(spec.shape) == got.ndim - 1
+        assert all(d is None or d == n for d, n in zip(spec.shape, got.shape[1:], strict=True))

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from queueing.wire import dtype_name
 from workers.config import PoolConfig
 from workers.errors import ConfigError
 from workers.postprocess import TopK, read_labels
+from workers.spec import TensorSpec
 
 
 def _expected(scores: np.ndarray, k: int) -> np.ndarray:
@@ -59,3 +61,17 @@ def test_configuration_checked_against_the_model(tmp_path: Path) -> None:
         PoolConfig(model="m.keras", labels_file=str(tmp_path / "missing.txt"))
     with pytest.raises(ConfigError, match=r"image_size must be \[height, width\]"):
         PoolConfig(model="m.keras", preprocess="image", image_size=[224])
+
+
+@pytest.mark.parametrize("argmax", [True, False])
+def test_output_specs_are_what_the_answers_carry(argmax: bool) -> None:
+    """The specs a worker registers (the gateway's metadata) match a real answer's."""
+    top = TopK(k=3, argmax=argmax, output="scores", labels=["a", "b", "c", "d", "e"])
+    model_outputs = [TensorSpec("scores", "float16", (2, 5)), TensorSpec("other", "int64", ())]
+    answer = top({"scores": np.zeros((4, 2, 5), np.float16)})
+    specs = top.output_specs(model_outputs)
+    assert [s.name for s in specs] == list(answer)
+    for spec in specs:
+        got = answer[spec.name]
+        assert (spec.dtype, spec.shape) == (dtype_name(got), got.shape[1:])
+    assert top.output_specs([TensorSpec("other", "int64", ())]) == []

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
+from redis.crc import key_slot
 
 from queueing import keys, wire
 from queueing.errors import DeadLettered, InvalidInput, ModelError
-from workers.intake import SAFETY_DELIVERIES, Intake, triage
+from workers.intake import SAFETY_DELIVERIES, Intake, plan_takeover, triage
 from workers.messages import Answer, AnswerMaker, Entry, InHand, WorkerStats
+from workers.running import RunningBatch, RunningLanes
 from workers.shared import StreamClock
 from workers.spec import TensorSpec
-from workers.writer import encode, redis_commands
+from workers.writer import encode, redis_commands, round_commands
 
 MODEL = "m"
 SPEC = [TensorSpec("x", "float32", (4,))]
@@ -89,6 +93,54 @@ def test_triage_sets_aside_what_kept_killing_its_workers() -> None:
     assert "without an answer" in reasons[b"3-0"]
 
 
+def test_only_the_batch_that_was_running_runs_alone_after_a_death() -> None:
+    ids = [b"1-0", b"2-0", b"3-0", b"4-0"]
+    # The supervisor knew the dead worker was running 1-0 and 2-0; 2-0 had run alone once
+    # before (recorded as it started); 3-0 and 4-0 were waiting; 4-0 once ran alone.
+    fatal, alone, record = plan_takeover(ids, [0, 1, 0, 1], {b"1-0", b"2-0"})
+    assert record == [b"1-0"]  # its batch run is counted now; 2-0's alone run already was
+    assert fatal == [1, 1, 0, 1]
+    assert alone == [True, True, False, True]
+
+
+def test_takeover_with_nothing_known_treats_every_entry_as_in_the_fatal_batch() -> None:
+    fatal, alone, record = plan_takeover([b"1-0", b"2-0"], [0, 2], None)
+    assert record == [b"1-0"] and fatal == [1, 2] and alone == [True, True]
+
+
+def test_a_worker_killed_between_batches_leaves_no_suspect() -> None:
+    fatal, alone, record = plan_takeover([b"1-0", b"2-0"], [0, 0], set())
+    assert record == [] and fatal == [0, 0] and alone == [False, False]
+
+
+def test_running_batch_is_read_after_the_writer_is_gone() -> None:
+    running = RunningBatch(multiprocessing.get_context("spawn"), max_requests=4)
+    assert running.read() == set()
+    running.start([b"1700000000000-0", b"1700000000000-1"])
+    assert running.read() == {b"1700000000000-0", b"1700000000000-1"}
+    running.clear()
+    assert running.read() == set()
+    running.start(str(i).encode() * 30 for i in range(1000))  # more than fit
+    assert running.read() is None
+
+
+def test_lanes_of_one_process_record_the_union_of_their_running_batches() -> None:
+    # Several models' lanes run batches at once: a crash during them makes every one of
+    # those batches suspect, and a lane's end of batch leaves the others' recorded.
+    running = RunningBatch(multiprocessing.get_context("spawn"), max_requests=4)
+    lanes = RunningLanes(running)
+    a, b = lanes.lane("a"), lanes.lane("b")
+    a.start([b"1-0", b"1-1"])
+    b.start([b"5-0"])
+    assert running.read() == {b"1-0", b"1-1", b"5-0"}
+    a.clear()
+    assert running.read() == {b"5-0"}
+    a.start([b"2-0"])
+    b.clear()
+    a.clear()
+    assert running.read() == set()
+
+
 def test_dead_letter_answer_keeps_entry_and_honours_keep() -> None:
     intake, stats = make_intake()
     fields = entry(b"req", np.ones(4, np.float32), keep_s=60)
@@ -116,18 +168,24 @@ def test_answers_become_replies_then_acks() -> None:
     ]
     payloads = [encode(a) for a in answers]
     assert payloads[3] is None
-    commands = redis_commands(answers, payloads, model=MODEL, result_ttl_s=100)
+    posts, acks = round_commands(answers, payloads, model=MODEL, result_ttl_s=100)
     kept = keys.kept_result("b")
     stream = keys.stream(MODEL)
-    assert commands == [
+    # Answers (other slots than the model's, on a cluster) ...
+    assert posts == [
         ("DEL", kept), ("RPUSH", kept, payloads[1]), ("EXPIRE", kept, 30),
-        ("XADD", keys.dead_letters(MODEL), "*", b"id", b"\xff", b"reason",
-         "unreadable request id", b"entry", b"4-0"),
         ("XADD", "r1", "*", b"0", payloads[0], b"1", payloads[1]), ("EXPIRE", "r1", 100),
         ("XADD", "r2", "*", b"0", payloads[2]), ("EXPIRE", "r2", 100),
+    ]  # fmt: skip
+    # ... then, all in the model's slot, dead letters and the acks.
+    assert acks == [
+        ("XADD", keys.dead_letters(MODEL), "*", b"id", b"\xff", b"reason",
+         "unreadable request id", b"entry", b"4-0"),
         ("XACK", stream, keys.GROUP, b"1-0", b"2-0", b"3-0", b"4-0"),
         ("XDEL", stream, b"1-0", b"2-0", b"3-0", b"4-0"),
     ]  # fmt: skip
+    assert redis_commands(answers, payloads, model=MODEL, result_ttl_s=100) == posts + acks
+    assert {key_slot(str(c[1]).encode()) for c in acks} == {key_slot(stream.encode())}
 
 
 def test_taken_over_answers_clear_their_attempt_counts() -> None:

@@ -7,15 +7,22 @@ built on the spot (random weights, real shapes), warms up, then measures a fixed
 * open loop: Poisson arrivals at a fixed rate; latency counts from the *scheduled* send
   time, so a producer that falls behind shows up as latency, not as a lower rate.
 
+A gateway scenario (``mlp-gateway``) makes the producers TF Serving clients: gRPC
+``Predict`` calls to a ``tfpool gateway`` process in front of the pool. It brings its
+baseline (``mlp-closed-64``: the same load through ``queueing.Client``) into the run, and
+reports its rows/s as a fraction of the baseline's.
+
 Figures: requests/s and rows/s, latency percentiles, mean batch size (from the workers'
 counters), CPU time per request summed over every process involved (producers, workers,
-redis-server), and the bare model's best rows/s (a tight ``model(batch)`` loop in a
-process with the worker's thread settings, on an otherwise idle machine) with the ratio.
+redis-server, the gateway), and the bare model's best rows/s (a tight ``model(batch)``
+loop in a process with the worker's thread settings, on an otherwise idle machine) with
+the ratio.
 
 Read in this order: :mod:`.driver` (the whole run: per model, build it, measure it bare,
 start a pool, run its scenarios), :mod:`.models` (the models, by name), :mod:`.bare` (the
 bare model's figures), :mod:`.scenarios` (one scenario's measurement and figures),
-:mod:`.producers` (the producer processes' loops).
+:mod:`.producers` (the producer processes' loops), :mod:`.gateway` (the gateway process
+and the gRPC producers' loop).
 """
 
 from workers.bench.bare import measure_bare

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from workers.batcher import default_buckets
 from workers.bench.bare import measure_bare
+from workers.bench.gateway import GatewayProcess
 from workers.bench.models import build_model
 from workers.bench.scenarios import SCENARIOS, Figures, Scenario, run_scenario
 from workers.config import PoolConfig
@@ -25,36 +26,77 @@ def run(
     workers: int = 1,
     intra_op_threads: int = 0,
     model_dir: str | None = None,
+    metrics: bool = True,
+    seconds: float | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Figures]:
     """Run the named scenarios ``runs`` times each; return the median run of each (by
-    rows/s, and by p50 for the lone-request scenario)."""
+    rows/s, and by p50 for the lone-request scenario). A scenario compared with a
+    baseline (the gateway's with the direct client's) brings its baseline along.
+    ``metrics``: the workers record metrics (the default, as in production); off
+    measures what recording costs. ``seconds``: measure each scenario that long instead
+    of its own duration (and warm up, and measure each bare batch size, at most that
+    long): a quick look, not figures."""
     threads = intra_op_threads or max(1, cpu_count() // workers)
     slots = [Slot(i, None, threads, 1) for i in range(workers)]
     by_model: dict[str, list[Scenario]] = {}
-    for name in names:
-        by_model.setdefault(SCENARIOS[name].model, []).append(SCENARIOS[name])
+    for name in with_baselines(names):
+        scenario = SCENARIOS[name]
+        if seconds is not None:
+            warmup = min(scenario.warmup_s, seconds)
+            scenario = replace(scenario, duration_s=seconds, warmup_s=warmup)
+        by_model.setdefault(scenario.model, []).append(scenario)
     medians: list[Figures] = []
     with tempfile.TemporaryDirectory(prefix="tfpool-bench-") as tmp:
         for model, scenarios in by_model.items():
             path = build_model(model, model_dir or tmp)
-            bare = _measure_bare(model, path, slots, max(s.max_batch_size for s in scenarios), log)
+            max_batch = max(s.max_batch_size for s in scenarios)
+            bare = _measure_bare(model, path, slots, max_batch, min(seconds or 1.5, 1.5), log)
             for scenario in scenarios:
                 figures = _median_of_runs(
-                    scenario, path, slots, bare, medians, redis_url=redis_url, runs=runs, log=log
+                    scenario,
+                    path,
+                    slots,
+                    bare,
+                    medians,
+                    redis_url=redis_url,
+                    runs=runs,
+                    metrics=metrics,
+                    log=log,
                 )
                 medians.append(figures)
+    by_name = {f.scenario: f for f in medians}
+    for f in medians:
+        if f.baseline and by_name[f.baseline].rows_per_s:
+            f.vs_baseline = f.rows_per_s / by_name[f.baseline].rows_per_s
     return medians
 
 
+def with_baselines(names: Sequence[str]) -> list[str]:
+    """``names`` in order, each scenario's baseline just before it unless already there."""
+    ordered: list[str] = []
+    for name in names:
+        baseline = SCENARIOS[name].baseline
+        if baseline and baseline not in ordered and baseline not in names:
+            ordered.append(baseline)
+        if name not in ordered:
+            ordered.append(name)
+    return ordered
+
+
 def _measure_bare(
-    model: str, path: str, slots: list[Slot], max_batch: int, log: Callable[[str], None]
+    model: str,
+    path: str,
+    slots: list[Slot],
+    max_batch: int,
+    seconds: float,
+    log: Callable[[str], None],
 ) -> dict[str, float]:
     log(
         f"[{model}] measuring the bare model ({len(slots)} process(es),"
         f" {slots[0].intra_op_threads} intra-op threads each)"
     )
-    bare = measure_bare(path, slots, default_buckets(max_batch), seconds=1.5)
+    bare = measure_bare(path, slots, default_buckets(max_batch), seconds=seconds)
     log(
         f"[{model}] bare: {bare['rows_per_s']:,.0f} rows/s at batch {bare['best_batch']},"
         f" one row {bare['one_row_ms']:.3f} ms"
@@ -71,6 +113,7 @@ def _median_of_runs(
     *,
     redis_url: str,
     runs: int,
+    metrics: bool,
     log: Callable[[str], None],
 ) -> Figures:
     """Start a pool for ``scenario``, measure it ``runs`` times, drain it; the median run.
@@ -83,6 +126,7 @@ def _median_of_runs(
         max_latency_ms=scenario.max_latency_ms,
         heartbeat_s=0.25,
         max_queue=0,
+        metrics=metrics,
         log_level="WARNING",
     )
     saturated = max(
@@ -92,13 +136,16 @@ def _median_of_runs(
     )  # fmt: skip
     supervisor = Supervisor(config, slots=slots)
     supervisor.start()
+    gateway = None
     try:
         if not supervisor.wait_ready(timeout=600):
             raise RuntimeError("the pool did not start")
+        if scenario.via == "gateway":
+            gateway = GatewayProcess(redis_url)
         results = []
         for i in range(runs):
             f = run_scenario(scenario, redis_url=redis_url, supervisor=supervisor, bare=bare,
-                             saturated_rate=saturated)  # fmt: skip
+                             saturated_rate=saturated, gateway=gateway)  # fmt: skip
             log(
                 f"[{scenario.name}] run {i + 1}: {f.requests_per_s:,.0f} req/s,"
                 f" p50 {f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms,"
@@ -108,6 +155,8 @@ def _median_of_runs(
             results.append(f)
         return sorted(results, key=_median_key(scenario))[len(results) // 2]
     finally:
+        if gateway is not None:
+            gateway.stop()
         supervisor.drain()
 
 
@@ -165,6 +214,7 @@ def render(figures: Sequence[Figures]) -> str:
         + ", ".join(f"{k} {v:.0f}" for k, v in f.cpu_split_us.items())
         + (f"; offered {f.rate:,.0f} req/s" if f.load == "open" else "")
         + (f"; {f.errors} errors" if f.errors else "")
+        + (f"; {f.vs_baseline:.2f}x the rows/s of {f.baseline} in this run" if f.baseline else "")
         for f in figures
     ]
     return "\n".join([*lines, "", *notes])

@@ -14,10 +14,11 @@ _SPAWN = multiprocessing.get_context("spawn")
 
 @dataclass(frozen=True)
 class BenchModel:
-    """A benchmark model: its input shape (without the batch axis) and how to save it."""
+    """A benchmark model: its input's shape (without the batch axis) and how to save it."""
 
     shape: tuple[int, ...]
     build: Callable[[str], None]  # saves the model at the path given
+    input_name: str = "x"  # what a TF Serving client names the input (gateway scenarios)
 
 
 def _build_identity(path: str) -> None:
@@ -58,7 +59,7 @@ MODELS: dict[str, BenchModel] = {
     "identity": BenchModel((16,), _build_identity),
     "mlp": BenchModel((64,), _build_mlp),
     "mobilenet": BenchModel((224, 224, 3), _build_mobilenet),
-    "framenet": BenchModel((112, 112, 3), _build_framenet),
+    "framenet": BenchModel((112, 112, 3), _build_framenet, "frame"),
 }
 
 

@@ -13,6 +13,8 @@ from typing import Any, cast
 import psutil
 import redis
 
+from queueing import connection
+from workers.bench.gateway import GatewayProcess
 from workers.bench.models import MODELS
 from workers.bench.producers import ProducerJob, run_producer
 from workers.supervisor import Supervisor
@@ -28,6 +30,11 @@ class Scenario:
     model: str
     load: str = "closed"  # "closed" or "open"
     producers: int = 1
+    #: closed loop, how the producer calls: "many" (``submit_many`` of every free slot,
+    #: coalescing by hand), "submit" (one ``submit()`` per request from one thread),
+    #: "threads" (``concurrency`` threads calling ``predict()``), "tasks" (``concurrency``
+    #: asyncio tasks awaiting ``AsyncClient.predict()``).
+    call: str = "many"
     concurrency: int = 64  # closed loop: in flight per producer
     rate: float = 0.0  # open loop: requests/s over all producers (0: 50% of saturation)
     rows: int = 1  # rows per request
@@ -35,6 +42,17 @@ class Scenario:
     max_latency_ms: float = 5.0
     warmup_s: float = 2.0
     duration_s: float = 5.0
+    #: "client": ``queueing.Client`` calls; "gateway": TF Serving gRPC ``Predict`` calls
+    #: through a ``tfpool gateway`` process (closed loop only).
+    via: str = "client"
+    #: The direct-client scenario this one is compared with; run in the same bench.
+    baseline: str = ""
+
+    def __post_init__(self) -> None:
+        if self.via not in ("client", "gateway"):
+            raise ValueError(f"{self.name}: via must be 'client' or 'gateway', got {self.via!r}")
+        if self.via == "gateway" and self.load != "closed":
+            raise ValueError(f"{self.name}: a gateway scenario is a closed loop")
 
 
 @dataclass
@@ -60,6 +78,9 @@ class Figures:
     bare_one_row_ms: float = 0.0
     ratio: float = 0.0
     rate: float = 0.0
+    baseline: str = ""
+    #: rows/s over the baseline scenario's rows/s, in the same bench run.
+    vs_baseline: float = 0.0
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -67,11 +88,39 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario(name="identity-closed", model="identity", concurrency=512, max_batch_size=128),
         Scenario(name="mlp-closed", model="mlp", concurrency=512, max_batch_size=128),
-        Scenario(name="mlp-lone", model="mlp", concurrency=1, duration_s=4.0),
+        Scenario(
+            name="mlp-submit", model="mlp", call="submit", concurrency=512, max_batch_size=128
+        ),
+        Scenario(
+            name="mlp-threads-64", model="mlp", call="threads", concurrency=64, max_batch_size=128
+        ),
+        Scenario(
+            name="mlp-tasks-1000", model="mlp", call="tasks", concurrency=1000, max_batch_size=128
+        ),
+        Scenario(name="mlp-lone", model="mlp", call="threads", concurrency=1, duration_s=4.0),
         Scenario(name="mlp-open-50", model="mlp", load="open", max_batch_size=128),
         Scenario(
             name="mobilenet-closed",
             model="mobilenet",
+            concurrency=16,
+            max_batch_size=8,
+            warmup_s=4.0,
+            duration_s=12.0,
+        ),
+        # The gateway's cost: the same load, as TF Serving gRPC calls through a gateway.
+        Scenario(name="mlp-closed-64", model="mlp", concurrency=64, max_batch_size=64),
+        Scenario(
+            name="mlp-gateway",
+            model="mlp",
+            via="gateway",
+            concurrency=64,
+            max_batch_size=64,
+            baseline="mlp-closed-64",
+        ),
+        Scenario(
+            name="mobilenet-submit",
+            model="mobilenet",
+            call="submit",
             concurrency=16,
             max_batch_size=8,
             warmup_s=4.0,
@@ -88,8 +137,10 @@ def run_scenario(
     supervisor: Supervisor,
     bare: dict[str, float],
     saturated_rate: float = 0.0,
+    gateway: GatewayProcess | None = None,
 ) -> Figures:
-    """Measure ``scenario`` against a running pool."""
+    """Measure ``scenario`` against a running pool (through ``gateway``, for a gateway
+    scenario)."""
     shape = MODELS[scenario.model].shape
     rate = scenario.rate or saturated_rate / 2
     if scenario.load == "open" and rate <= 0:
@@ -106,22 +157,28 @@ def run_scenario(
             shape,
             scenario.rows,
             scenario.load,
+            scenario.call,
             scenario.concurrency,
             rate / scenario.producers,
             start_at,
             stop_at,
             seed=i,
+            gateway=gateway.address if gateway is not None else "",
+            input_name=MODELS[scenario.model].input_name,
         )
         for i in range(scenario.producers)
     ]
-    conn = redis.Redis.from_url(redis_url)
+    conn = connection.connect(redis_url)
     with ProcessPoolExecutor(scenario.producers, mp_context=_SPAWN) as pool:
         running = [pool.submit(run_producer, job) for job in jobs]
         time.sleep(max(0.0, start_at - time.time()))
         workers = supervisor.serving_pids()
-        before = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model))
+        others = [gateway.pid] if gateway is not None else []
+        before = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model),
+                  process_cpu(others))  # fmt: skip
         time.sleep(max(0.0, stop_at - time.time()))
-        after = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model))
+        after = (process_cpu(workers), redis_cpu(conn), _worker_counters(conn, scenario.model),
+                 process_cpu(others))  # fmt: skip
         results = [r.result() for r in running]
     conn.close()
 
@@ -135,6 +192,7 @@ def run_scenario(
         requests=count,
         errors=sum(r["errors"] for r in results),
         rate=rate,
+        baseline=scenario.baseline,
     )
     if not count:
         return figures
@@ -154,6 +212,8 @@ def run_scenario(
         "workers": 1e6 * worker_cpu / count,
         "redis": 1e6 * server_cpu / count,
     }
+    if gateway is not None:
+        figures.cpu_split_us["gateway"] = 1e6 * (after[3] - before[3]) / count
     figures.cpu_us_per_request = sum(figures.cpu_split_us.values())
     figures.bare_rows_per_s = bare["rows_per_s"]
     figures.bare_best_batch = int(bare["best_batch"])
@@ -173,8 +233,13 @@ def _worker_counters(conn: redis.Redis, model: str) -> tuple[int, int]:
 
 
 def redis_cpu(conn: redis.Redis) -> float:
-    info: dict[str, Any] = conn.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    """CPU seconds redis-server has used; on a cluster, summed over the nodes the cluster
+    client asks (redis-py's cluster INFO answers per node)."""
+    info: dict[str, Any] = (
+        conn.info("cpu", target_nodes="all") if connection.clustered(conn) else conn.info("cpu")
+    )
+    nodes = [v for v in info.values() if isinstance(v, dict)] or [info]
+    return sum(float(n["used_cpu_user"]) + float(n["used_cpu_sys"]) for n in nodes)
 
 
 def process_cpu(pids: Sequence[int]) -> float:

@@ -1,11 +1,11 @@
 """What the gateway knows about models: read from Redis, where the workers publish it (the
 same records ``tfpool status`` reads), and cached for a moment.
 
-A model's inputs come from its info hash (``keys.model_info``), written by its workers from
-the loaded model itself; its live workers from their heartbeats, which expire three
-heartbeats after a worker dies. The outputs' names are in the info hash too; their dtypes
-and shapes are not (a worker learns them only by running the model), so the catalog
-learns them from the first answer it forwards.
+A model's inputs and outputs come from its info hash (``keys.model_info``), written by its
+workers from the loaded model itself; its live workers from their heartbeats, which expire
+three heartbeats after a worker dies. An output whose dtype and shape the info hash does
+not give (a pool started by an older tfpool, or a model that does not declare them) is
+learned from the first answer the gateway forwards.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from typing import cast
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
-from queueing import keys
+from queueing import connection, keys
 from queueing.base import without_password
 from queueing.errors import Unavailable
 from queueing.wire import dtype_name
@@ -45,7 +44,7 @@ class ModelEntry:
     inputs: list[TensorSpec]
     output_names: list[str]
     ready_workers: int
-    #: Output specs learned from answers, by name (see the module docstring).
+    #: Output specs by name: registered by the workers, else learned from an answer.
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
 
     @property
@@ -54,7 +53,8 @@ class ModelEntry:
 
 
 def parse_inputs(text: str) -> list[TensorSpec]:
-    """The input specs in an info hash's ``inputs`` field (see ``Worker._register``)."""
+    """The specs in an info hash's ``inputs`` or ``output_specs`` field (written by
+    ``Worker._assemble``)."""
     specs = []
     for name, dtype, dims in _INPUT.findall(text):
         sizes = [d.strip() for d in dims.split(",") if d.strip()]
@@ -73,7 +73,7 @@ class Catalog:
     """Models served on one Redis. Create inside the running loop; ``await close()``."""
 
     def __init__(self, redis_url: str, *, ttl_s: float = DEFAULT_TTL_S) -> None:
-        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=10)
+        self._redis = connection.connect_async(redis_url, socket_timeout=10)
         self._safe_url = without_password(redis_url)
         self._ttl_s = ttl_s
         # Written and read on the event loop only: no lock.
@@ -98,7 +98,7 @@ class Catalog:
             inputs=entry.inputs,
             output_names=entry.output_names,
             ready_workers=entry.ready_workers,
-            outputs=dict(self._outputs.get(name, {})),
+            outputs={**self._outputs.get(name, {}), **entry.outputs},
         )
 
     async def names(self) -> list[str]:
@@ -117,7 +117,8 @@ class Catalog:
             return False
 
     def learn_outputs(self, name: str, outputs: dict[str, np.ndarray]) -> None:
-        """Note the dtypes and shapes of a model's outputs from one of its answers."""
+        """Note the dtypes and shapes of a model's outputs from one of its answers (the
+        specs its workers registered, if any, take precedence)."""
         if name not in self._outputs:
             self._outputs[name] = {k: learned_spec(k, v) for k, v in outputs.items()}
 
@@ -135,11 +136,13 @@ class Catalog:
             return None
         workers = await self._ready_workers()
         outputs = info.get(b"outputs", b"").decode()
+        registered = parse_inputs(info.get(b"output_specs", b"").decode())
         return ModelEntry(
             name=name,
             inputs=parse_inputs(info.get(b"inputs", b"").decode()),
             output_names=[o for o in outputs.split(", ") if o],
             ready_workers=workers[name],
+            outputs={s.name: s for s in registered},
         )
 
     async def _ready_workers(self) -> Counter[str]:

@@ -104,7 +104,8 @@ def _version(spec: tfs_pb2.ModelSpec) -> int | str | None:
 
 def signature_def_map(entry: ModelEntry) -> tfs_pb2.SignatureDefMap:
     """The model's one signature, built from its spec in Redis. Outputs whose dtype and
-    shape no answer has shown yet are DT_INVALID of unknown rank."""
+    shape neither the workers registered nor an answer has shown are DT_INVALID of
+    unknown rank."""
     signature = tfs_pb2.SignatureDef(method_name=PREDICT_METHOD)
     for spec in entry.inputs:
         signature.inputs[spec.name].CopyFrom(

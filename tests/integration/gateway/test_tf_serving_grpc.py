@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+import requests
 import tensorflow as tf
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -18,7 +19,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests.integration import models
-from tests.integration.gateway.conftest import GHOST, MLP, TEXT, TWIN
+from tests.integration.gateway.conftest import GHOST, MLP, TEXT, TWIN, running_gateway
 from workers.gateway.server import GatewayServer
 
 
@@ -122,6 +123,35 @@ def test_get_model_metadata_is_the_signature_of_the_served_model(channel: grpc.C
     assert result.metadata["signature_def"].Unpack(signatures)
     (info,) = signatures.signature_def["serving_default"].inputs.values()
     assert info.dtype == tf.string.as_datatype_enum
+
+
+def test_metadata_shows_the_outputs_before_any_answer(
+    pools: dict[str, str], redis_url: str
+) -> None:
+    """The workers register their outputs' dtypes and shapes: a gateway that has forwarded
+    nothing yet shows them (TF Serving's signature and OIP's metadata alike)."""
+    with (
+        running_gateway(redis_url) as fresh,
+        grpc.insecure_channel(f"localhost:{fresh.grpc_port}") as channel,
+    ):
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = TWIN
+        request.metadata_field.append("signature_def")
+        result = stub.GetModelMetadata(request, 10.0)
+        oip = requests.get(f"http://localhost:{fresh.rest_port}/v2/models/{TWIN}", timeout=10)
+
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    assert result.metadata["signature_def"].Unpack(signatures)
+    outputs = signatures.signature_def["serving_default"].outputs
+    assert {k: (v.dtype, [d.size for d in v.tensor_shape.dim]) for k, v in outputs.items()} == {
+        "y": (tf.float32.as_datatype_enum, [-1, 2]),
+        "z": (tf.float32.as_datatype_enum, [-1, 1]),
+    }
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in oip.json()["outputs"]} == {
+        "y": ("FP32", [-1, 2]),
+        "z": ("FP32", [-1, 1]),
+    }
 
 
 def test_model_status_is_available_only_with_a_live_worker(channel: grpc.Channel) -> None:

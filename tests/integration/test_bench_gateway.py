@@ -1,0 +1,21 @@
+"""``tfpool bench``'s gateway scenario runs, and reports the gateway's figure beside the
+direct client's from the same run. Not timed: the figures only have to exist."""
+
+from __future__ import annotations
+
+from workers import bench
+
+
+def test_gateway_scenario_reports_itself_and_the_direct_client(redis_url: str) -> None:
+    figures = bench.run(["mlp-gateway"], redis_url=redis_url, runs=1, seconds=0.5,
+                        log=lambda _: None)  # fmt: skip
+
+    by_name = {f.scenario: f for f in figures}
+    assert list(by_name) == ["mlp-closed-64", "mlp-gateway"]  # the baseline came along
+    direct, gateway = by_name["mlp-closed-64"], by_name["mlp-gateway"]
+    for f in (direct, gateway):
+        assert f.requests > 0 and f.requests_per_s > 0 and f.ratio > 0, f
+        assert f.errors == 0, f
+    assert gateway.cpu_split_us["gateway"] > 0
+    assert gateway.vs_baseline == gateway.rows_per_s / direct.rows_per_s > 0
+    assert "x the rows/s of mlp-closed-64 in this run" in bench.render(figures)

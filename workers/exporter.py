@@ -1,0 +1,200 @@
+"""The supervisor's HTTP endpoint: ``/metrics`` for Prometheus, ``/healthz`` and
+``/readyz`` for Kubernetes probes.
+
+``/metrics`` is built at scrape time by one prometheus_client collector: the counters and
+histograms from the shared memory of this supervisor's slots (``workers.metrics``), the
+per-worker gauges from the supervisor's own handles, and the queue gauges read from Redis
+(the same reading as ``tfpool status``). Queue gauges describe the whole pool, so every
+host's supervisor reports the same values: aggregate them with ``max``, not ``sum``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import redis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from workers.metrics import HISTOGRAMS, OUTCOMES, Snapshot
+from workers.status import heartbeats, model_status
+
+if TYPE_CHECKING:
+    from workers.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+#: What each histogram measures, as its HELP text says.
+_HISTOGRAM_HELP = {
+    "batch_rows": "Rows in a batch run (before padding).",
+    "queue_wait_seconds": "Arrival in the stream (Redis's clock) to the start of the"
+    " request's batch.",
+    "compute_seconds": "Time in the model (and post-processing) per batch.",
+    "request_seconds": "Arrival in the stream (Redis's clock) to the answer stored in Redis.",
+}
+
+
+class PoolCollector(Collector):
+    """Every ``tfpool_`` metric of one supervisor's pool, read when scraped."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.model = supervisor.config.name
+        self._redis = redis.Redis.from_url(supervisor.config.redis_url, socket_timeout=5)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._counters()
+        yield from self._workers()
+        try:
+            yield from self._queue()
+        except redis.RedisError as e:  # the other figures are still worth a scrape
+            log.warning("metrics: cannot read the queue from Redis: %s", e)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def _counters(self) -> Iterator[Metric]:
+        sup, model = self.supervisor, [self.model]
+        pool = Snapshot.total(sup.layout, (Snapshot.read(sup.layout, h.metrics)
+                                           for h in sup.handles))  # fmt: skip
+        requests = CounterMetricFamily(
+            "tfpool_requests", "Requests answered, by outcome.", labels=["model", "outcome"]
+        )
+        for outcome in OUTCOMES:
+            requests.add_metric([self.model, outcome], pool.requests(outcome))
+        yield requests
+        rows = CounterMetricFamily("tfpool_rows", "Rows run through the model.", labels=["model"])
+        rows.add_metric(model, pool.rows)
+        yield rows
+        batches = CounterMetricFamily("tfpool_batches", "Batches run.", labels=["model"])
+        batches.add_metric(model, pool.batches)
+        yield batches
+        for name in HISTOGRAMS:
+            histogram = pool.histogram(name)
+            family = HistogramMetricFamily(
+                f"tfpool_{name}", _HISTOGRAM_HELP[name], labels=["model"]
+            )
+            family.add_metric(model, histogram.cumulative(), sum_value=histogram.sum)
+            yield family
+
+    def _workers(self) -> Iterator[Metric]:
+        labels = ["model", "slot", "device"]
+        ready = GaugeMetricFamily(
+            "tfpool_worker_ready",
+            "1 when the slot's worker has warmed up and serves.",
+            labels=labels,
+        )
+        restarts = CounterMetricFamily(
+            "tfpool_worker_restarts", "Times the slot's worker was started again.", labels=labels
+        )
+        rss = GaugeMetricFamily(
+            "tfpool_worker_rss_bytes", "Resident memory of the slot's worker.", labels=labels
+        )
+        gpu = GaugeMetricFamily(
+            "tfpool_worker_gpu_memory_bytes",
+            "GPU memory TensorFlow holds in the slot's worker (GPU workers only).",
+            labels=labels,
+        )
+        for handle in self.supervisor.handles:
+            values = [self.model, str(handle.slot.index), handle.slot.device or "cpu"]
+            process = handle.process
+            alive = process is not None and process.is_alive()
+            ready.add_metric(values, 1.0 if alive and handle.is_ready else 0.0)
+            restarts.add_metric(values, handle.restarts)
+            if alive and process is not None and process.pid is not None:
+                with contextlib.suppress(psutil.Error):  # it just exited
+                    rss.add_metric(values, psutil.Process(process.pid).memory_info().rss)
+            if handle.slot.device is not None:
+                gpu.add_metric(values, Snapshot.read(self.supervisor.layout,
+                                                     handle.metrics).gpu_memory_bytes)  # fmt: skip
+        yield from (ready, restarts, rss, gpu)
+
+    def _queue(self) -> Iterator[Metric]:
+        status = model_status(self._redis, self.model, heartbeats(self._redis))
+        gauges = (
+            ("queue_waiting", "Requests in the stream not yet read by a worker.", status.waiting),
+            ("queue_pending", "Requests read by a worker and not yet answered.", status.pending),
+            ("dead_letters", "Requests in the dead-letter stream.", status.dead_letters),
+            (
+                "oldest_waiting_seconds",
+                "Age of the oldest request not yet read (0 when none waits).",
+                status.oldest_waiting_s,
+            ),
+            (
+                "estimated_drain_seconds",
+                "(waiting + pending) / requests answered per second over the last minute by"
+                " every host's workers; +Inf with a backlog and no answers. Scale on this.",
+                status.estimated_drain_s,
+            ),
+        )
+        for name, help_text, value in gauges:
+            family = GaugeMetricFamily(f"tfpool_{name}", help_text, labels=["model"])
+            family.add_metric([self.model], value)
+            yield family
+
+
+class MetricsServer:
+    """The HTTP server, on its own thread. ``port`` is the port bound (useful with 0)."""
+
+    def __init__(self, supervisor: Supervisor, *, host: str, port: int) -> None:
+        self.supervisor = supervisor
+        self.collector = PoolCollector(supervisor)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="tfpool-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", self.host, self.port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self.collector.close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._reply(200, b"ok\n")
+                elif path == "/readyz":
+                    ready = server.supervisor.ready
+                    self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("metrics: " + format, *args)
+
+        return Handler
