@@ -35,6 +35,8 @@ class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
 
     request_id: str
     model: str = ""
+    #: The version of the model that answered (set with the result).
+    model_version: int | None = None
 
 
 class AsyncClient(ClientBase[AsyncRequestFuture]):
@@ -158,6 +160,14 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
                 return self._unwrap(wire.decode_result(cast(bytes, data)))
             if loop.time() >= give_up:
                 raise self._timeout(request_id, timeout)
+
+    async def result_version(self, request_id: str) -> int | None:
+        """As :meth:`queueing.Client.result_version`."""
+        try:
+            data = await self._redis.lindex(keys.kept_result(request_id), 0)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise self._unavailable(e) from e
+        return None if data is None else wire.decode_result(cast(bytes, data)).version
 
     async def stream(
         self,

@@ -62,6 +62,7 @@ class RequestFutureLike(Protocol):
     """What the clients' futures (concurrent or asyncio) have in common."""
 
     request_id: str
+    model_version: int | None
 
     def done(self) -> bool: ...
     def set_result(self, result: Any) -> None: ...
@@ -278,6 +279,8 @@ class ClientBase(Generic[F]):
         if result.error is not None:
             future.set_exception(result.error)
         else:
+            # Before set_result: whoever the result wakes sees the version that made it.
+            future.model_version = result.version
             future.set_result(result.outputs)
 
     def _after_reconnect(self, epoch: str | None, policy: str | None) -> None:

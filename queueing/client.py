@@ -66,6 +66,9 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         super().__init__()
         self.request_id = request_id
         self.model = model
+        #: The version of the model that answered (set with the result; None before, or
+        #: from a pool that does not say).
+        self.model_version: int | None = None
 
 
 class Client(ClientBase[RequestFuture]):
@@ -226,6 +229,15 @@ class Client(ClientBase[RequestFuture]):
                 return self._unwrap(wire.decode_result(cast(bytes, data)))
             if time.monotonic() >= give_up:
                 raise self._timeout(request_id, timeout)
+
+    def result_version(self, request_id: str) -> int | None:
+        """The model version that made the kept result of ``request_id`` (None: no kept
+        result there now, an error, or a pool that does not say). Does not wait."""
+        try:
+            data = self._redis.lindex(keys.kept_result(request_id), 0)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise self._unavailable(e) from e
+        return None if data is None else wire.decode_result(cast(bytes, data)).version
 
     def wait(self, future: RequestFuture, *, timeout: float = 30.0) -> Outputs:
         """The outputs of ``future``, or its error; :class:`RequestTimeout` after ``timeout``

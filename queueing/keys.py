@@ -35,15 +35,28 @@ def result_fields(payloads: list[bytes]) -> list[bytes]:
     return [item for i, payload in enumerate(payloads) for item in (b"%d" % i, payload)]
 
 
+#: Separates a model's name from a version or label in an address: ``"resnet@4"``,
+#: ``"resnet@canary"``. Model names may not contain it.
+VERSION_SEP = "@"
+
+
+def split_address(address: str) -> tuple[str, str | None]:
+    """``"resnet@4"`` -> ``("resnet", "4")``; ``"resnet"`` -> ``("resnet", None)``. The
+    version part is a version number or a label; every version of a model shares the
+    model's queue, and the worker routes each request to the version it names."""
+    name, sep, version = address.partition(VERSION_SEP)
+    return name, (version if sep else None)
+
+
 def stream(model: str) -> str:
-    """The request stream of ``model``."""
-    return f"{PREFIX}:{{{model}}}:q"
+    """The request stream of ``model`` (an address ``name@version`` names its model's)."""
+    return f"{PREFIX}:{{{split_address(model)[0]}}}:q"
 
 
 def model_info(model: str) -> str:
-    """Hash written by the workers of ``model``: queue cap, input spec. Its existence says
-    that a pool has served this model on this Redis."""
-    return f"{PREFIX}:{{{model}}}:info"
+    """Hash written by the workers of ``model``: queue cap, input spec, versions served.
+    Its existence says that a pool has served this model on this Redis."""
+    return f"{PREFIX}:{{{split_address(model)[0]}}}:info"
 
 
 def dead_letters(model: str) -> str:
@@ -55,7 +68,7 @@ def last_alive(model: str) -> str:
     """Hash stamped by every heartbeat of a ready worker of ``model``: when one was last
     seen and how long its heartbeat lasts (see ``queueing.liveness``). Apart from the
     info hash, whose existence means "registered"."""
-    return f"{PREFIX}:{{{model}}}:alive"
+    return f"{PREFIX}:{{{split_address(model)[0]}}}:alive"
 
 
 def attempts(model: str) -> str:
@@ -83,6 +96,10 @@ def worker_heartbeat(worker_id: str) -> str:
 
 #: Set of the names of every model a pool has served on this Redis.
 MODELS = f"{PREFIX}:models"
+
+#: A counter ``tfpool reload`` increments: workers re-scan their model repository when it
+#: changes.
+RELOAD = f"{PREFIX}:reload"
 
 #: A random value naming this Redis's dataset; see queueing.redis_state.
 EPOCH = f"{PREFIX}:epoch"

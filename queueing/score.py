@@ -41,6 +41,7 @@ from queueing.datasets.arrays import (
     open_input,
     read_rows,
 )
+from queueing.datasets.arrays import VersionChanged as VersionChanged  # raised by score()
 from queueing.datasets.formats import is_table_path
 from queueing.errors import RequestError, RequestLost, RequestTimeout
 
@@ -73,6 +74,8 @@ class ScoreSummary:
     failed_rows: int  # in every run of this job
     seconds: float  # this run
     rows_done: int = 0  # in every run of this job (a resumed run counts the earlier ones')
+    #: The model versions that answered, in every run of this job (empty: the pool did not say).
+    model_versions: tuple[int, ...] = ()
 
 
 class Progress:
@@ -123,6 +126,7 @@ def score(
     progress: Callable[[int, int], Progress] = Progress,
     input_columns: Mapping[str, Sequence[str]] | None = None,
     keep_columns: Sequence[str] = (),
+    allow_version_change: bool = False,
 ) -> ScoreSummary:
     """Score every row of ``input_path`` with ``model`` into ``output_path``; continue an
     interrupted run of the same job. See the module docstring. ``chunk_rows`` defaults to
@@ -130,7 +134,9 @@ def score(
 
     Raises the error of the first chunk's rows when every one of them failed the same way
     (nothing is left written), and :class:`RequestTimeout` when a chunk times out while no
-    worker of ``model`` is live (what is done stays done).
+    worker of ``model`` is live (what is done stays done). The model versions that answered
+    are recorded in the progress record and returned; resuming a run of arrays across a
+    version change raises :class:`VersionChanged` unless ``allow_version_change``.
 
     A table dataset (Parquet, CSV, JSON Lines, TFRecord: a file, a folder of files, a
     :class:`~queueing.datasets.base.Source`, or an iterable of ``pyarrow.RecordBatch``)
@@ -159,7 +165,8 @@ def score(
         "rows": rows,
         "chunk_rows": chunk_rows,
     }
-    output = ArrayOutput(output_path, fingerprint, None if folder is None else folder.files)
+    output = ArrayOutput(output_path, fingerprint, None if folder is None else folder.files,
+                         allow_version_change=allow_version_change)  # fmt: skip
     resumed = output.resume()
     if not resumed and folder is not None:
         # Row i of the output is the i-th file of this list.
@@ -237,6 +244,7 @@ def _run(
         failed_rows=output.failed_rows,
         seconds=time.monotonic() - started,
         rows_done=rows,
+        model_versions=tuple(sorted(output.versions)),
     )
 
 
@@ -339,7 +347,9 @@ def _collect(
     rows failed."""
     for attempt in range(3):
         try:
-            output.write(span.start, client.wait(future, timeout=timeout))
+            outputs = client.wait(future, timeout=timeout)
+            output.note_version(future.model_version)
+            output.write(span.start, outputs)
             return 0
         except (RequestLost, RequestTimeout) as e:
             if isinstance(e, RequestTimeout) and pool.down() is not None:
@@ -355,7 +365,9 @@ def _collect(
     singles = client.submit_many(model, [read_rows(inputs, range(r, r + 1)) for r in span])
     for row, single in zip(span, singles, strict=True):
         try:
-            output.write(row, client.wait(single, timeout=timeout))
+            outputs = client.wait(single, timeout=timeout)
+            output.note_version(single.model_version)
+            output.write(row, outputs)
         except RequestError as e:
             if isinstance(e, RequestTimeout) and pool.down() is not None:
                 raise

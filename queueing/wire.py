@@ -117,6 +117,8 @@ class Result:
     request_id: str
     outputs: Outputs | None
     error: RequestError | None
+    #: The version of the model that made ``outputs`` (None: a pool that does not say).
+    version: int | None = None
 
 
 # --- arrays -----------------------------------------------------------------------------
@@ -374,12 +376,14 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 # --- results ----------------------------------------------------------------------------
 
 
-def encode_result(request_id: str, outputs: Outputs) -> bytes:
-    """A success result; the output arrays are packed from their buffers."""
-    return msgpack.packb(  # type: ignore[no-any-return]
-        {"v": PROTOCOL_VERSION, "id": request_id, "outputs": _encode_arrays(outputs)},
-        use_bin_type=True,
-    )
+def encode_result(request_id: str, outputs: Outputs, version: int | None = None) -> bytes:
+    """A success result; the output arrays are packed from their buffers. ``version``: the
+    model version that made it (key ``mv``; absent when None, as older pools send it)."""
+    obj: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id,
+                           "outputs": _encode_arrays(outputs)}  # fmt: skip
+    if version is not None:
+        obj["mv"] = version
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def encode_error(request_id: str, error: RequestError) -> bytes:
@@ -408,7 +412,8 @@ def decode_result(data: bytes) -> Result:
         outputs = _decode_arrays(obj.get("outputs"), _TRUSTED, "outputs")
     except InvalidInput as e:
         raise ProtocolError(f"result {request_id}: {e}") from e
-    return Result(request_id, outputs, None)
+    version = obj.get("mv")
+    return Result(request_id, outputs, None, version if _is_int(version) else None)
 
 
 # Results come from our own workers; the limits only keep a corrupt one from doing harm.

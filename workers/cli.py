@@ -154,8 +154,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="COLUMN,...",
         help="tables: columns copied to the output beside the scores (e.g. id,ts)",
     )
+    score.add_argument(
+        "--allow-version-change",
+        action="store_true",
+        help="resume even if another model version answers now than in the earlier runs",
+    )
     score.set_defaults(run=client_commands.score)
 
+    reload = add("reload", "make every pool on this Redis re-scan its model repository now")
+    reload.add_argument("--redis-url", help="Redis URL (default: TFPOOL_REDIS_URL)")
+    reload.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
+    reload.set_defaults(run=client_commands.reload)
     status = add(
         "status", "workers of every host, queues, dead letters; exit 1 if a model has no worker"
     )
@@ -248,7 +257,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.debug:
         overrides["log_level"] = "DEBUG"
     config = PoolConfig.load(config_file=args.config, overrides=overrides)
-    if not os.path.exists(config.model) and not _is_builder(config.model):
+    if config.model_repo:
+        from workers.repository import model_names
+
+        if not model_names(config.model_repo):  # ConfigError when not a folder
+            raise ConfigError(f"model_repo {config.model_repo} holds no model folder")
+    elif not os.path.exists(config.model) and not _is_builder(config.model):
         # Said now, rather than by every worker after it has imported TensorFlow.
         where = f"; set `model` in {args.config} or pass --model" if args.config else ""
         raise ConfigError(f"model {config.model}: no such file or directory{where}")
@@ -256,9 +270,13 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, redis_url=url)
 
         def announce(workers: int) -> None:
+            what = (
+                f"the models of {config.model_repo}"
+                if config.model_repo
+                else f"model {config.name!r} from {config.model}"
+            )
             print(
-                f"tfpool: serving model {config.name!r} from {config.model} on"
-                f" {without_password(url)} with {workers} worker(s)",
+                f"tfpool: serving {what} on {without_password(url)} with {workers} worker(s)",
                 flush=True,
             )
 

@@ -100,7 +100,8 @@ def score(args: argparse.Namespace) -> int:
         try:
             summary = score_file(client, args.model, args.input, args.output,
                             chunk_rows=args.chunk_rows, window=args.window,
-                            input_columns=input_columns, keep_columns=keep)  # fmt: skip
+                            input_columns=input_columns, keep_columns=keep,
+                            allow_version_change=args.allow_version_change)  # fmt: skip
         except KeyboardInterrupt:
             print("tfpool score: interrupted; run the same command again to continue",
                   file=sys.stderr)  # fmt: skip
@@ -109,7 +110,10 @@ def score(args: argparse.Namespace) -> int:
     print(f"scored {summary.rows_done:,} of {summary.rows:,} rows"
           + (f" ({summary.scored:,} in this run, {earlier:,} before)" if earlier else "")
           + f" in {summary.seconds:.1f}s ({summary.scored / max(summary.seconds, 1e-9):,.0f}"
-          f" rows/s); {summary.failed_rows:,} failed rows"
+          " rows/s); "
+          + (f"model version {', '.join(map(str, summary.model_versions))}; "
+             if summary.model_versions else "")
+          + f"{summary.failed_rows:,} failed rows"
           + (_where_errors_are(args.output) if summary.failed_rows else ""))  # fmt: skip
     allowance: float = args.allow_failed_rows
     allowed = allowance * summary.rows if isinstance(allowance, float) else allowance
@@ -148,4 +152,17 @@ def status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return failures.EXIT_INCOMPLETE
+    return failures.EXIT_OK
+
+
+def reload(args: argparse.Namespace) -> int:
+    """Ask every pool on this Redis to scan its model repository now."""
+    from queueing import keys
+
+    conn = connection.connect(redis_url_of(args), socket_timeout=10)
+    try:
+        count = conn.incr(keys.RELOAD)
+    finally:
+        conn.close()
+    print(f"tfpool reload: asked the pools to scan their repositories (reload {count})")
     return failures.EXIT_OK

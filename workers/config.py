@@ -26,7 +26,16 @@ else:  # pragma: no cover
 ENV_PREFIX = "TFPOOL_"
 
 #: Options that name files: relative paths in a config file are taken from its folder.
-PATH_OPTIONS = ("model", "labels_file")
+PATH_OPTIONS = ("model", "model_repo", "labels_file")
+
+#: Options that apply to the pool as a whole: a repository model's own table may not set
+#: them.
+POOL_ONLY_OPTIONS = frozenset({
+    "model", "model_repo", "models", "name", "redis_url", "workers", "devices",
+    "workers_per_device", "intra_op_threads", "inter_op_threads", "heartbeat_s",
+    "memory_limit_mb", "preload", "allow_evicting_redis", "log_level", "poll_s", "cluster",
+    "metrics_port", "metrics_host", "metrics", "trace_exporter",
+})  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +46,20 @@ class PoolConfig:
     #: frozen graph ``.pb``, or ``package.module:function`` building a Keras model or a
     #: tf.Module (restored from ``checkpoint``). See the README's "Models".
     model: str = ""
+    #: A model repository instead of ``model``: ``DIR/<name>/<version>/`` as TF Serving
+    #: lays it out; every model in it is served by every worker (README: "Model repository").
+    model_repo: str = ""
+    #: Per-model settings of a repository's models: ``[models.NAME]`` tables of pool options
+    #: (max_batch_size, max_latency_ms, buckets, signature, preprocess, postprocess,
+    #: max_queue, version_policy, labels, ...); the top level gives the defaults.
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Which versions to serve: "latest" (the newest), "latest:N", "all", "specific:3,4".
+    version_policy: str = "latest"
+    #: Version labels, e.g. {stable = 3, canary = 4}: producers send to "name@canary"; the
+    #: default version is "stable" if set, else the newest served.
+    labels: dict[str, str] = field(default_factory=dict)
+    #: Seconds between two scans of the repository for new and removed versions.
+    poll_s: float = 5.0
     #: Name producers use for the model (default: the file or directory name, no suffix).
     name: str = ""
     #: SavedModel signature to serve.
@@ -148,10 +171,18 @@ class PoolConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("model is required (a SavedModel directory or a .keras/.h5 file)")
+        if not self.model and not self.model_repo:
+            raise ConfigError(
+                "model is required (a SavedModel directory or a .keras/.h5 file),"
+                " or model_repo (a folder of models)"
+            )
+        if self.model and self.model_repo:
+            raise ConfigError("give model or model_repo, not both")
         if not self.name:
-            object.__setattr__(self, "name", default_name(self.model))
+            object.__setattr__(self, "name", default_name(self.model or self.model_repo))
+        if self.poll_s <= 0:
+            raise ConfigError(f"poll_s must be > 0, got {self.poll_s}")
+        self._check_versions()
         self._check_cluster()
         positive = (
             "max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device", "max_rows",
@@ -182,13 +213,33 @@ class PoolConfig:
                 f"buckets {self.buckets} must be >= 1 and reach max_batch_size"
                 f" {self.max_batch_size}"
             )
-        if ":" in self.name or "{" in self.name or "}" in self.name:
-            raise ConfigError(f"model name {self.name!r} may not contain ':', '{{' or '}}'")
+        if any(c in self.name for c in ":{}@"):
+            raise ConfigError(f"model name {self.name!r} may not contain ':', '{{', '}}' or '@'")
         try:
             self.limits()
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self._check_processing()
+
+    def _check_versions(self) -> None:
+        from workers.repository import VersionPolicy, parse_labels
+
+        VersionPolicy.parse(self.version_policy)
+        parse_labels(self.labels)
+        for name, table in self.models.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"[models.{name}] must be a table")
+            wrong = sorted(set(table) & POOL_ONLY_OPTIONS | (set(table) - option_types().keys()))
+            if wrong:
+                raise ConfigError(f"[models.{name}]: options {wrong} cannot be set per model")
+
+    def for_model(self, name: str, model: str) -> PoolConfig:
+        """The settings of one model of the repository (its ``[models.NAME]`` table over the
+        top level), loading ``model`` (a version's SavedModel folder or Keras file)."""
+        overrides = {k: coerce(k, v) for k, v in self.models.get(name, {}).items()}
+        return dataclasses.replace(
+            self, model=model, model_repo="", models={}, name=name, **overrides
+        )
 
     def _check_cluster(self) -> None:
         """``cluster`` and the URL's form agree (either turns the other on), so that the
@@ -289,6 +340,8 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: [pool] must be a table")
     folder = Path(path).resolve().parent
     options = dict(table)
+    if table is not data and "models" in data:  # [models.NAME] beside [pool]
+        options.setdefault("models", data["models"])
     for option in PATH_OPTIONS:
         value = options.get(option)
         if isinstance(value, str) and value and not os.path.isabs(value):
@@ -313,6 +366,8 @@ def coerce(option: str, value: Any) -> Any:
             if isinstance(value, str):
                 return value.strip().lower() in ("1", "true", "yes", "on")
             return bool(value)
+        if kind is str and isinstance(value, list):  # version_policy = [3, 4]
+            return "specific:" + ",".join(str(v) for v in value)
         if kind in (int, float, str):
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value} is not a whole number")
@@ -322,6 +377,8 @@ def coerce(option: str, value: Any) -> Any:
                 value = json.loads(value) if value.strip() else {}
             if not isinstance(value, dict):
                 raise ValueError("not a table")
+            if typing.get_args(kind)[1] is not str:  # tables of tables ([models.NAME])
+                return {str(k): v for k, v in value.items()}
             return {str(k): str(v) for k, v in value.items()}
         if typing.get_origin(kind) is list:
             (item,) = typing.get_args(kind)

@@ -66,6 +66,12 @@ class Intake:
         taken over from a worker that died, perhaps because of one of them; each then runs
         in a batch of its own, so a request that kills its worker cannot take its
         batch-mates to the dead-letter stream with it."""
+        received, refused = self.receive_all(entries)
+        accepted, unfit = self.admit_received(received, suspect=suspect)
+        return accepted, refused + unfit
+
+    def receive_all(self, entries: list[Entry]) -> tuple[list[Received], list[Answer]]:
+        """:meth:`receive` for each entry: the requests decoded, the answers of the rest."""
         received: list[Received] = []
         refused: list[Answer] = []
         for entry_id, fields in entries:
@@ -74,6 +80,14 @@ class Intake:
                 received.append(outcome)
             else:
                 refused.append(outcome)
+        return received, refused
+
+    def admit_received(
+        self, received: list[Received], *, suspect: bool
+    ) -> tuple[list[InHand], list[Answer]]:
+        """Decoded requests, pre-processed and fitted to the model: those to batch, and
+        the answers of those that do not fit."""
+        refused: list[Answer] = []
         if self.preprocess is not None and received:
             self._preprocess(received)
         accepted: list[InHand] = []
@@ -95,7 +109,7 @@ class Intake:
         try:
             body = wire.decode_request_body(fields.get(keys.FIELD_BODY), self.limits)
             keep_s = body.keep_s
-            if body.model != self.model_name:
+            if keys.split_address(body.model)[0] != self.model_name:
                 raise InvalidInput(
                     f"request for model {body.model!r} on the queue of {self.model_name!r}"
                 )

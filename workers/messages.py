@@ -51,6 +51,8 @@ class InHand:
     deadline: float | None
     traceparent: str | None = None  # the producer's trace context (workers.tracing)
     suspect: bool = False  # taken over from a worker that died: runs alone, attempts counted
+    #: The model version it was routed to (None: a pool of one unversioned model).
+    version: int | None = None
     #: (first row, outputs of the rows from there), one per run, in the order they ran.
     output_chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
     rows_done: int = 0
@@ -72,6 +74,7 @@ class Answer:
     dead_reason: str | None = None
     dead_fields: dict[bytes, bytes] | None = None
     suspect: bool = False  # clear its attempt count once answered
+    version: int | None = None  # the model version that made ``outputs``
 
 
 @dataclass
@@ -98,7 +101,8 @@ class AnswerMaker:
     def result(self, request: InHand, outputs: wire.Outputs) -> Answer:
         """The outputs of a request that ran."""
         answer = Answer(request.entry_id, request.request_id, request.reply, request.keep_s,
-                        outputs=outputs, suspect=request.suspect)  # fmt: skip
+                        outputs=outputs, suspect=request.suspect,
+                        version=request.version)  # fmt: skip
         return self._count(answer)
 
     def error(self, request: InHand, error: RequestError) -> Answer:

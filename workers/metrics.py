@@ -203,10 +203,12 @@ class Snapshot:
 class Recorder:
     """A worker's side: adds its observations to its slot's cells.
 
-    Threads: ``batch_done`` is called by the main thread only, ``answered`` by the writer
-    and (for the rare answers it posts itself) the main thread; they touch different
-    cells, and ``answered`` holds a lock, so no addition is lost between threads.
-    ``gpu_memory`` is set by the heartbeat thread. A disabled recorder does nothing.
+    Threads: ``batch_done`` is called by the main thread (or, for the slot's recorder of a
+    process serving several models, by each model's main thread: :class:`LaneRecorder`),
+    ``answered`` by the writer and (for the rare answers it posts itself) the main thread.
+    Both hold the lock, so no addition is lost between threads (once per batch and per
+    round of answers: its cost is nothing beside theirs). ``gpu_memory`` is set by the
+    heartbeat thread. A disabled recorder does nothing.
     """
 
     def __init__(self, layout: Layout, cells: Cells, *, enabled: bool = True) -> None:
@@ -227,12 +229,13 @@ class Recorder:
         if not self.enabled:
             return
         cells = self.cells
-        cells[self._rows] += rows
-        cells[self._batches] += 1
-        _observe(cells, self._batch_rows, self._batch_bounds, rows)
-        _observe(cells, self._compute, SECONDS_BUCKETS, compute_s)
-        for wait in queue_waits:
-            _observe(cells, self._queue_wait, SECONDS_BUCKETS, wait)
+        with self._lock:
+            cells[self._rows] += rows
+            cells[self._batches] += 1
+            _observe(cells, self._batch_rows, self._batch_bounds, rows)
+            _observe(cells, self._compute, SECONDS_BUCKETS, compute_s)
+            for wait in queue_waits:
+                _observe(cells, self._queue_wait, SECONDS_BUCKETS, wait)
 
     def answered(self, outcomes: Iterable[tuple[str, float]]) -> None:
         """Answers stored in Redis: ``(outcome, seconds from arrival to now)`` each."""
@@ -246,6 +249,32 @@ class Recorder:
 
     def gpu_memory(self, used_bytes: float) -> None:
         self.cells[self.layout.gpu_memory] = used_bytes
+
+
+class LaneRecorder(Recorder):
+    """The recorder of one model of several served by one process (``model_repo``: one
+    lane per model, see :func:`workers.worker.run_models`). It counts in its own cells,
+    which its heartbeat's window reads, so that ``tfpool status`` shows each model's own
+    figures; and adds everything to ``slot``, the recorder of the slot's shared memory
+    that every lane of the process shares, so that ``/metrics`` counts the whole pool.
+    The two layouts may differ (a model's table may set its own batch sizes)."""
+
+    def __init__(self, layout: Layout, *, slot: Recorder) -> None:
+        super().__init__(layout, [0.0] * layout.size, enabled=slot.enabled)
+        self.slot = slot
+
+    def batch_done(self, rows: int, compute_s: float, queue_waits: Sequence[float]) -> None:
+        super().batch_done(rows, compute_s, queue_waits)
+        self.slot.batch_done(rows, compute_s, queue_waits)
+
+    def answered(self, outcomes: Iterable[tuple[str, float]]) -> None:
+        outcomes = list(outcomes)  # read twice
+        super().answered(outcomes)
+        self.slot.answered(outcomes)
+
+    def gpu_memory(self, used_bytes: float) -> None:
+        super().gpu_memory(used_bytes)
+        self.slot.gpu_memory(used_bytes)
 
 
 def _observe(cells: Cells, start: int, bounds: Sequence[float], value: float) -> None:

@@ -26,6 +26,11 @@ OPTION_HELP: dict[str, str] = {
     " (loudly)",
     "model": "SavedModel directory, or .keras / .h5 file (required)",
     "name": "name producers use",
+    "model_repo": "a model repository DIR/<name>/<version>/ instead of --model",
+    "models": "per-model settings of the repository's models (name -> options)",
+    "version_policy": "versions to serve: latest, latest:N, all, specific:3,4",
+    "labels": 'version labels, e.g. {"stable": 3, "canary": 4}',
+    "poll_s": "seconds between scans of the model repository",
     "signature": "SavedModel signature to serve",
     "redis_url": "Redis URL: redis://, rediss:// or unix:// (also TFPOOL_REDIS_URL)",
     "cluster": "the Redis URL names a node of a Redis Cluster (also TFPOOL_CLUSTER, or a"
@@ -75,6 +80,7 @@ OPTION_HELP: dict[str, str] = {
 #: What an empty default means, where it is not simply "none".
 _EMPTY_DEFAULTS = {
     "name": "the model's file name",
+    "models": "the top level's settings",
     "redis_url": "a private redis-server",
     "workers": "one per GPU, else one per 4 cores",
     "devices": "detected with nvidia-smi",

@@ -50,6 +50,7 @@ class Presence:
         stopping: threading.Event,
         stop: Callable[[], None],
         metrics: Recorder,
+        details: Callable[[], Mapping[FieldT, EncodableT]] | None = None,
     ) -> None:
         self.config = config
         self.redis = conn
@@ -66,6 +67,7 @@ class Presence:
         self.stop = stop  # when the supervisor is gone
         self.metrics = metrics
         self._window = Window()
+        self.details = details  # more heartbeat fields (the versions served)
         self._parent_pid = os.getppid()
         self._started = time.time()
         self._process = psutil.Process()
@@ -83,6 +85,15 @@ class Presence:
         pipe.hset(keys.model_info(self.config.name), mapping=self.model_info)
         pipe.sadd(keys.MODELS, self.config.name)
         pipe.execute()
+
+    def update_info(self, info: Mapping[FieldT, EncodableT]) -> None:
+        """New model info (the versions served changed): kept for re-registering, and
+        written now (a failure is logged; the heartbeat registers again if it is gone)."""
+        self.model_info = dict(info)
+        try:
+            self.redis.hset(keys.model_info(self.config.name), mapping=self.model_info)
+        except redis.RedisError as e:
+            log.warning("updating the model's info: %s", e)
 
     def register_quietly(self) -> None:
         """:meth:`register`, logging a failure (then pausing, as the caller will retry)."""
@@ -142,6 +153,7 @@ class Presence:
             "started": self._started,
             "updated": time.time(),
             **self.settings,
+            **(self.details() if self.details is not None else {}),
         }
         ttl_s = max(1, int(self.config.heartbeat_s * 3 + 0.999))
         pipe = self.redis.pipeline(transaction=False)

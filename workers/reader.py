@@ -7,15 +7,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import redis
 
 from queueing import connection, keys
 from workers.claims import Claims
 from workers.config import PoolConfig
-from workers.intake import Intake, plan_takeover, triage
-from workers.messages import Entry
+from workers.intake import plan_takeover, triage
+from workers.messages import Answer, Entry, InHand
 from workers.shared import BatchDesk, HeldEntries
 from workers.writer import Writer
 
@@ -31,6 +31,17 @@ READ_BUFFER_BYTES = 1 << 20
 RECOVER_MAX = 100_000
 
 
+class Admission(Protocol):
+    """What the reader hands entries to: an :class:`workers.intake.Intake`, or a
+    :class:`workers.versions.VersionRouter` in front of several versions' intakes."""
+
+    def admit(
+        self, entries: list[Entry], *, suspect: bool
+    ) -> tuple[list[InHand], list[Answer]]: ...
+
+    def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> Answer: ...
+
+
 class Reader:
     """Reads while the worker is not stopping; what it does not read stays in the stream
     for other workers. ``run`` is the thread's body."""
@@ -43,7 +54,7 @@ class Reader:
         inherit_from: Sequence[str],
         suspects: set[bytes] | None = None,
         claims: Claims,
-        intake: Intake,
+        intake: Admission,
         desk: BatchDesk,
         writer: Writer,
         held: HeldEntries,

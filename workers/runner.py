@@ -79,10 +79,13 @@ class Served:
         return [by_name[name] for name in self.output_names if name in by_name]
 
 
-def load(config: PoolConfig, batcher: Batcher[InHand]) -> Served:
+def load(
+    config: PoolConfig, batcher: Batcher[InHand], on_warming: Callable[[], None] | None = None
+) -> Served:
     """Load the model; choose the batches it allows (``batcher``, unless its signature fixes
     the batch or batching is off); warm it up on every bucket and check that its rows are
-    independent; set up its pre- and post-processing."""
+    independent; set up its pre- and post-processing. ``on_warming``: called once loaded,
+    as warming up starts."""
     from workers.model import load_model
     from workers.rows import check_independent
 
@@ -96,6 +99,8 @@ def load(config: PoolConfig, batcher: Batcher[InHand]) -> Served:
         graph_outputs=config.graph_outputs,
     )
     batcher = batcher_for(config, model.batch_limit, batcher)
+    if on_warming is not None:
+        on_warming()
     if config.batching == "off":
         model.warm_up([1], check_rows=False)
     else:

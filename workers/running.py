@@ -12,11 +12,17 @@ successor, which runs only those alone (see :mod:`workers.claims`).
 Nothing reads while the worker writes: the supervisor reads only after the process has
 exited. The length is stored last, so a worker killed mid-write leaves "nothing running"
 (the batch had not started).
+
+A process serving several models (``model_repo``) runs one batch per model at once, on
+each model's thread: :class:`RunningLanes` keeps the slot's record the union of them, so a
+crash during two models' batches makes both batches suspect, and only them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
+import threading
 from collections.abc import Iterable
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -38,10 +44,12 @@ class RunningBatch:
         self._data: Any = context.RawArray(ctypes.c_char, self.size)
         self._length: Any = context.RawValue(ctypes.c_uint32, 0)
 
-    def start(self, entry_ids: Iterable[bytes]) -> None:
-        """The worker is about to run a batch of these entries."""
+    def start(self, entry_ids: Iterable[bytes], *, busy: bool = False) -> None:
+        """The worker is about to run a batch of these entries. ``busy``: another batch
+        already runs (see :class:`RunningLanes`), so a death mid-write must leave
+        "unknown", not "nothing running"."""
         joined = b" ".join(entry_ids)
-        self._length.value = 0
+        self._length.value = UNKNOWN if busy else 0
         if len(joined) > self.size:
             self._length.value = UNKNOWN
             return
@@ -59,3 +67,48 @@ class RunningBatch:
         if length == UNKNOWN:
             return None
         return set(bytes(self._data[:length]).split()) if length else set()
+
+
+class RunningLanes:
+    """One :class:`RunningBatch` shared by the lanes (one per model) of a process that
+    serves several models: each lane's :meth:`lane` records its own batch, and the slot's
+    record holds the union of the batches running. Lanes run their batches on their own
+    threads (TensorFlow releases the GIL), so the union is rewritten under a lock at each
+    start and end; entry ids of different models' streams may be equal, which at worst
+    runs a request alone that did not need to."""
+
+    def __init__(self, running: RunningBatch) -> None:
+        self._running = running
+        self._lock = threading.Lock()
+        self._by_lane: dict[str, tuple[bytes, ...]] = {}
+
+    def lane(self, name: str) -> LaneRunning:
+        """The record that model ``name``'s worker writes, as it would a RunningBatch."""
+        return LaneRunning(self, name)
+
+    def _set(self, name: str, entry_ids: tuple[bytes, ...]) -> None:
+        with self._lock:
+            others = any(ids for lane, ids in self._by_lane.items() if lane != name)
+            self._by_lane[name] = entry_ids
+            running = list(itertools.chain.from_iterable(self._by_lane.values()))
+            if running:
+                self._running.start(running, busy=others)
+            else:
+                self._running.clear()
+
+
+class LaneRunning:
+    """One lane's view of :class:`RunningLanes`: ``start`` and ``clear`` as on a
+    :class:`RunningBatch`."""
+
+    def __init__(self, lanes: RunningLanes, name: str) -> None:
+        self._lanes = lanes
+        self._name = name
+
+    def start(self, entry_ids: Iterable[bytes]) -> None:
+        """This lane is about to run a batch of these entries."""
+        self._lanes._set(self._name, tuple(entry_ids))
+
+    def clear(self) -> None:
+        """This lane's batch is done."""
+        self._lanes._set(self._name, ())

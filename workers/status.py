@@ -26,7 +26,17 @@ from workers.metrics import Rates, drain_seconds
 #: Heartbeat fields that stay text; the others are numbers (in ``--json`` too). ``window``
 #: is the worker's last minute, as JSON (read by :func:`worker_rates`).
 TEXT_FIELDS = frozenset(
-    {"host", "device", "model", "state", "cuda_visible_devices", "memory_growth", "window"}
+    {
+        "host",
+        "device",
+        "model",
+        "state",
+        "cuda_visible_devices",
+        "memory_growth",
+        "window",
+        "versions",
+        "labels",
+    }
 )
 
 
@@ -269,6 +279,21 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
          "WAIT p50/p99 ms", "OLDEST s", "DRAIN s", "INPUTS"),
         model_rows,
     )  # fmt: skip
+    version_rows = [
+        (
+            w.get("model", "?"),
+            w.get("host", "?"),
+            w.get("pid", "?"),
+            str(w.get("default_version", "") or "-"),
+            str(w.get("labels", "") or "-"),
+            str(w.get("versions", "")),
+        )
+        for w in status.workers
+        if w.get("versions")
+    ]
+    if version_rows:  # each worker's own view: during a rollout, workers differ
+        lines += ["", "versions (state per worker: loading, warming, ready, draining, failed):"]
+        lines += _table(("MODEL", "HOST", "PID", "DEFAULT", "LABELS", "VERSIONS"), version_rows)
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ finishes and answers the batches in hand, acks and exits. A second signal stops 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -94,7 +95,8 @@ class Supervisor:
         self.check_redis()
         if self.config.metrics_port >= 0 and self.metrics_server is None:
             self.serve_metrics()
-        log.info("model %s: %s", self.config.name, describe_slots(self.slots))
+        what = f"models of {self.config.model_repo}" if self.config.model_repo else "model"
+        log.info("%s %s: %s", what, self.config.name, describe_slots(self.slots))
         for handle in self.handles:
             self._spawn(handle)
 
@@ -302,5 +304,14 @@ class Supervisor:
             log.info("%s: draining (send it again to stop at once)", signal.Signals(signum).name)
             self._draining.set()
 
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            # Re-scan the model repository now: each worker's watchers scan on SIGHUP.
+            log.info("SIGHUP: workers re-scan the model repository")
+            for handle in self.handles:
+                if handle.process is not None and handle.process.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(handle.process.pid, signal.SIGHUP)
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)

@@ -28,27 +28,39 @@ object         written by                       read by               guarded by
                writer's callers (answers)                             answer counts
 ``writer``     reader, main (submit)            writer thread         its queue
 ``stopping``   signal handler, heartbeat        all                   an Event
-``metrics``    main (batches), writer and main  heartbeat (window),   its lock for answers
-               (answers stored), heartbeat      the supervisor        (batches: main only)
+``metrics``    main (batches), writer and main  heartbeat (window),   its lock
+               (answers stored), heartbeat      the supervisor
                (GPU memory)                     (scrapes)
 ``running``    main (before and after a batch)  the supervisor, once  shared memory, read
                                                 the process is gone   only after its death
+``versions``   watcher (adds, retires), reader  all                   its lock
+               (in hand), main (answered)
 ============== ================================ ===================== =====================
 
 ``metrics`` is the slot's block of shared memory (:mod:`workers.metrics`): it outlives
 this process, so what it counted survives a crash.
+
+With ``model_repo``, one process serves every model of the repository: one
+:class:`Worker` (a lane) per model, each with the threads above and a watcher
+(:mod:`workers.rollout`), all in one process (see :func:`run_models`). The lanes share the
+slot's ``metrics`` (each counts its own too, for its heartbeat:
+:class:`workers.metrics.LaneRecorder`) and ``running`` (the union of the lanes' batches:
+:class:`workers.running.RunningLanes`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
 import signal
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
@@ -62,14 +74,17 @@ from workers.errors import ModelLoadError, WorkerError
 from workers.intake import Intake, deadline_error
 from workers.memory import keep_large_buffers
 from workers.messages import AnswerMaker, InHand, WorkerStats
-from workers.metrics import Cells, Layout, Recorder
+from workers.metrics import Cells, LaneRecorder, Layout, Recorder
 from workers.placement import Slot
 from workers.presence import Presence
 from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
 from workers.reader import Reader
-from workers.runner import Runner, Served, load
-from workers.running import RunningBatch
+from workers.repository import VersionPolicy, model_names, parse_labels
+from workers.rollout import VersionWatcher
+from workers.runner import Runner, load
+from workers.running import LaneRunning, RunningBatch, RunningLanes
 from workers.shared import BatchDesk, HeldEntries, StreamClock
+from workers.versions import Version, VersionRouter, Versions
 from workers.writer import Writer
 
 if TYPE_CHECKING:
@@ -103,8 +118,11 @@ class Worker:
         settings: Mapping[FieldT, EncodableT] | None = None,
         ready: Synchronized[int] | None = None,
         metrics: Cells | None = None,
-        running: RunningBatch | None = None,
+        running: RunningBatch | LaneRunning | None = None,
         suspects: set[bytes] | None = None,
+        repo_folder: Path | None = None,
+        heartbeat_id: str | None = None,
+        slot_metrics: Recorder | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -115,7 +133,7 @@ class Worker:
         self.suspects = suspects
         self.running = running
         self.settings: dict[FieldT, EncodableT] = dict(settings or {})
-        self.model: LoadedModel | None = None  # set once loaded
+        self._batches_fixed = False  # the desk's batcher is set from the first version
         self.stats = WorkerStats()
         self.answers = AnswerMaker(self.stats)
         self.stopping = threading.Event()
@@ -123,9 +141,13 @@ class Worker:
         self.clock = StreamClock()
         self.held = HeldEntries()
         # The slot's counters in the supervisor's shared memory; a private array without.
+        # One model of several (slot_metrics given): its own counts, added to the slot's.
         layout = Layout.for_config(config)
-        self.metrics = Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
-                                enabled=config.metrics)  # fmt: skip
+        self.metrics: Recorder = (
+            LaneRecorder(layout, slot=slot_metrics) if slot_metrics is not None
+            else Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
+                          enabled=config.metrics)
+        )  # fmt: skip
         self.reader_failed = False  # set by the main loop: run() then exits non-zero
         self.tracer: BatchTracer | None = None  # set in run() when trace_exporter is
         batcher: Batcher[InHand] = Batcher(
@@ -146,52 +168,87 @@ class Worker:
             held=self.held, shared=self.redis, metrics=self.metrics, clock=self.clock,
         )  # fmt: skip
         self._ready_flag = ready
+        #: The heartbeat's key: the worker id, or ``id/model`` for one model of several.
+        self.heartbeat_id = heartbeat_id or worker_id
+        self.versions = Versions(config.name, parse_labels(config.labels))
+        #: Keeps the versions in step with the repository (None: one model file, version 1).
+        self.watcher: VersionWatcher | None = None
+        if repo_folder is not None:
+            self.watcher = VersionWatcher(
+                folder=repo_folder, policy=VersionPolicy.parse(config.version_policy),
+                versions=self.versions, build=self._build, poll_s=config.poll_s,
+                stopping=self.stopping, redis_url=config.redis_url,
+            )  # fmt: skip
+        #: Set once the first load was tried (whether or not a version loaded).
+        self.first_attempt = threading.Event()
 
     def run(self) -> int:
         """Load, warm up, register, serve until stopped, drain. Returns the exit code."""
-        served = load(self.config, self.desk.batcher)
-        self.desk.batcher = served.batcher  # the batches the model allows
-        self.model = served.model
-        if self.config.trace_exporter:
+        if self.config.trace_exporter:  # before any version's runner is built
             from workers.tracing import BatchTracer
 
             self.tracer = BatchTracer(
                 self.config.trace_exporter, model=self.config.name, worker_id=self.worker_id
             )
-        presence, reader, runner = self._assemble(served)
+        try:
+            first = self._load_first()
+        finally:
+            self.first_attempt.set()
+        if first is None:
+            self._close_tracer()
+            return EXIT_OK  # stopped before any version could load
+        self.desk.batcher = first.served.batcher  # the batches the model allows
+        self._batches_fixed = True
+        presence, reader = self._assemble(first)
         presence.register()
         presence.sync_clock()
         writer = threading.Thread(target=self.writer.run, name="tfpool-writer", daemon=True)
-        for thread in (
+        threads = [
             threading.Thread(target=reader.run, name="tfpool-reader", daemon=True),
             writer,
             threading.Thread(target=presence.run, name="tfpool-heartbeat", daemon=True),
-        ):
+        ]
+        if self.watcher is not None:
+            threads.append(
+                threading.Thread(target=self.watcher.run, name="tfpool-watcher", daemon=True)
+            )
+        for thread in threads:
             thread.start()
         presence.heartbeat("ready")
         if self._ready_flag is not None:
             self._ready_flag.value = 1
-        log.info("worker %s ready: model %s on %s", self.worker_id, self.config.name,
-                 self.device or "cpu")  # fmt: skip
-        self.serve(runner, reader.done)
+        log.info("worker %s ready: model %s (version %s) on %s", self.worker_id,
+                 self.config.name, first.number, self.device or "cpu")  # fmt: skip
+        self.serve(reader.done)
         self.writer.close()  # the writer posts what it has, then exits
         writer.join(timeout=30)
         with contextlib.suppress(redis.RedisError):
             self.claims.release_if_idle(self.redis)
         presence.heartbeat("stopped")
-        if self.tracer is not None:
-            self.tracer.close()  # sends the spans still buffered
+        self._close_tracer()
         log.info("worker %s stopped after %d batches, %d requests", self.worker_id,
                  self.stats.batches, self.stats.requests)  # fmt: skip
         return EXIT_READER_FAILED if self.reader_failed else EXIT_OK
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The default version's model (None before one is loaded). Not kept otherwise: a
+        retired version is dropped once drained."""
+        version = self.versions.default_version()
+        return None if version is None else version.served.model
+
+    def _close_tracer(self) -> None:
+        if self.tracer is not None:
+            self.tracer.close()  # sends the spans still buffered
 
     def stop(self) -> None:
         """Stop reading; finish and answer what is in hand; then ``run()`` returns."""
         self.stopping.set()
         self.desk.wake()
 
-    def serve(self, runner: Runner, reader_done: threading.Event) -> None:
-        """The main loop: wait for a due batch, run it, hand its answers to the writer."""
+    def serve(self, reader_done: threading.Event) -> None:
+        """The main loop: wait for a due batch, run it on its version, hand its answers to
+        the writer."""
         while True:
             if reader_done.is_set() and not self.stopping.is_set():
                 # A bug, or a Redis reply nobody foresaw: without a reader this worker
@@ -203,7 +260,9 @@ class Worker:
                 self.stop()
             closing = self.stopping.is_set() and reader_done.is_set()
             batch, expired = self.desk.next_batch(closing=closing, max_wait=0.1)
-            self.writer.submit([self.answers.error(r, deadline_error(r)) for r in expired])
+            if expired:
+                self.writer.submit([self.answers.error(r, deadline_error(r)) for r in expired])
+                self.versions.answered(Counter(r.version or 0 for r in expired))
             if batch is None:
                 if closing and self.desk.is_empty():
                     return
@@ -213,9 +272,10 @@ class Worker:
                 self.claims.record_runs(self.redis, keys.attempts(self.config.name), alone)
                 # The answers of earlier batches must not die with this one.
                 self.writer.settle(timeout=SETTLE_S)
+            version = self.versions.get(batch.parts[0].item.version or 0)
             if self.running is not None:
                 self.running.start(part.item.entry_id for part in batch.parts)
-            answers = runner.run(batch)
+            answers = version.runner.run(batch)
             if self.running is not None:
                 self.running.clear()
             if alone:
@@ -224,40 +284,103 @@ class Worker:
                 self.writer.post_now(answers)
             else:
                 self.writer.submit(answers)
+            # After the answers are handed on: a drained version may be dropped now.
+            self.versions.answered(Counter({version.number: len(answers)}))
 
-    def _assemble(self, served: Served) -> tuple[Presence, Reader, Runner]:
-        """The parts that need the loaded model."""
-        info: dict[FieldT, EncodableT] = {
-            "max_queue": self.config.max_queue,
-            "inputs": served.describe_inputs(),
-            "outputs": ", ".join(served.output_names),
-            # Their dtypes and shapes, as "inputs" gives the inputs' (the gateway's metadata).
-            "output_specs": ", ".join(f"{s.name}: {s.describe()}" for s in served.output_specs()),
-        }
-        presence = Presence(
-            self.config, self.redis, worker_id=self.worker_id, slot=self.slot, device=self.device,
-            settings=self.settings, model_info=info, stats=self.stats, held=self.held,
-            claims=self.claims, clock=self.clock, stopping=self.stopping, stop=self.stop,
-            metrics=self.metrics,
-        )  # fmt: skip
+    def _load_first(self) -> Version | None:
+        """The first version to serve: the model file (version 1), or what the repository
+        holds (waiting for a loadable version; None if stopped first)."""
+        if self.watcher is None:
+            self.versions.add(self._build(1, self.config.model, lambda: None))
+        else:
+            # Two scans before judging: a folder counts as complete once seen unchanged
+            # twice (or marked READY).
+            self.watcher.refresh()
+            if not self.versions.serving() and not self.stopping.wait(self.config.poll_s):
+                self.watcher.refresh()
+            self.first_attempt.set()
+            while not self.versions.serving():
+                if self.stopping.wait(self.config.poll_s):
+                    return None
+                self.watcher.refresh()
+        return self.versions.default_version()
+
+    def _build(self, number: int, path: str, on_warming: Callable[[], None]) -> Version:
+        """Load and warm one version; its intake and runner. Raises if it cannot serve."""
+        config = self.config
+        if path != config.model:
+            config = dataclasses.replace(config, model=path)
+        template: Batcher[InHand] = Batcher(
+            max_rows=config.max_batch_size,
+            max_latency_s=config.max_latency_ms / 1000,
+            buckets=config.buckets or None,
+        )
+        served = load(config, template, on_warming)
+        if self._batches_fixed and served.batcher.buckets != self.desk.batcher.buckets:
+            raise ModelLoadError(
+                f"version {number} takes batches of {served.batcher.buckets} rows, the"
+                f" versions before it {self.desk.batcher.buckets}: serve it under a new name"
+            )
         intake = Intake(
-            model_name=self.config.name, inputs=served.model.inputs, limits=self.config.limits(),
-            max_rows=self.config.max_rows, clock=self.clock, answers=self.answers,
-            preprocess=served.preprocess, convert=self.config.convert_inputs,
-            alone=self.config.batching == "off",
-        )  # fmt: skip
-        reader = Reader(
-            self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
-            suspects=self.suspects, claims=self.claims, intake=intake, desk=self.desk,
-            writer=self.writer, held=self.held, stopping=self.stopping,
-            register=presence.register_quietly,
+            model_name=config.name, inputs=served.model.inputs, limits=config.limits(),
+            max_rows=config.max_rows, clock=self.clock, answers=self.answers,
+            preprocess=served.preprocess, convert=config.convert_inputs,
+            alone=config.batching == "off",
         )  # fmt: skip
         runner = Runner(
             model=served.model, inputs=served.model.inputs, output_names=served.output_names,
-            bucket_for=self.desk.batcher.bucket_for, stats=self.stats, answers=self.answers,
+            bucket_for=served.batcher.bucket_for, stats=self.stats, answers=self.answers,
             metrics=self.metrics, postprocess=served.postprocess, tracer=self.tracer,
         )  # fmt: skip
-        return presence, reader, runner
+        return Version(number, path, served, intake, runner)
+
+    def _model_info(self) -> dict[FieldT, EncodableT]:
+        """The model's info hash: producers' admission (``max_queue``), what to send (the
+        default version's inputs), and the versions served."""
+        default = self.versions.default_version()
+        info: dict[FieldT, EncodableT] = {
+            "max_queue": self.config.max_queue,
+            "versions": ", ".join(map(str, self.versions.serving())),
+            "labels": self.versions.describe_labels(),
+        }
+        if default is not None:
+            info["inputs"] = default.served.describe_inputs()
+            info["outputs"] = ", ".join(default.served.output_names)
+            # Their dtypes and shapes, as "inputs" gives the inputs' (the gateway's metadata).
+            info["output_specs"] = ", ".join(
+                f"{s.name}: {s.describe()}" for s in default.served.output_specs()
+            )
+            info["default_version"] = default.number
+        return info
+
+    def _details(self) -> dict[FieldT, EncodableT]:
+        """Heartbeat fields on the versions, for ``tfpool status`` (a model served from a
+        repository; one model file is always version 1)."""
+        if self.watcher is None:
+            return {}
+        return {
+            "versions": self.versions.describe(),
+            "labels": self.versions.describe_labels(),
+            "default_version": self.versions.default_number() or "",
+        }
+
+    def _assemble(self, first: Version) -> tuple[Presence, Reader]:
+        """The parts that need a loaded version."""
+        presence = Presence(
+            self.config, self.redis, worker_id=self.heartbeat_id, slot=self.slot,
+            device=self.device, settings=self.settings, model_info=self._model_info(),
+            stats=self.stats, held=self.held, claims=self.claims, clock=self.clock,
+            stopping=self.stopping, stop=self.stop, metrics=self.metrics, details=self._details,
+        )  # fmt: skip
+        self.versions.on_change = lambda: presence.update_info(self._model_info())
+        router = VersionRouter(self.versions, self.answers, fallback=first.intake)
+        reader = Reader(
+            self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
+            suspects=self.suspects, claims=self.claims, intake=router, desk=self.desk,
+            writer=self.writer, held=self.held, stopping=self.stopping,
+            register=presence.register_quietly,
+        )  # fmt: skip
+        return presence, reader
 
 
 def worker_main(
@@ -283,18 +406,59 @@ def worker_main(
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
     )
-    worker = Worker(
-        config, worker_id=worker_id, slot=slot.index, device=slot.device,
-        inherit_from=inherit_from, ready=ready, metrics=metrics, running=running,
-        suspects=suspects,
-    )  # fmt: skip
+    if config.model_repo:
+        # The slot's shared memory (laid out for the pool's config, as the supervisor
+        # reads it) counts every lane; each lane also counts its own model's figures.
+        layout = Layout.for_config(config)
+        slot_metrics = Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
+                                enabled=config.metrics)  # fmt: skip
+        shared_running = None if running is None else RunningLanes(running)
+        lanes = [
+            Worker(
+                config.for_model(name, str(Path(config.model_repo) / name)),
+                worker_id=worker_id,
+                slot=slot.index,
+                device=slot.device,
+                inherit_from=inherit_from,
+                # Shared: each lane's reader takes over its own stream's entries, and the
+                # ids are those of every lane's batch (see RunningLanes).
+                suspects=suspects,
+                running=None if shared_running is None else shared_running.lane(name),
+                slot_metrics=slot_metrics,
+                repo_folder=Path(config.model_repo) / name,
+                heartbeat_id=f"{worker_id}/{name}",
+            )
+            for name in model_names(config.model_repo)
+        ]
+    else:
+        lanes = [
+            Worker(
+                config,
+                worker_id=worker_id,
+                slot=slot.index,
+                device=slot.device,
+                inherit_from=inherit_from,
+                ready=ready,
+                metrics=metrics,
+                running=running,
+                suspects=suspects,
+            )
+        ]
+    worker = lanes[0]
 
     def on_term(signum: int, frame: object) -> None:
         if worker.stopping.is_set():
             os._exit(EXIT_OK)
-        worker.stop()
+        for lane in lanes:
+            lane.stop()
+
+    def on_hup(signum: int, frame: object) -> None:
+        for lane in lanes:
+            if lane.watcher is not None:
+                lane.watcher.wake.set()
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -310,8 +474,9 @@ def worker_main(
                 intra_op_threads=slot.intra_op_threads or None,
                 inter_op_threads=slot.inter_op_threads or None,
             )
-        worker.settings.update(settings)
-        code = worker.run()
+        for lane in lanes:
+            lane.settings.update(settings)
+        code = worker.run() if not config.model_repo else run_models(lanes, ready)
     except WorkerError as e:  # says what is wrong and what to do: no traceback needed
         log.error("worker %s cannot serve the model: %s", worker_id, e)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
@@ -319,6 +484,42 @@ def worker_main(
         log.exception("worker %s failed", worker_id)
         code = EXIT_LOAD_FAILED if worker.model is None else 1
     raise SystemExit(code)
+
+
+def run_models(lanes: list[Worker], ready: Synchronized[int]) -> int:
+    """Serve several models in this process: each model (a lane) with its own reader,
+    writer, heartbeat, watcher and serving thread, all sharing the process's TensorFlow
+    (which releases the GIL while a model runs). Ready once every model has tried its
+    first load; exit code 3 when none of them could load any version."""
+    codes: dict[str, int] = {}
+
+    def run(lane: Worker) -> None:
+        try:
+            codes[lane.config.name] = lane.run()
+        except Exception:
+            log.exception("model %s failed", lane.config.name)
+            codes[lane.config.name] = 1
+            lane.first_attempt.set()
+
+    threads = [
+        threading.Thread(target=run, args=(lane,), name=f"tfpool-model-{lane.config.name}")
+        for lane in lanes
+    ]
+    for thread in threads:
+        thread.start()
+    for lane in lanes:
+        lane.first_attempt.wait()
+    if not any(lane.versions.serving() for lane in lanes):
+        log.error("no model of the repository could load a version")
+        for lane in lanes:
+            lane.stop()
+        for thread in threads:
+            thread.join()
+        return EXIT_LOAD_FAILED
+    ready.value = 1
+    for thread in threads:
+        thread.join()
+    return max(codes.values(), default=EXIT_OK)
 
 
 def preload(modules: Sequence[str]) -> None:

@@ -58,7 +58,9 @@ def encode(answer: Answer) -> bytes | None:
     if answer.error is not None:
         return wire.encode_error(answer.request_id, answer.error)
     try:
-        return wire.encode_result(answer.request_id, cast(wire.Outputs, answer.outputs))
+        return wire.encode_result(
+            answer.request_id, cast(wire.Outputs, answer.outputs), answer.version
+        )
     except Exception as e:  # e.g. an output dtype the wire does not carry
         error = ModelError(f"cannot send the result: {e}", request_id=answer.request_id)
         return wire.encode_error(answer.request_id, error)

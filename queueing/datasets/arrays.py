@@ -93,13 +93,26 @@ def open_input(path: str) -> tuple[Input, int]:
     return array, len(array)
 
 
+class VersionChanged(ValueError):
+    """A resumed run got answers from a model version that the runs before it did not."""
+
+
 class ArrayOutput:
     """The output files and the progress record of one run."""
 
     def __init__(
-        self, path: str, fingerprint: dict[str, Any], row_names: list[str] | None = None
+        self,
+        path: str,
+        fingerprint: dict[str, Any],
+        row_names: list[str] | None = None,
+        *,
+        allow_version_change: bool = False,
     ) -> None:
         self.path = path
+        # Provenance: the versions that answered (recorded), and those of the runs before.
+        self.versions: set[int] = set()
+        self.versions_before: set[int] = set()
+        self.allow_version_change = allow_version_change
         self.row_names = row_names  # named in the errors file (the files of a folder)
         self.fingerprint = fingerprint
         self.sidecar = path + ".progress.json"
@@ -125,10 +138,28 @@ class ArrayOutput:
             )
         self.done = set(record["done"])
         self.failed_rows = int(record.get("failed_rows", 0))
+        self.versions_before = set(record.get("model_versions", []))
+        self.versions = set(self.versions_before)
         self.single = record["single"]
         if record["layout"] is not None:
             self._open(record["layout"], mode="r+")
         return True
+
+    def note_version(self, version: int | None) -> None:
+        """Record the version that made an answer. Raises :class:`VersionChanged` when a
+        resumed run meets a version the runs before it did not (unless allowed): a file
+        half from one model and half from another is rarely what was meant."""
+        if version is None or version in self.versions:
+            return
+        if self.versions_before and not self.allow_version_change:
+            before = ", ".join(map(str, sorted(self.versions_before)))
+            raise VersionChanged(
+                f"the earlier runs of this job were answered by version {before} of"
+                f" {self.fingerprint['model']!r}, this one by version {version}: pass"
+                " --allow-version-change to go on anyway, or delete"
+                f" {self.sidecar} and the partial output to start over"
+            )
+        self.versions.add(version)
 
     def write(self, start: int, outputs: Any) -> None:
         bare = self.path.endswith(".npy")  # the array itself, not an archive of named ones
@@ -190,6 +221,7 @@ class ArrayOutput:
             "failed_rows": self.failed_rows,
             "layout": self.layout,
             "single": self.single,
+            "model_versions": sorted(self.versions),
         }
         tmp = self.sidecar + ".tmp"
         Path(tmp).write_text(json.dumps(record))

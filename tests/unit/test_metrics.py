@@ -19,6 +19,7 @@ from workers.metrics import (
     OUTCOMES,
     SECONDS_BUCKETS,
     Histogram,
+    LaneRecorder,
     Layout,
     Rates,
     Recorder,
@@ -90,6 +91,29 @@ def test_answers_from_two_threads_are_all_counted() -> None:
         t.join()
     assert snapshot(r).requests("ok") == 8000
     assert snapshot(r).histogram("request_seconds").count == 8000
+
+
+def test_lanes_count_their_own_model_and_add_to_the_slots_shared_cells() -> None:
+    slot = recorder(max_batch_size=8)
+    layout = Layout.for_config(PoolConfig(model="m.keras", max_batch_size=32))
+    a, b = LaneRecorder(layout, slot=slot), LaneRecorder(layout, slot=slot)
+
+    def run(lane: Recorder) -> None:
+        for _ in range(2000):
+            lane.batch_done(20, 0.001, [0.001])
+            lane.answered(iter([("ok", 0.002)]))  # an iterable read once
+
+    threads = [threading.Thread(target=run, args=(lane,)) for lane in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert snapshot(a).batches == 2000 and snapshot(a).requests("ok") == 2000
+    assert snapshot(a).histogram("batch_rows").cumulative()[-2] == ("32.0", 2000)
+    # The slot's layout stops at 8 rows: its own bounds place the 20-row batches.
+    assert snapshot(slot).batches == 4000 and snapshot(slot).rows == 80_000
+    assert snapshot(slot).histogram("batch_rows").cumulative()[-2:] == [("8.0", 0), ("+Inf", 4000)]
+    assert snapshot(slot).requests("ok") == 4000
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from queueing import keys, wire
 from queueing.errors import DeadLettered, InvalidInput, ModelError
 from workers.intake import SAFETY_DELIVERIES, Intake, plan_takeover, triage
 from workers.messages import Answer, AnswerMaker, Entry, InHand, WorkerStats
-from workers.running import RunningBatch
+from workers.running import RunningBatch, RunningLanes
 from workers.shared import StreamClock
 from workers.spec import TensorSpec
 from workers.writer import encode, redis_commands, round_commands
@@ -122,6 +122,23 @@ def test_running_batch_is_read_after_the_writer_is_gone() -> None:
     assert running.read() == set()
     running.start(str(i).encode() * 30 for i in range(1000))  # more than fit
     assert running.read() is None
+
+
+def test_lanes_of_one_process_record_the_union_of_their_running_batches() -> None:
+    # Several models' lanes run batches at once: a crash during them makes every one of
+    # those batches suspect, and a lane's end of batch leaves the others' recorded.
+    running = RunningBatch(multiprocessing.get_context("spawn"), max_requests=4)
+    lanes = RunningLanes(running)
+    a, b = lanes.lane("a"), lanes.lane("b")
+    a.start([b"1-0", b"1-1"])
+    b.start([b"5-0"])
+    assert running.read() == {b"1-0", b"1-1", b"5-0"}
+    a.clear()
+    assert running.read() == {b"5-0"}
+    a.start([b"2-0"])
+    b.clear()
+    a.clear()
+    assert running.read() == set()
 
 
 def test_dead_letter_answer_keeps_entry_and_honours_keep() -> None:
