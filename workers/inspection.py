@@ -21,8 +21,8 @@ EXAMPLE_FREE = 8
 def inspect_model(config: PoolConfig) -> str:
     """The report, as ``tfpool inspect`` prints it."""
     from workers.model import load_model
+    from workers.process import preload
     from workers.rows import RowsNotIndependent, check_independent
-    from workers.worker import preload
 
     preload(config.preload)
     model = load_model(

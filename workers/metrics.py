@@ -253,7 +253,7 @@ class Recorder:
 
 class LaneRecorder(Recorder):
     """The recorder of one model of several served by one process (``model_repo``: one
-    lane per model, see :func:`workers.worker.run_models`). It counts in its own cells,
+    lane per model, see :func:`workers.process.run_models`). It counts in its own cells,
     which its heartbeat's window reads, so that ``tfpool status`` shows each model's own
     figures; and adds everything to ``slot``, the recorder of the slot's shared memory
     that every lane of the process shares, so that ``/metrics`` counts the whole pool.

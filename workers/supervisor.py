@@ -32,9 +32,10 @@ from workers.handles import (
 )
 from workers.metrics import Layout
 from workers.placement import Slot, describe_slots, plan
+from workers.process import worker_main
 from workers.redis_checks import check_redis, check_redis_url, wait_for_redis
 from workers.running import RunningBatch
-from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name, worker_main
+from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name
 
 if TYPE_CHECKING:
     from workers.exporter import MetricsServer

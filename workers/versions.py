@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from redis.typing import EncodableT, FieldT
+
 from queueing import keys
 from queueing.errors import UnknownModel
 from workers.intake import Intake
@@ -180,6 +182,34 @@ class Versions:
         return ", ".join(f"{label}={number}" for label, number in sorted(self.labels.items()))
 
     # --- internals (the caller holds the lock) ------------------------------------------
+
+    def model_info(self, max_queue: int) -> dict[FieldT, EncodableT]:
+        """The model's info hash: producers' admission (``max_queue``), what to send (the
+        default version's inputs and outputs), and the versions served."""
+        default = self.default_version()
+        info: dict[FieldT, EncodableT] = {
+            "max_queue": max_queue,
+            "versions": ", ".join(map(str, self.serving())),
+            "labels": self.describe_labels(),
+        }
+        if default is not None:
+            info["inputs"] = default.served.describe_inputs()
+            info["outputs"] = ", ".join(default.served.output_names)
+            # Their dtypes and shapes, as "inputs" gives the inputs' (the gateway's metadata).
+            info["output_specs"] = ", ".join(
+                f"{s.name}: {s.describe()}" for s in default.served.output_specs()
+            )
+            info["default_version"] = default.number
+        return info
+
+    def heartbeat_fields(self) -> dict[FieldT, EncodableT]:
+        """Heartbeat fields on the versions, for ``tfpool status`` (a model served from a
+        repository; one model file is always version 1)."""
+        return {
+            "versions": self.describe(),
+            "labels": self.describe_labels(),
+            "default_version": self.default_number() or "",
+        }
 
     def _default(self) -> Version | None:
         stable = self.labels.get("stable")
