@@ -28,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from queueing import connection
 from workers.metrics import HISTOGRAMS, OUTCOMES, Snapshot
 from workers.status import heartbeats, model_status
 
@@ -52,7 +53,7 @@ class PoolCollector(Collector):
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.model = supervisor.config.name
-        self._redis = redis.Redis.from_url(supervisor.config.redis_url, socket_timeout=5)
+        self._redis = connection.connect(supervisor.config.redis_url, socket_timeout=5)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._counters()
