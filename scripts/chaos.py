@@ -33,7 +33,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from queueing import Client, RequestError, RequestFuture, RequestTimeout, connection, keys
-from scripts.flaky_proxy import FlakyProxy
+
+try:
+    from scripts.flaky_proxy import FlakyProxy
+except ModuleNotFoundError:  # `python scripts/chaos.py`: this folder is on sys.path
+    from flaky_proxy import FlakyProxy  # type: ignore[import-not-found,no-redef]
 from workers.cli import redis_url_or_embedded
 from workers.config import PoolConfig
 from workers.demo import DemoWeights, build_demo_model
