@@ -23,7 +23,8 @@ USER tfpool
 # SIGTERM drains (finish and answer what is in hand); Kubernetes sends it, then waits
 # terminationGracePeriodSeconds.
 STOPSIGNAL SIGTERM
-# tfpool has no HTTP port yet: liveness is the supervisor process itself (it exits when
-# its workers cannot load the model), readiness is `tfpool status` (exit 1: no live worker
-# of some model on this Redis).
+# The supervisor's HTTP endpoint: /metrics, /healthz (liveness), /readyz (readiness).
+ENV TFPOOL_METRICS_PORT=9100
+EXPOSE 9100
+HEALTHCHECK CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9100/healthz', timeout=5)"]
 ENTRYPOINT ["tfpool", "serve"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -16,6 +19,71 @@ CHUNK = 512
 #: Requests with a body at least this large are appended with plain XADDs after a room
 #: check, rather than through the atomic enqueue script (see queueing.scripts.ROOM).
 LARGE_BODY = 64 * 1024
+
+
+#: How long a producer trusts what it read of a model's shard count.
+SHARDS_REFRESH_S = 10.0
+
+
+class ShardTable:
+    """The shards of each model's queue as producers see them (no I/O): read from the
+    model's info hash (:func:`shards_field`) at most ``SHARDS_REFRESH_S`` ago, and the
+    order in which the next round tries them (round robin, so that producers spread their
+    requests; the next shard when one is full)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._known: dict[str, tuple[float, tuple[str, ...]]] = {}
+        # Each producer starts at a shard of its own, so that many do not all start at 0.
+        self._turn = itertools.count(random.randrange(1 << 16))
+
+    def cached(self, model: str) -> tuple[str, ...] | None:
+        """The shard names of ``model``, or None if they must be read again."""
+        seen = self._known.get(keys.split_address(model)[0])
+        if seen is None or self._clock() - seen[0] > SHARDS_REFRESH_S:
+            return None
+        return seen[1]
+
+    def learn(self, model: str, field: bytes | str | None) -> tuple[str, ...]:
+        """What the info hash's shards field says (None: no pool wrote it, one shard)."""
+        count = max(1, int(field)) if field else 1
+        names = keys.shard_names(model, count)
+        self._known[keys.split_address(model)[0]] = (self._clock(), names)
+        return names
+
+    def order(self, names: tuple[str, ...]) -> list[str]:
+        """``names`` in the order to try them this round."""
+        if len(names) == 1:
+            return list(names)
+        start = next(self._turn) % len(names)
+        return list(names[start:] + names[:start])
+
+
+class Placement:
+    """Where the requests of one round go: to the shards ``names`` in order, the requests
+    one shard had no room for to the next. ``step()`` names the next shard and the indexes
+    of the requests to queue on it, :meth:`placed` takes their entry ids (0: no room);
+    ``entries`` ends with 0 where no shard had room (QueueFull)."""
+
+    def __init__(self, names: list[str], count: int) -> None:
+        self._names = iter(names)
+        self._todo = list(range(count))
+        self.entries: list[Any] = [0] * count
+
+    def step(self) -> tuple[str, list[int]] | None:
+        if not self._todo:
+            return None
+        name = next(self._names, None)
+        return None if name is None else (name, self._todo)
+
+    def placed(self, entries: Sequence[Any]) -> None:
+        todo = []
+        for index, entry in zip(self._todo, entries, strict=True):
+            if entry:
+                self.entries[index] = entry
+            else:
+                todo.append(index)
+        self._todo = todo
 
 
 def is_large(bodies: Sequence[bytes]) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -32,10 +32,27 @@ class Enqueuer:
     def __init__(self, conn: redis.Redis, reply_key: str) -> None:
         self._redis = conn
         self.reply_key = reply_key
+        self._shards = enqueue.ShardTable()
 
     def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
-        """Queue ``bodies`` (request ``ids``) on ``model``'s stream in one round trip (two
-        for large ones); their entry ids, 0 for those the queue had no room for."""
+        """Queue ``bodies`` (request ``ids``) on ``model``'s queue; their entry ids, 0 for
+        those no shard of the queue had room for. One round trip (two for large ones) per
+        shard tried: the next shard in turn, then the others while some find no room."""
+        names = self._shards.cached(model)
+        if names is None:
+            field = self._redis.hget(keys.model_info(model), keys.FIELD_SHARDS)
+            names = self._shards.learn(model, cast(bytes | None, field))
+        if len(names) == 1:
+            return self._enqueue_on(names[0], ids, bodies)
+        placement = enqueue.Placement(self._shards.order(names), len(ids))
+        while (step := placement.step()) is not None:
+            shard, todo = step
+            placed = self._enqueue_on(shard, [ids[i] for i in todo], [bodies[i] for i in todo])
+            placement.placed(placed)
+        return placement.entries
+
+    def _enqueue_on(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
+        """Queue on one shard (``model``: its name, see ``keys.shard_names``)."""
         try:
             if not enqueue.is_large(bodies):
                 calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
@@ -87,9 +104,28 @@ class AsyncEnqueuer:
         self._redis = conn
         self._nodes = nodes
         self.reply_key = reply_key
+        self._shards = enqueue.ShardTable()
 
     async def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
         """As :meth:`Enqueuer.enqueue`."""
+        names = self._shards.cached(model)
+        if names is None:
+            field = await self._redis.hget(keys.model_info(model), keys.FIELD_SHARDS)
+            names = self._shards.learn(model, cast(bytes | None, field))
+        if len(names) == 1:
+            return await self._enqueue_on(names[0], ids, bodies)
+        placement = enqueue.Placement(self._shards.order(names), len(ids))
+        while (step := placement.step()) is not None:
+            shard, todo = step
+            placed = await self._enqueue_on(
+                shard, [ids[i] for i in todo], [bodies[i] for i in todo]
+            )
+            placement.placed(placed)
+        return placement.entries
+
+    async def _enqueue_on(
+        self, model: str, ids: Sequence[str], bodies: Sequence[bytes]
+    ) -> list[Any]:
         try:
             if not enqueue.is_large(bodies):
                 calls = enqueue.script_calls(model, ids, self.reply_key, bodies)

@@ -11,10 +11,17 @@ the part between braces, so:
   round of answers for many producers touches many slots, so the worker posts them apart
   from its acks (see :mod:`workers.writer`), and the producers spread over the masters.
 
-On one Redis the braces are just characters.
+A model's queue can be split into *shards* (option ``shards``): shard 0 is the model's own
+keys; shard ``i`` has the keys of a name of its own (:func:`shard_names`), whose tag is
+chosen so that the shards spread over a cluster's masters. On one Redis the braces are
+just characters.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 PREFIX = "tfpool"
 
@@ -46,6 +53,37 @@ def split_address(address: str) -> tuple[str, str | None]:
     model's queue, and the worker routes each request to the version it names."""
     name, sep, version = address.partition(VERSION_SEP)
     return name, (version if sep else None)
+
+
+#: Separates a model's name from a shard's number in a shard's name: ``"resnet#2.5"``.
+SHARD_SEP = "#"
+
+#: The field of the model's info hash that says into how many shards its queue is split.
+FIELD_SHARDS = "shards"
+
+
+@lru_cache(maxsize=1024)
+def shard_names(model: str, shards: int) -> tuple[str, ...]:
+    """The names whose keys (stream, info, dead letters, attempts) hold each shard of
+    ``model``'s queue: ``model`` itself, then ``model#i.k``. The slots are split into
+    ``shards`` equal parts, and shard ``i`` lives in the ``i``-th part after shard 0's
+    (``k`` is the first number that puts it there): a cluster created with equal slot
+    ranges per master (as ``redis-cli --cluster create`` does) has each shard on another
+    master, as far as there are masters. Producers and workers compute the same names
+    with no lookup."""
+    name = split_address(model)[0]
+    if shards <= 1:
+        return (name,)
+    part = REDIS_CLUSTER_HASH_SLOTS / shards
+    first = int(key_slot(name.encode()) // part)
+    names = [name]
+    for i in range(1, shards):
+        want = (first + i) % shards
+        k = 0
+        while int(key_slot(f"{name}{SHARD_SEP}{i}.{k}".encode()) // part) != want:
+            k += 1
+        names.append(f"{name}{SHARD_SEP}{i}.{k}")
+    return tuple(names)
 
 
 def stream(model: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any, cast
 import redis
 
 from queueing import keys
+from workers import shards
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,24 @@ SWEEP_STEP = 100
 
 
 class Claims:
-    """The claim operations of one worker (consumer ``consumer``) on one stream."""
+    """The claim operations of one worker (consumer ``consumer``) on one stream: shard
+    ``shard`` of the model's queue, whose attempt counts are in hash ``attempts``. Entry
+    ids in and out are the worker's (naming the shard, see :mod:`workers.shards`)."""
 
     def __init__(
-        self, *, stream: str, consumer: str, claim_idle_ms: int, max_deliveries: int, batch: int
+        self,
+        *,
+        stream: str,
+        consumer: str,
+        claim_idle_ms: int,
+        max_deliveries: int,
+        batch: int,
+        shard: int = 0,
+        attempts: str = "",
     ) -> None:
         self.stream = stream
+        self.shard = shard
+        self.attempts = attempts
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
@@ -78,7 +91,7 @@ class Claims:
             conn.xgroup_delconsumer(self.stream, keys.GROUP, dead)
         if taken:
             log.warning("took over %d requests from %s", len(taken), ", ".join(predecessors))
-        return taken
+        return shards.qualify(taken, self.shard)
 
     def dead_consumers(self, conn: redis.Redis, *, min_idle_ms: int) -> list[str]:
         """Consumers holding entries whose worker's heartbeat has expired, idle at least
@@ -127,7 +140,7 @@ class Claims:
         if taken:
             log.warning("took over %d requests from dead workers %s", len(taken),
                         ", ".join(consumers))  # fmt: skip
-        return taken
+        return shards.qualify(taken, self.shard)
 
     def autoclaim(self, conn: redis.Redis) -> list[Entry]:
         """Take over entries idle longer than ``claim_idle_ms``, whoever held them: one
@@ -146,7 +159,7 @@ class Claims:
         if taken:
             log.warning("took over %d requests idle for over %d ms", len(taken),
                         self.claim_idle_ms)  # fmt: skip
-        return taken
+        return shards.qualify(taken, self.shard)
 
     def delivery_counts(self, conn: redis.Redis, entries: list[Entry]) -> list[int]:
         """How many times each entry has been delivered, this delivery included."""
@@ -154,30 +167,34 @@ class Claims:
             return []
         pipe = conn.pipeline(transaction=False)
         for entry_id, _ in entries:
-            pipe.xpending_range(self.stream, keys.GROUP, min=entry_id, max=entry_id, count=1)
+            plain = shards.split(entry_id)[1]
+            pipe.xpending_range(self.stream, keys.GROUP, min=plain, max=plain, count=1)
         return [int(rows[0]["times_delivered"]) if rows else 1 for rows in pipe.execute()]
 
-    def recorded_runs(
-        self, conn: redis.Redis, attempts_key: str, entries: list[Entry]
-    ) -> list[int]:
-        """For entries just taken over: the runs of theirs recorded in ``attempts_key``
+    def recorded_runs(self, conn: redis.Redis, entries: list[Entry]) -> list[int]:
+        """For entries just taken over: the runs of theirs recorded in the attempts hash
         (each run of a suspect, before it starts, and the batch run that may have killed a
         worker, once taken over; see :func:`workers.intake.plan_takeover`)."""
         if not entries:
             return []
-        recorded = conn.hmget(attempts_key, [entry_id for entry_id, _ in entries])
-        return [int(value or 0) for value in recorded]
+        plain = [shards.split(entry_id)[1] for entry_id, _ in entries]
+        return [int(value or 0) for value in conn.hmget(self.attempts, plain)]
 
-    def record_runs(self, conn: redis.Redis, attempts_key: str, entry_ids: list[bytes]) -> None:
-        """Count a run of each of these taken-over entries in ``attempts_key``, before it
-        starts: if it kills the worker, the count says so (see :meth:`fatal_runs`)."""
+    def record_runs(self, conn: redis.Redis, entry_ids: list[bytes]) -> None:
+        """Count a run of each of these taken-over entries (those of this shard) in the
+        attempts hash, before it starts: if it kills the worker, the count says so."""
+        own = shards.by_shard(entry_ids).get(self.shard, [])
+        if not own:
+            return
         pipe = conn.pipeline(transaction=False)
-        for entry_id in entry_ids:
-            pipe.hincrby(attempts_key, entry_id, 1)
+        for entry_id in own:
+            pipe.hincrby(self.attempts, entry_id, 1)
         pipe.execute()
 
-    def renew(self, conn: redis.Redis, entry_ids: list[Any]) -> None:
-        """Reset the idle time of the entries we hold (no delivery is counted)."""
+    def renew(self, conn: redis.Redis, held: list[bytes]) -> None:
+        """Reset the idle time of the entries we hold (those of this shard; no delivery is
+        counted)."""
+        entry_ids: list[Any] = shards.by_shard(held).get(self.shard, [])
         for start in range(0, len(entry_ids), 1000):
             conn.xclaim(
                 self.stream, keys.GROUP, self.consumer, 0, entry_ids[start : start + 1000],
@@ -219,3 +236,23 @@ def _text(name: str | bytes) -> str:
 
 def _live(claimed: list[Any]) -> list[Entry]:
     return [(entry[0], entry[1]) for entry in claimed if entry and entry[1]]
+
+
+class ShardClaims:
+    """The claims of one worker on every shard of its model's queue, for what spans them:
+    renewing what it holds, counting runs, releasing its consumers at exit."""
+
+    def __init__(self, claims: list[Claims]) -> None:
+        self.each = claims
+
+    def renew(self, conn: redis.Redis, held: list[bytes]) -> None:
+        for claims in self.each:
+            claims.renew(conn, held)
+
+    def record_runs(self, conn: redis.Redis, entry_ids: list[bytes]) -> None:
+        for claims in self.each:
+            claims.record_runs(conn, entry_ids)
+
+    def release_if_idle(self, conn: redis.Redis) -> None:
+        for claims in self.each:
+            claims.release_if_idle(conn)

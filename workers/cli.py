@@ -185,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--workers", type=int, default=1, help="worker processes")
     bench.add_argument(
+        "--shards", type=int, default=1, help="streams each model's queue is split into"
+    )
+    bench.add_argument(
         "--intra-op-threads",
         type=int,
         default=0,
@@ -321,6 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
             intra_op_threads=args.intra_op_threads,
             metrics=args.metrics,
             seconds=args.seconds,
+            shards=args.shards,
         )
     print()
     print(bench.render(figures))

@@ -98,6 +98,10 @@ class PoolConfig:
     buckets: list[int] = field(default_factory=list)
     #: Most requests waiting in a model's queue before producers get QueueFull (0: no cap).
     max_queue: int = 100_000
+    #: Streams the model's queue is split into, each under its own hash tag: on a Redis
+    #: Cluster, spread over the masters (README: "Scaling to several hosts"). Each holds
+    #: up to max_queue requests.
+    shards: int = 1
     #: How long results stay in Redis for a producer that has not read them.
     result_ttl_s: int = 3600
     #: TensorFlow intra-op threads per worker (0: the cores divided among CPU workers).
@@ -186,7 +190,7 @@ class PoolConfig:
         self._check_cluster()
         positive = (
             "max_batch_size", "result_ttl_s", "max_deliveries", "workers_per_device", "max_rows",
-            "top_k", "max_image_pixels",
+            "top_k", "max_image_pixels", "shards",
         )  # fmt: skip
         for option in positive:
             if getattr(self, option) < 1:
@@ -213,8 +217,10 @@ class PoolConfig:
                 f"buckets {self.buckets} must be >= 1 and reach max_batch_size"
                 f" {self.max_batch_size}"
             )
-        if any(c in self.name for c in ":{}@"):
-            raise ConfigError(f"model name {self.name!r} may not contain ':', '{{', '}}' or '@'")
+        if any(c in self.name for c in ":{}@#"):
+            raise ConfigError(
+                f"model name {self.name!r} may not contain ':', '{{', '}}', '@' or '#'"
+            )
         try:
             self.limits()
         except ValueError as e:

@@ -42,6 +42,7 @@ OPTION_HELP: dict[str, str] = {
     "max_latency_ms": "longest a request waits for company, counted from its arrival",
     "buckets": "batch sizes padded to and warmed up before serving",
     "max_queue": "requests waiting before producers get QueueFull (0: no cap)",
+    "shards": "streams the model's queue is split into (spread over a cluster's masters)",
     "result_ttl_s": "seconds a result stays in Redis for a producer that has not read it",
     "intra_op_threads": "TensorFlow intra-op threads per worker",
     "inter_op_threads": "TensorFlow inter-op threads per worker",

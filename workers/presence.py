@@ -21,7 +21,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from queueing import connection, keys, liveness
-from workers.claims import Claims
+from workers.claims import ShardClaims
 from workers.config import PoolConfig
 from workers.messages import WorkerStats
 from workers.metrics import Recorder, Snapshot, Window
@@ -45,7 +45,7 @@ class Presence:
         model_info: Mapping[FieldT, EncodableT],
         stats: WorkerStats,
         held: HeldEntries,
-        claims: Claims,
+        claims: ShardClaims,
         clock: StreamClock,
         stopping: threading.Event,
         stop: Callable[[], None],
@@ -59,6 +59,7 @@ class Presence:
         self.device = device
         self.settings = dict(settings)  # what the worker set TensorFlow's thread pools to
         self.model_info = dict(model_info)
+        self.shard_names = keys.shard_names(config.name, config.shards)
         self.stats = stats
         self.held = held
         self.claims = claims
@@ -73,27 +74,32 @@ class Presence:
         self._process = psutil.Process()
 
     def register(self) -> None:
-        """Create the stream and group if needed; publish the model's info, whose presence
-        tells producers that the model is served here."""
-        stream = keys.stream(self.config.name)
-        try:
-            self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.model_info(self.config.name), mapping=self.model_info)
-        pipe.sadd(keys.MODELS, self.config.name)
-        pipe.execute()
+        """Create the streams (one per shard of the model's queue) and their group if
+        needed; publish the model's info, whose presence tells producers that the model is
+        served here, in the model's hash and (for the enqueue script's cap) each shard's."""
+        for name in self.shard_names:
+            try:
+                self.redis.xgroup_create(keys.stream(name), keys.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._write_info()
+        self.redis.sadd(keys.MODELS, self.config.name)
 
     def update_info(self, info: Mapping[FieldT, EncodableT]) -> None:
         """New model info (the versions served changed): kept for re-registering, and
         written now (a failure is logged; the heartbeat registers again if it is gone)."""
         self.model_info = dict(info)
         try:
-            self.redis.hset(keys.model_info(self.config.name), mapping=self.model_info)
+            self._write_info()
         except redis.RedisError as e:
             log.warning("updating the model's info: %s", e)
+
+    def _write_info(self) -> None:
+        # Shard 0's hash is the model's own; on a cluster the others live in other slots.
+        info = {**self.model_info, keys.FIELD_SHARDS: len(self.shard_names)}
+        for name in self.shard_names:
+            self.redis.hset(keys.model_info(name), mapping=info)
 
     def register_quietly(self) -> None:
         """:meth:`register`, logging a failure (then pausing, as the caller will retry)."""

@@ -1,5 +1,7 @@
 """The reader thread: ``XREADGROUP`` new entries, take over those of dead workers, and hand
-them to the intake; requests go to the batcher, answers to the writer."""
+them to the intake; requests go to the batcher, answers to the writer. One reader per
+shard of the model's queue (see :mod:`workers.shards`): on a Redis Cluster the shards live
+on other nodes, and one blocking read cannot wait on them all."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Protocol, cast
 import redis
 
 from queueing import connection, keys
+from workers import shards
 from workers.claims import Claims
 from workers.config import PoolConfig
 from workers.intake import plan_takeover, triage
@@ -43,8 +46,10 @@ class Admission(Protocol):
 
 
 class Reader:
-    """Reads while the worker is not stopping; what it does not read stays in the stream
-    for other workers. ``run`` is the thread's body."""
+    """Reads one shard (``claims.stream``) while the worker is not stopping; what it does
+    not read stays in the stream for other workers. ``run`` is the thread's body. The
+    readers of one worker hand over under ``accept_lock``, one at a time, as one reader
+    would."""
 
     def __init__(
         self,
@@ -60,10 +65,11 @@ class Reader:
         held: HeldEntries,
         stopping: threading.Event,
         register: Callable[[], None],
+        accept_lock: threading.Lock | None = None,
     ) -> None:
         self.config = config
         self.consumer = consumer
-        self.stream = keys.stream(config.name)
+        self.stream = claims.stream
         self.inherit_from = list(inherit_from)
         self.suspects = suspects  # what the predecessors were running (see workers.running)
         self.claims = claims
@@ -73,6 +79,7 @@ class Reader:
         self.held = held
         self.stopping = stopping
         self.register = register  # after Redis lost our stream and group
+        self.accept_lock = accept_lock or threading.Lock()
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -135,7 +142,8 @@ class Reader:
                     backoff = min(backoff * 2, 1.0)
                     continue
                 entries = cast(list[Entry], cast(Any, reply)[0][1]) if reply else []
-                self._accept(entries, queue_empty=len(entries) < count)
+                self._accept(shards.qualify(entries, self.claims.shard),
+                             queue_empty=len(entries) < count)  # fmt: skip
         finally:
             conn.close()
             self.done.set()
@@ -157,7 +165,9 @@ class Reader:
         but not held. Read them again from our own pending list, now, rather than leave
         them to be taken over after ``claim_idle_ms``."""
         reply = conn.xreadgroup(keys.GROUP, self.consumer, {self.stream: "0"}, count=RECOVER_MAX)
-        entries = cast(list[Entry], cast(Any, reply)[0][1]) if reply else []
+        entries = shards.qualify(
+            cast(list[Entry], cast(Any, reply)[0][1]) if reply else [], self.claims.shard
+        )
         held = set(self.held.snapshot())
         lost = [
             (entry_id, fields) for entry_id, fields in entries if fields and entry_id not in held
@@ -175,14 +185,13 @@ class Reader:
         like new ones (see :func:`plan_takeover`; ``known_fatal`` likewise)."""
         if not entries:
             return
-        attempts = keys.attempts(self.config.name)
         deliveries = self.claims.delivery_counts(conn, entries)
-        recorded = self.claims.recorded_runs(conn, attempts, entries)
+        recorded = self.claims.recorded_runs(conn, entries)
         fatal, alone, record = plan_takeover(
             [entry_id for entry_id, _ in entries], recorded, known_fatal
         )
         if record:
-            self.claims.record_runs(conn, attempts, record)
+            self.claims.record_runs(conn, record)
         fresh, dead = triage(entries, deliveries, fatal, max_deliveries=self.config.max_deliveries)
         if dead:
             log.error("dead-lettering %d requests: their workers kept dying", len(dead))
@@ -202,6 +211,7 @@ class Reader:
     ) -> None:
         """Entries to the intake; its requests to the batcher, its answers to the writer."""
         self.held.add(entry_id for entry_id, _ in entries)
-        accepted, refused = self.intake.admit(entries, suspect=suspect)
-        self.writer.submit(refused)
-        self.desk.add(accepted, queue_empty=queue_empty)
+        with self.accept_lock:
+            accepted, refused = self.intake.admit(entries, suspect=suspect)
+            self.writer.submit(refused)
+            self.desk.add(accepted, queue_empty=queue_empty)

@@ -41,6 +41,20 @@ TEXT_FIELDS = frozenset(
 
 
 @dataclass(frozen=True)
+class ShardQueue:
+    """One shard of a model's queue (see ``queueing.keys.shard_names``): its stream and
+    its figures, as in :class:`ModelStatus`."""
+
+    shard: int
+    stream: str
+    waiting: int
+    pending: int
+    dead_letters: int
+    consumers: int
+    oldest_waiting_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """One model's queue: ``waiting`` not yet read, ``pending`` read and not yet answered
     (held by a worker, or by a dead one until taken over), ``dead_letters`` set aside;
@@ -66,6 +80,8 @@ class ModelStatus:
     mean_batch: float | None = None
     queue_wait_p50_s: float | None = None
     queue_wait_p99_s: float | None = None
+    #: Each shard of the queue; the figures above are their sums (the oldest, the max).
+    shards: tuple[ShardQueue, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,10 +186,7 @@ def model_status(conn: redis.Redis, name: str, workers: Sequence[dict[str, Any]]
     heartbeats of every host)."""
     # A heartbeat key exists only while its TTL runs: a ready one is a live worker.
     live_workers = sum(1 for w in workers if w.get("model") == name and w.get("state") == "ready")
-    stream = keys.stream(name)
     pipe = conn.pipeline(transaction=False)
-    pipe.xlen(stream)
-    pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.model_info(name))
     pipe.hget(keys.last_alive(name), FIELD_LAST_SEEN)
     clustered = connection.clustered(conn)
@@ -181,7 +194,40 @@ def model_status(conn: redis.Redis, name: str, workers: Sequence[dict[str, Any]]
         pipe.time()
     replies = pipe.execute()
     seconds, micros = conn.time() if clustered else replies.pop()
-    length, dead, info, last_seen = replies
+    info, last_seen = replies
+    names = keys.shard_names(name, int(info.get(keys.FIELD_SHARDS.encode(), 1)))
+    now = seconds + micros / 1e6
+    shards = tuple(_shard_queue(conn, i, shard, now) for i, shard in enumerate(names))
+    waiting = sum(s.waiting for s in shards)
+    pending = sum(s.pending for s in shards)
+    rates = worker_rates(workers, name)
+    return ModelStatus(
+        name=name,
+        waiting=waiting,
+        pending=pending,
+        dead_letters=sum(s.dead_letters for s in shards),
+        live_workers=live_workers,
+        last_seen=None if last_seen is None else float(last_seen),
+        consumers=max(s.consumers for s in shards),
+        max_queue=int(info.get(b"max_queue", 0)),
+        inputs=info.get(b"inputs", b"").decode(),
+        oldest_waiting_s=max(s.oldest_waiting_s for s in shards),
+        requests_per_s=rates.requests_per_s,
+        estimated_drain_s=drain_seconds(waiting + pending, rates.requests_per_s),
+        mean_batch=rates.mean_batch,
+        queue_wait_p50_s=rates.queue_wait.quantile(0.5),
+        queue_wait_p99_s=rates.queue_wait.quantile(0.99),
+        shards=shards,
+    )
+
+
+def _shard_queue(conn: redis.Redis, shard: int, name: str, now: float) -> ShardQueue:
+    """One shard's stream, read now (``now``: Redis's clock, Unix seconds)."""
+    stream = keys.stream(name)
+    pipe = conn.pipeline(transaction=False)
+    pipe.xlen(stream)
+    pipe.xlen(keys.dead_letters(name))
+    length, dead = pipe.execute()
     pending, consumers, last_read = 0, 0, b"0-0"
     try:
         groups: list[dict[str, Any]] = conn.xinfo_groups(stream)
@@ -196,30 +242,13 @@ def model_status(conn: redis.Redis, name: str, workers: Sequence[dict[str, Any]]
     oldest_waiting_s = 0.0
     if waiting:
         # The oldest entry not yet read is the first one after the group's last delivery;
-        # its id is its arrival on Redis's clock, like the TIME read above.
+        # its id is its arrival on Redis's clock, like ``now``.
         last = last_read.decode() if isinstance(last_read, bytes) else str(last_read)
         first: list[tuple[bytes, Any]] = conn.xrange(stream, min=f"({last}", count=1)  # type: ignore[assignment]
         if first:
             arrived_ms = int(first[0][0].split(b"-", 1)[0])
-            oldest_waiting_s = max(0.0, seconds + micros / 1e6 - arrived_ms / 1000)
-    rates = worker_rates(workers, name)
-    return ModelStatus(
-        name=name,
-        waiting=waiting,
-        pending=pending,
-        dead_letters=int(dead),
-        live_workers=live_workers,
-        last_seen=None if last_seen is None else float(last_seen),
-        consumers=consumers,
-        max_queue=int(info.get(b"max_queue", 0)),
-        inputs=info.get(b"inputs", b"").decode(),
-        oldest_waiting_s=oldest_waiting_s,
-        requests_per_s=rates.requests_per_s,
-        estimated_drain_s=drain_seconds(waiting + pending, rates.requests_per_s),
-        mean_batch=rates.mean_batch,
-        queue_wait_p50_s=rates.queue_wait.quantile(0.5),
-        queue_wait_p99_s=rates.queue_wait.quantile(0.99),
-    )
+            oldest_waiting_s = max(0.0, now - arrived_ms / 1000)
+    return ShardQueue(shard, stream, waiting, pending, int(dead), consumers, oldest_waiting_s)
 
 
 def render(status: PoolStatus, *, now: float | None = None) -> str:
@@ -279,6 +308,16 @@ def render(status: PoolStatus, *, now: float | None = None) -> str:
          "WAIT p50/p99 ms", "OLDEST s", "DRAIN s", "INPUTS"),
         model_rows,
     )  # fmt: skip
+    shard_rows = [
+        (m.name, str(q.shard), q.stream, str(q.waiting), str(q.pending), str(q.dead_letters),
+         str(q.consumers), f"{q.oldest_waiting_s:.1f}")
+        for m in status.models if len(m.shards) > 1
+        for q in m.shards
+    ]  # fmt: skip
+    if shard_rows:
+        lines += ["", "shards:"]
+        lines += _table(("MODEL", "SHARD", "STREAM", "WAITING", "PENDING", "DEAD", "CONSUMERS",
+                         "OLDEST s"), shard_rows)  # fmt: skip
     version_rows = [
         (
             w.get("model", "?"),

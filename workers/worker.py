@@ -65,7 +65,7 @@ from redis.typing import EncodableT, FieldT
 
 from queueing import connection, keys
 from workers.batcher import Batcher
-from workers.claims import Claims
+from workers.claims import Claims, ShardClaims
 from workers.config import PoolConfig
 from workers.errors import ModelLoadError
 from workers.intake import Intake, deadline_error
@@ -152,14 +152,19 @@ class Worker:
         # The reader takes at most this many rows ahead of the model: enough to fill the
         # next batch while this one runs, not so many that other workers go idle.
         self.desk = BatchDesk(batcher, max_rows_held=2 * config.max_batch_size)
-        self.claims = Claims(
-            stream=keys.stream(config.name), consumer=worker_id,
-            claim_idle_ms=config.claim_idle_ms, max_deliveries=config.max_deliveries,
-            batch=config.max_batch_size,
-        )  # fmt: skip
+        # One reader, with its claims, per shard of the model's queue (workers.shards).
+        self.claims = ShardClaims([
+            Claims(
+                stream=keys.stream(name), consumer=worker_id, shard=shard,
+                attempts=keys.attempts(name), claim_idle_ms=config.claim_idle_ms,
+                max_deliveries=config.max_deliveries, batch=config.max_batch_size,
+            )
+            for shard, name in enumerate(keys.shard_names(config.name, config.shards))
+        ])  # fmt: skip
         self.writer = Writer(
             redis_url=config.redis_url, model=config.name, result_ttl_s=config.result_ttl_s,
-            held=self.held, shared=self.redis, metrics=self.metrics, clock=self.clock,
+            shard_count=config.shards, held=self.held, shared=self.redis,
+            metrics=self.metrics, clock=self.clock,
         )  # fmt: skip
         self._ready_flag = ready
         #: The heartbeat's key: the worker id, or ``id/model`` for one model of several.
@@ -193,15 +198,16 @@ class Worker:
             return EXIT_OK  # stopped before any version could load
         self.desk.batcher = first.served.batcher  # the batches the model allows
         self._batches_fixed = True
-        presence, reader = self._assemble(first)
+        presence, readers = self._assemble(first)
         presence.register()
         presence.sync_clock()
         writer = threading.Thread(target=self.writer.run, name="tfpool-writer", daemon=True)
         threads = [
-            threading.Thread(target=reader.run, name="tfpool-reader", daemon=True),
+            *(threading.Thread(target=reader.run, name=f"tfpool-reader-{i}", daemon=True)
+              for i, reader in enumerate(readers)),
             writer,
             threading.Thread(target=presence.run, name="tfpool-heartbeat", daemon=True),
-        ]
+        ]  # fmt: skip
         if self.watcher is not None:
             threads.append(
                 threading.Thread(target=self.watcher.run, name="tfpool-watcher", daemon=True)
@@ -213,7 +219,7 @@ class Worker:
             self._ready_flag.value = 1
         log.info("worker %s ready: model %s (version %s) on %s", self.worker_id,
                  self.config.name, first.number, self.device or "cpu")  # fmt: skip
-        self.serve(reader.done)
+        self.serve([reader.done for reader in readers])
         self.writer.close()  # the writer posts what it has, then exits
         writer.join(timeout=30)
         with contextlib.suppress(redis.RedisError):
@@ -240,11 +246,11 @@ class Worker:
         self.stopping.set()
         self.desk.wake()
 
-    def serve(self, reader_done: threading.Event) -> None:
+    def serve(self, readers_done: list[threading.Event]) -> None:
         """The main loop: wait for a due batch, run it on its version, hand its answers to
         the writer."""
         while True:
-            if reader_done.is_set() and not self.stopping.is_set():
+            if not self.stopping.is_set() and any(done.is_set() for done in readers_done):
                 # A bug, or a Redis reply nobody foresaw: without a reader this worker
                 # would look alive and serve nothing. Finish what is in hand and exit, so
                 # that the supervisor starts a fresh one.
@@ -252,7 +258,7 @@ class Worker:
                           " is restarted", self.worker_id)  # fmt: skip
                 self.reader_failed = True
                 self.stop()
-            closing = self.stopping.is_set() and reader_done.is_set()
+            closing = self.stopping.is_set() and all(done.is_set() for done in readers_done)
             batch, expired = self.desk.next_batch(closing=closing, max_wait=0.1)
             if expired:
                 self.writer.submit([self.answers.error(r, deadline_error(r)) for r in expired])
@@ -263,7 +269,7 @@ class Worker:
                 continue
             alone = [part.item.entry_id for part in batch.parts if part.item.suspect]
             if alone:  # counted before the run: if it kills us, the count says so
-                self.claims.record_runs(self.redis, keys.attempts(self.config.name), alone)
+                self.claims.record_runs(self.redis, alone)
                 # The answers of earlier batches must not die with this one.
                 self.writer.settle(timeout=SETTLE_S)
             version = self.versions.get(batch.parts[0].item.version or 0)
@@ -328,7 +334,7 @@ class Worker:
         )  # fmt: skip
         return Version(number, path, served, intake, runner)
 
-    def _assemble(self, first: Version) -> tuple[Presence, Reader]:
+    def _assemble(self, first: Version) -> tuple[Presence, list[Reader]]:
         """The parts that need a loaded version."""
         info = self.versions.model_info
         details = None if self.watcher is None else self.versions.heartbeat_fields
@@ -340,13 +346,17 @@ class Worker:
         )  # fmt: skip
         self.versions.on_change = lambda: presence.update_info(info(self.config.max_queue))
         router = VersionRouter(self.versions, self.answers, fallback=first.intake)
-        reader = Reader(
-            self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
-            suspects=self.suspects, claims=self.claims, intake=router, desk=self.desk,
-            writer=self.writer, held=self.held, stopping=self.stopping,
-            register=presence.register_quietly,
-        )  # fmt: skip
-        return presence, reader
+        accept_lock = threading.Lock()
+        readers = [
+            Reader(
+                self.config, consumer=self.worker_id, inherit_from=self.inherit_from,
+                suspects=self.suspects, claims=claims, intake=router, desk=self.desk,
+                writer=self.writer, held=self.held, stopping=self.stopping,
+                register=presence.register_quietly, accept_lock=accept_lock,
+            )
+            for claims in self.claims.each
+        ]  # fmt: skip
+        return presence, readers
 
 
 def consumer_name(pid: int) -> str:

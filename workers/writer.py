@@ -30,10 +30,12 @@ import time
 from typing import Any, cast
 
 import redis
+from redis.crc import key_slot
 from redis.typing import EncodableT
 
 from queueing import connection, keys, redis_state, wire
 from queueing.errors import ModelError
+from workers import shards
 from workers.messages import Answer
 from workers.metrics import Recorder, outcome
 from workers.shared import HeldEntries, StreamClock
@@ -67,22 +69,22 @@ def encode(answer: Answer) -> bytes | None:
 
 
 def round_commands(
-    answers: list[Answer], payloads: list[bytes | None], *, model: str, result_ttl_s: int
+    answers: list[Answer],
+    payloads: list[bytes | None],
+    *,
+    model: str,
+    result_ttl_s: int,
+    shard_count: int = 1,
 ) -> tuple[list[Command], list[Command]]:
     """The commands that post ``answers`` (``payloads``: theirs, from :func:`encode`), as
     ``(posts, acks)``. ``posts``: kept results and replies (one XADD per reply stream, of all
-    its results), keys of other slots than the model's. ``acks``: dead letters, attempt
-    counts cleared, and last the acks, all in the model's slot. Nothing may be acked before
-    every post is stored."""
+    its results), keys of other slots than the model's. ``acks``: per shard of the model's
+    queue (``shard_count`` of them, see :mod:`workers.shards`), its dead letters, attempt
+    counts cleared, and last its acks, all in that shard's slot. Nothing may be acked
+    before every post is stored."""
     posts: list[Command] = []
-    acks: list[Command] = []
     replies: dict[str, list[bytes]] = {}
     for a, payload in zip(answers, payloads, strict=True):
-        if a.dead_reason is not None:
-            fields: dict[bytes, bytes | str] = {**(a.dead_fields or {})}
-            fields.update({b"reason": a.dead_reason, b"entry": a.entry_id})
-            flat: list[bytes | str] = [item for pair in fields.items() for item in pair]
-            acks.append(("XADD", keys.dead_letters(model), "*", *flat))
         if payload is not None and a.keep_s:
             kept = keys.kept_result(cast(str, a.request_id))
             posts += [("DEL", kept), ("RPUSH", kept, payload), ("EXPIRE", kept, a.keep_s)]
@@ -91,21 +93,47 @@ def round_commands(
     for key, results in replies.items():
         posts += [("XADD", key, "*", *keys.result_fields(results)),
                   ("EXPIRE", key, result_ttl_s)]  # fmt: skip
-    suspects = [a.entry_id for a in answers if a.suspect]
-    if suspects:
-        acks.append(("HDEL", keys.attempts(model), *suspects))
-    entry_ids = [a.entry_id for a in answers]
-    stream = keys.stream(model)
-    acks += [("XACK", stream, keys.GROUP, *entry_ids), ("XDEL", stream, *entry_ids)]
+    names = keys.shard_names(model, shard_count)
+    by_shard: dict[int, list[tuple[Answer, bytes]]] = {}
+    for a in answers:
+        shard, entry_id = shards.split(a.entry_id)
+        by_shard.setdefault(shard, []).append((a, entry_id))
+    acks: list[Command] = []
+    for shard, shard_answers in sorted(by_shard.items()):
+        acks += _shard_acks(names[shard], shard_answers)
     return posts, acks
 
 
+def _shard_acks(name: str, answers: list[tuple[Answer, bytes]]) -> list[Command]:
+    """Dead letters, attempt counts cleared, acks: the commands of one shard (``name``)."""
+    acks: list[Command] = []
+    for a, entry_id in answers:
+        if a.dead_reason is not None:
+            fields: dict[bytes, bytes | str] = {**(a.dead_fields or {})}
+            fields.update({b"reason": a.dead_reason, b"entry": entry_id})
+            flat: list[bytes | str] = [item for pair in fields.items() for item in pair]
+            acks.append(("XADD", keys.dead_letters(name), "*", *flat))
+    suspects = [entry_id for a, entry_id in answers if a.suspect]
+    if suspects:
+        acks.append(("HDEL", keys.attempts(name), *suspects))
+    entry_ids = [entry_id for _, entry_id in answers]
+    stream = keys.stream(name)
+    acks += [("XACK", stream, keys.GROUP, *entry_ids), ("XDEL", stream, *entry_ids)]
+    return acks
+
+
 def redis_commands(
-    answers: list[Answer], payloads: list[bytes | None], *, model: str, result_ttl_s: int
+    answers: list[Answer],
+    payloads: list[bytes | None],
+    *,
+    model: str,
+    result_ttl_s: int,
+    shard_count: int = 1,
 ) -> list[Command]:
     """:func:`round_commands` as one list, posts first: what one MULTI/EXEC sends on one
     Redis."""
-    posts, acks = round_commands(answers, payloads, model=model, result_ttl_s=result_ttl_s)
+    posts, acks = round_commands(answers, payloads, model=model, result_ttl_s=result_ttl_s,
+                                 shard_count=shard_count)  # fmt: skip
     return posts + acks
 
 
@@ -119,6 +147,7 @@ class Writer:
         redis_url: str,
         model: str,
         result_ttl_s: int,
+        shard_count: int = 1,
         held: HeldEntries,
         shared: redis.Redis,
         metrics: Recorder,
@@ -127,6 +156,7 @@ class Writer:
         self.redis_url = redis_url
         self.model = model
         self.result_ttl_s = result_ttl_s
+        self.shard_count = shard_count
         self.held = held
         self._shared = shared  # the worker's pooled client, for post_now on other threads
         self.metrics = metrics
@@ -212,13 +242,16 @@ class Writer:
             return True
         payloads = [encode(a) for a in answers]
         posts, acks = round_commands(answers, payloads, model=self.model,
-                                     result_ttl_s=self.result_ttl_s)  # fmt: skip
+                                     result_ttl_s=self.result_ttl_s,
+                                     shard_count=self.shard_count)  # fmt: skip
         try:
             if connection.clustered(conn):
                 self._post_apart(conn, posts)
-                pipe, _ = connection.durable_pipeline(conn, keys.stream(self.model),
-                                                      transaction=True)  # fmt: skip
-                _fill(pipe, acks).execute()
+                # One MULTI/EXEC per shard, in its slot. If one fails, the round is sent
+                # again whole: the acks that ran ack nothing the second time.
+                for key, commands in _by_key(acks).items():
+                    pipe, _ = connection.durable_pipeline(conn, key, transaction=True)
+                    _fill(pipe, commands).execute()
             else:
                 pipe = conn.pipeline(transaction=True)
                 _fill(pipe, posts + acks).execute()
@@ -269,6 +302,18 @@ class Writer:
             if errors:
                 log.error("writer: Redis refused %d answer commands: %s", len(errors), errors[0])
             connection.check_wait(replies, replicas)
+
+
+def _by_key(acks: list[Command]) -> dict[str, list[Command]]:
+    """The acks of a round by shard: under the first key of each shard's commands (every
+    key of one shard shares its slot)."""
+    groups: dict[str, list[Command]] = {}
+    first: dict[int, str] = {}
+    for command in acks:
+        key = str(command[1])
+        slot = key_slot(key.encode())
+        groups.setdefault(first.setdefault(slot, key), []).append(command)
+    return groups
 
 
 def _fill(pipe: Any, commands: list[Command]) -> Any:

@@ -88,6 +88,44 @@ def test_models_on_three_masters_answer_as_the_model_does(
     assert not set(status.models_without_workers) & set(spread)
 
 
+def test_a_sharded_queue_spreads_over_the_masters_and_answers_as_the_model_does(
+    cluster: LocalCluster, start_pool: PoolFactory, mlp_path: str
+) -> None:
+    """One model, its queue in three shards: one per master, each with its own keys (one
+    slot per Lua script and MULTI/EXEC), every shard carrying requests, all read."""
+    name = "mlpsharded"
+    shards = keys.shard_names(name, 3)
+    assert len({cluster.master_of(keys.stream(s)).port for s in shards}) == 3
+    start_pool(mlp_path, name=name, url=cluster.url, shards=3, max_batch_size=16,
+               max_latency_ms=5, claim_idle_ms=CLAIM_IDLE_MS)  # fmt: skip
+    rows = [_rows(seed) for seed in range(60)]
+    want = next(iter(models.keras_outputs(mlp_path, np.concatenate(rows)).values()))
+    with Client(cluster.url) as client:
+        rounds = [client.submit_many(name, rows[i : i + 10]) for i in range(0, 60, 10)]
+        got = [client.wait(f, timeout=60) for futures in rounds for f in futures]
+    np.testing.assert_allclose(np.concatenate([np.asarray(g) for g in got]), want,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+    async def from_tasks() -> list[object]:
+        async with AsyncClient(cluster.url) as client:
+            return list(await asyncio.gather(*(client.predict(name, row) for row in rows)))
+
+    from_async = asyncio.run(from_tasks())
+    np.testing.assert_allclose(np.concatenate([np.asarray(g) for g in from_async]), want,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    conn = connection.connect(cluster.url, socket_timeout=10)
+    try:
+        for shard in shards:  # each carried some (answered entries are deleted)
+            info = conn.xinfo_stream(keys.stream(shard))
+            assert info["last-generated-id"] not in (b"0-0", "0-0"), shard
+        status = collect(conn)
+    finally:
+        conn.close()
+    (model,) = [m for m in status.models if m.name == name]
+    assert [q.stream for q in model.shards] == [keys.stream(s) for s in shards]
+    assert model.live_workers == 1
+
+
 @dataclass
 class Load:
     """A producer thread sending one-row requests in small batches until stopped, and what

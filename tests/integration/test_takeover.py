@@ -34,27 +34,35 @@ def _batches(log: Path) -> list[set[float]]:
     return [{row[0] for row in json.loads(line)} for line in log.read_text().splitlines()]
 
 
+@pytest.mark.parametrize("shards", [1, 3])
 def test_only_the_batch_that_killed_its_worker_runs_alone(
-    start_pool: PoolFactory, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards: int,
+    start_pool: PoolFactory,
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """With ``shards=3`` the requests come from three streams (one per round of the
+    producer), whose entry ids may be equal: the worker still tells them apart."""
     log = tmp_path / "batches.jsonl"
     log.touch()
     monkeypatch.setenv(BATCH_LOG, str(log))  # inherited by the workers the pool spawns
+    name = f"takeover{shards}"
     supervisor = start_pool(
-        build_poison_model(model_dir), name="takeover", max_batch_size=4,
+        build_poison_model(model_dir), name=name, max_batch_size=4, shards=shards,
         max_latency_ms=200, max_deliveries=2, claim_idle_ms=CLAIM_IDLE_MS,
         preload=["tests.integration.poison"],
     )  # fmt: skip
     warm_up = len(log.read_text().splitlines())
     url = supervisor.config.redis_url
     with Client(url) as client:
-        slow = client.submit("takeover", _row(SLOW))  # holds the worker 1.5 s
+        slow = client.submit(name, _row(SLOW))  # holds the worker 1.5 s
         wait_until(lambda: len(log.read_text().splitlines()) > warm_up, timeout=30,
                    what="the slow batch to start")  # fmt: skip
         # Read while the slow batch runs: the first four make the next (fatal) batch, the
         # others wait in the worker's hands.
-        first = client.submit_many("takeover", [_row(MARKER), _row(1), _row(2), _row(3)])
-        waiting = client.submit_many("takeover", [_row(v) for v in (4, 5, 6, 7)])
+        first = client.submit_many(name, [_row(MARKER), _row(1), _row(2), _row(3)])
+        waiting = client.submit_many(name, [_row(v) for v in (4, 5, 6, 7)])
         client.wait(slow, timeout=30)
         with pytest.raises(DeadLettered):
             client.wait(first[0], timeout=120)

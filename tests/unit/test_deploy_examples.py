@@ -22,6 +22,11 @@ def test_the_kubernetes_manifest_runs_worker_hosts_on_gpus_against_a_cluster() -
     (container,) = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert container["envFrom"][0]["configMapRef"]["name"] == kinds["ConfigMap"]["metadata"]["name"]
+    # The probes ask the supervisor's HTTP endpoint, on the port the pool is told to use.
+    (port,) = container["ports"]
+    assert port["containerPort"] == int(settings["TFPOOL_METRICS_PORT"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
 
 
 def test_the_worker_image_serves_a_pool() -> None:
@@ -34,3 +39,5 @@ def test_the_worker_image_serves_a_pool() -> None:
     assert lines[0].startswith("FROM tensorflow/tensorflow:")
     assert {"COPY", "RUN", "USER", "ENTRYPOINT"} <= instructions
     assert lines[-1] == 'ENTRYPOINT ["tfpool", "serve"]'
+    assert "ENV TFPOOL_METRICS_PORT=9100" in lines
+    assert any(line.startswith("HEALTHCHECK") and "/healthz" in line for line in lines)

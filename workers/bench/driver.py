@@ -28,6 +28,7 @@ def run(
     model_dir: str | None = None,
     metrics: bool = True,
     seconds: float | None = None,
+    shards: int = 1,
     log: Callable[[str], None] = print,
 ) -> list[Figures]:
     """Run the named scenarios ``runs`` times each; return the median run of each (by
@@ -36,7 +37,7 @@ def run(
     ``metrics``: the workers record metrics (the default, as in production); off
     measures what recording costs. ``seconds``: measure each scenario that long instead
     of its own duration (and warm up, and measure each bare batch size, at most that
-    long): a quick look, not figures."""
+    long): a quick look, not figures. ``shards``: of each pool's queue."""
     threads = intra_op_threads or max(1, cpu_count() // workers)
     slots = [Slot(i, None, threads, 1) for i in range(workers)]
     by_model: dict[str, list[Scenario]] = {}
@@ -62,6 +63,7 @@ def run(
                     redis_url=redis_url,
                     runs=runs,
                     metrics=metrics,
+                    shards=shards,
                     log=log,
                 )
                 medians.append(figures)
@@ -114,6 +116,7 @@ def _median_of_runs(
     redis_url: str,
     runs: int,
     metrics: bool,
+    shards: int,
     log: Callable[[str], None],
 ) -> Figures:
     """Start a pool for ``scenario``, measure it ``runs`` times, drain it; the median run.
@@ -127,6 +130,7 @@ def _median_of_runs(
         heartbeat_s=0.25,
         max_queue=0,
         metrics=metrics,
+        shards=shards,
         log_level="WARNING",
     )
     saturated = max(

@@ -1,0 +1,93 @@
+"""A model's queue split into shards (option ``shards``) on one Redis: producers spread
+their requests, a full shard is skipped before QueueFull, the cap holds per shard, every
+shard is read, and ``tfpool status`` lists them. (On a Redis Cluster: test_cluster.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import redis
+
+from queueing import AsyncClient, Client, DeadlineExceeded, QueueFull, keys
+from tests.integration import models
+from tests.integration.conftest import PoolFactory
+from workers.status import collect, render
+
+
+def _rows(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(8).astype(np.float32) for _ in range(count)]
+
+
+def test_a_full_shard_is_skipped_and_cap_and_deadlines_hold_per_shard(
+    start_pool: PoolFactory, mlp_path: str, redis_client: redis.Redis, redis_url: str
+) -> None:
+    name = "sharded-cap"
+    names = keys.shard_names(name, 3)
+    # A pool registers the model's three shards (cap 4 each), then stops: nobody reads.
+    start_pool(mlp_path, name=name, shards=3, max_queue=4).drain(timeout=30)
+    assert redis_client.hget(keys.model_info(name), keys.FIELD_SHARDS) == b"3"
+    rows = _rows(13, seed=1)
+    with Client(redis_url) as client:
+        # A round of 4 that must be answered within a second fills one shard; of the next
+        # round of 9, the other shards take 4 each, and one finds no room anywhere.
+        expiring = client.submit_many(name, rows[:4], deadline=1.0)
+        futures = client.submit_many(name, rows[4:])
+        full = [i for i, f in enumerate(futures)
+                if f.done() and isinstance(f.exception(), QueueFull)]  # fmt: skip
+        assert len(full) == 1
+        assert [redis_client.xlen(keys.stream(n)) for n in names] == [4, 4, 4]
+        with pytest.raises(QueueFull):
+            client.submit(name, rows[0])
+        status = collect(redis_client)
+        (model,) = [m for m in status.models if m.name == name]
+        assert [(q.shard, q.stream, q.waiting) for q in model.shards] == [
+            (i, keys.stream(n), 4) for i, n in enumerate(names)
+        ]
+        assert model.waiting == 12
+        assert keys.stream(names[2]) in render(status)
+        # A new pool (starting takes longer than the deadline) reads every shard: the
+        # expired requests get DeadlineExceeded, each of the others its own row's answer.
+        start_pool(mlp_path, name=name, shards=3, max_queue=4)
+        for future in expiring:
+            with pytest.raises(DeadlineExceeded):
+                client.wait(future, timeout=60)
+        expected = next(iter(models.keras_outputs(mlp_path, np.stack(rows[4:])).values()))
+        for i, future in enumerate(futures):
+            if i in full:
+                continue
+            got = np.asarray(client.wait(future, timeout=60))
+            np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-6)
+    assert [redis_client.xlen(keys.stream(n)) for n in names] == [0, 0, 0]
+
+
+def test_producers_spread_over_the_shards_and_get_their_own_answers(
+    start_pool: PoolFactory, mlp_path: str, redis_client: redis.Redis, redis_url: str
+) -> None:
+    name = "sharded-spread"
+    start_pool(mlp_path, name=name, shards=3, max_batch_size=16, max_latency_ms=5)
+    rows = _rows(90, seed=2)
+    expected = next(iter(models.keras_outputs(mlp_path, np.stack(rows)).values()))
+    with Client(redis_url) as client:
+        futures = [client.submit(name, row) for row in rows]  # a submit() loop
+        got = [np.asarray(client.wait(f, timeout=60)) for f in futures]
+        np.testing.assert_allclose(np.stack(got), expected, rtol=1e-5, atol=1e-6)
+        # Rounds go to the shards in turn: nine rounds of ten, three on each.
+        rounds = [client.submit_many(name, rows[i : i + 10]) for i in range(0, 90, 10)]
+        got = [np.asarray(client.wait(f, timeout=60)) for futures in rounds for f in futures]
+        np.testing.assert_allclose(np.stack(got), expected, rtol=1e-5, atol=1e-6)
+
+    async def from_tasks() -> list[np.ndarray]:
+        async with AsyncClient(redis_url) as aclient:
+            answers = await asyncio.gather(*(aclient.predict(name, row) for row in rows))
+            return [np.asarray(a) for a in answers]
+
+    np.testing.assert_allclose(np.stack(asyncio.run(from_tasks())), expected, rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    # Every shard carried some (entries are deleted once answered; the stream's last id
+    # says one was added).
+    for shard in keys.shard_names(name, 3):
+        info = redis_client.xinfo_stream(keys.stream(shard))
+        assert info["last-generated-id"] not in (b"0-0", "0-0"), shard
