@@ -64,6 +64,26 @@ def build_saved_model(directory: Path) -> str:
     return path
 
 
+class _Times(tf.Module):
+    """x [*, 4] float32 -> y = x * factor."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = tf.constant(factor, tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"y": x * self.factor}
+
+
+def build_times_model(path: Path, factor: float) -> str:
+    """A SavedModel at ``path`` whose output ``y`` is its input ``x`` [*, 4] times
+    ``factor`` (versions of one model that answer differently)."""
+    module = _Times(factor)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return str(path)
+
+
 def ragged_outputs(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     """What the SavedModel computes, in numpy."""
     total = a.sum(axis=-1, keepdims=True) + b.sum(axis=-1, keepdims=True)

@@ -20,7 +20,7 @@ from queueing.errors import (
     UnknownModel,
 )
 from workers.gateway import tensors
-from workers.gateway.catalog import parse_inputs
+from workers.gateway.catalog import parse_inputs, parse_versions
 from workers.gateway.errors import grpc_code, http_status
 from workers.gateway.proto import oip_pb2, tfs_pb2
 from workers.gateway.server import GatewayConfig
@@ -133,6 +133,17 @@ def test_model_spec_from_the_info_text() -> None:
         "image: bytes [*] (encoded JPEG/PNG/GIF/BMP) or uint8 [*, h, w, 3] -> float32 [*, 8, 8, 3]"
     )
     assert parse_inputs(image) == [TensorSpec("image", "bytes", ())]
+
+
+def test_versions_from_the_info_hash() -> None:
+    """As ``Versions.model_info`` writes them; a label of a version not served is left
+    out; a hash with no versions field is an older pool's one model file, version 1."""
+    info = {b"versions": b"3, 4", b"labels": b"canary=4, old=2, stable=3",
+            b"default_version": b"3"}  # fmt: skip
+    assert parse_versions(info) == ([3, 4], {"canary": 4, "stable": 3}, 3)
+    assert parse_versions({b"inputs": b"x: float32 [*, 8]"}) == ([1], {}, 1)
+    # Every version retired: the hash keeps the last default, which serves no more.
+    assert parse_versions({b"versions": b"", b"default_version": b"4"}) == ([], {}, None)
 
 
 def test_error_statuses() -> None:

@@ -2,7 +2,8 @@
 same records ``tfpool status`` reads), and cached for a moment.
 
 A model's inputs and outputs come from its info hash (``keys.model_info``), written by its
-workers from the loaded model itself; its live workers from their heartbeats, which expire
+workers from the loaded model itself (its default version's), with the versions and labels
+they serve (``Versions.model_info``); its live workers from their heartbeats, which expire
 three heartbeats after a worker dies. An output whose dtype and shape the info hash does
 not give (a pool started by an older tfpool, or a model that does not declare them) is
 learned from the first answer the gateway forwards.
@@ -14,7 +15,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import numpy as np
@@ -35,10 +36,15 @@ DEFAULT_TTL_S = 1.0
 _INPUT = re.compile(r"(?:^|, )([^\s:,]+): (\w+) \[([^\]]*)\]")
 
 
+#: The versions of a model whose info hash does not list them (a pool started by an older
+#: tfpool): such a pool serves one model file, version 1.
+SINGLE_VERSION = 1
+
+
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model: its inputs (shapes without the batch axis), output names, and how many
-    workers are ready to serve it now."""
+    """One model: its inputs (shapes without the batch axis), output names, how many
+    workers are ready to serve it now, and the versions and labels they serve."""
 
     name: str
     inputs: list[TensorSpec]
@@ -46,10 +52,23 @@ class ModelEntry:
     ready_workers: int
     #: Output specs by name: registered by the workers, else learned from an answer.
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
+    #: Version numbers served, ascending (empty: a repository with none loaded now).
+    versions: list[int] = field(default_factory=lambda: [SINGLE_VERSION])
+    #: Labels of served versions: label -> version number.
+    labels: dict[str, int] = field(default_factory=dict)
+    #: The version a request that names none goes to (None: none served).
+    default_version: int | None = SINGLE_VERSION
 
     @property
     def available(self) -> bool:
         return self.ready_workers > 0
+
+    def describe_versions(self) -> str:
+        """``versions 1, 2; labels canary=2, stable=1``, for error messages."""
+        text = "versions " + (", ".join(map(str, self.versions)) or "none")
+        if self.labels:
+            text += "; labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+        return text
 
 
 def parse_inputs(text: str) -> list[TensorSpec]:
@@ -62,6 +81,22 @@ def parse_inputs(text: str) -> list[TensorSpec]:
         shape = tuple(None if d == "*" else int(d) for d in sizes[1:])
         specs.append(TensorSpec(name=name, dtype=dtype, shape=shape))
     return specs
+
+
+def parse_versions(info: dict[bytes, bytes]) -> tuple[list[int], dict[str, int], int | None]:
+    """Versions served, labels (of served versions only) and the default version, from an
+    info hash's ``versions``, ``labels`` and ``default_version`` fields. A hash without a
+    ``versions`` field is an older pool's: one model file, version 1."""
+    if b"versions" not in info:
+        return [SINGLE_VERSION], {}, SINGLE_VERSION
+    versions = sorted(int(v) for v in info[b"versions"].decode().split(",") if v.strip())
+    labels = {}
+    for pair in info.get(b"labels", b"").decode().split(","):
+        label, _, number = pair.strip().partition("=")
+        if label and number.strip().isdigit() and int(number) in versions:
+            labels[label] = int(number)
+    default = info.get(b"default_version", b"").decode()
+    return versions, labels, int(default) if default.isdigit() and versions else None
 
 
 def learned_spec(name: str, array: np.ndarray) -> TensorSpec:
@@ -82,24 +117,19 @@ class Catalog:
         self._outputs: dict[str, dict[str, TensorSpec]] = {}
         self._refresh_lock = asyncio.Lock()
 
-    async def get(self, name: str) -> ModelEntry | None:
-        """The model called ``name``, or None if no pool has served it on this Redis.
-        Raises :class:`Unavailable` when Redis cannot be reached."""
+    async def get(self, name: str, *, fresh: bool = False) -> ModelEntry | None:
+        """The model called ``name``, or None if no pool has served it on this Redis;
+        ``fresh``: read Redis even if what was read last is recent. Raises
+        :class:`Unavailable` when Redis cannot be reached."""
         now = time.monotonic()
         cached = self._entries.get(name)
-        if cached is None or now - cached[0] > self._ttl_s:
+        if fresh or cached is None or now - cached[0] > self._ttl_s:
             cached = (now, await self._read(name))
             self._entries[name] = cached
         entry = cached[1]
         if entry is None:
             return None
-        return ModelEntry(
-            name=entry.name,
-            inputs=entry.inputs,
-            output_names=entry.output_names,
-            ready_workers=entry.ready_workers,
-            outputs={**self._outputs.get(name, {}), **entry.outputs},
-        )
+        return replace(entry, outputs={**self._outputs.get(name, {}), **entry.outputs})
 
     async def names(self) -> list[str]:
         """Every model a pool has served on this Redis."""
@@ -137,12 +167,16 @@ class Catalog:
         workers = await self._ready_workers()
         outputs = info.get(b"outputs", b"").decode()
         registered = parse_inputs(info.get(b"output_specs", b"").decode())
+        versions, labels, default = parse_versions(info)
         return ModelEntry(
             name=name,
             inputs=parse_inputs(info.get(b"inputs", b"").decode()),
             output_names=[o for o in outputs.split(", ") if o],
             ready_workers=workers[name],
             outputs={s.name: s for s in registered},
+            versions=versions,
+            labels=labels,
+            default_version=default,
         )
 
     async def _ready_workers(self) -> Counter[str]:

@@ -12,12 +12,12 @@ import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from queueing.errors import InvalidInput, RequestError
+from queueing.errors import InvalidInput, RequestError, UnknownModel
 from workers.gateway import tensors
 from workers.gateway.catalog import ModelEntry
 from workers.gateway.errors import grpc_code
 from workers.gateway.proto import oip_pb2, tfs_pb2
-from workers.gateway.service import DEFAULT_SIGNATURE, SERVED_VERSION, Gateway, tfpool_version
+from workers.gateway.service import DEFAULT_SIGNATURE, Gateway, Route, tfpool_version
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,24 @@ def signature_def_map(entry: ModelEntry) -> tfs_pb2.SignatureDefMap:
     return result
 
 
-def model_status(entry: ModelEntry) -> tfs_pb2.GetModelStatusResponse:
-    """AVAILABLE while a worker of the model is alive; else END, with the reason."""
-    status = tfs_pb2.ModelVersionStatus(version=SERVED_VERSION)
-    if entry.available:
-        status.state = tfs_pb2.ModelVersionStatus.AVAILABLE
-        status.status.error_code = tfs_pb2.StatusProto.OK
-    else:
-        status.state = tfs_pb2.ModelVersionStatus.END
-        status.status.error_code = tfs_pb2.StatusProto.UNAVAILABLE
-        status.status.error_message = f"no live worker serves model {entry.name!r}"
-    return tfs_pb2.GetModelStatusResponse(model_version_status=[status])
+def model_status(route: Route, *, asked: bool) -> tfs_pb2.GetModelStatusResponse:
+    """One status per version the model serves, or only the version ``asked`` for:
+    AVAILABLE while a worker of the model is alive; else END, with the reason."""
+    entry = route.entry
+    numbers = [route.version] if asked and route.version is not None else entry.versions
+    if not numbers:  # as TF Serving answers for a model with no version
+        raise UnknownModel(f"model {entry.name!r} serves no version now")
+    response = tfs_pb2.GetModelStatusResponse()
+    for number in numbers:
+        status = response.model_version_status.add(version=number)
+        if entry.available:
+            status.state = tfs_pb2.ModelVersionStatus.AVAILABLE
+            status.status.error_code = tfs_pb2.StatusProto.OK
+        else:
+            status.state = tfs_pb2.ModelVersionStatus.END
+            status.status.error_code = tfs_pb2.StatusProto.UNAVAILABLE
+            status.status.error_message = f"no live worker serves model {entry.name!r}"
+    return response
 
 
 class _TfServing:
@@ -150,19 +157,20 @@ class _TfServing:
         self, request: tfs_pb2.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tfs_pb2.PredictResponse:
         spec = request.model_spec
-        entry = await self.gateway.model(spec.name, _version(spec))
+        route = await self.gateway.route(spec.name, _version(spec))
         inputs = {
             name: tensors.from_tensor_proto(proto, f"input {name!r}")
             for name, proto in request.inputs.items()
         }
-        outputs = await self.gateway.predict(
-            entry, inputs, deadline_s=_time_remaining(context), outputs=list(request.output_filter)
+        answer = await self.gateway.predict(
+            route, inputs, deadline_s=_time_remaining(context), outputs=list(request.output_filter)
         )
         response = tfs_pb2.PredictResponse()
-        response.model_spec.name = entry.name
-        response.model_spec.version.value = SERVED_VERSION
+        response.model_spec.name = route.entry.name
+        if answer.version is not None:
+            response.model_spec.version.value = answer.version
         response.model_spec.signature_name = spec.signature_name or DEFAULT_SIGNATURE
-        for name, array in outputs.items():
+        for name, array in answer.outputs.items():
             response.outputs[name].CopyFrom(tensors.to_tensor_proto(array))
         return response
 
@@ -172,14 +180,15 @@ class _TfServing:
         fields = set(request.metadata_field)
         if fields - {"signature_def"}:
             raise InvalidInput(f"metadata fields {sorted(fields)}: only signature_def is served")
-        entry = await self.gateway.model(request.model_spec.name, _version(request.model_spec))
+        route = await self.gateway.route(request.model_spec.name, _version(request.model_spec))
         response = tfs_pb2.GetModelMetadataResponse()
-        response.model_spec.name = entry.name
-        response.model_spec.version.value = SERVED_VERSION
+        response.model_spec.name = route.entry.name
+        if route.version is not None:
+            response.model_spec.version.value = route.version
         response.metadata["signature_def"].CopyFrom(
             any_pb2.Any(
                 type_url=SIGNATURE_DEF_MAP_URL,
-                value=signature_def_map(entry).SerializeToString(),
+                value=signature_def_map(route.entry).SerializeToString(),
             )
         )
         return response
@@ -187,11 +196,17 @@ class _TfServing:
     async def status(
         self, request: tfs_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tfs_pb2.GetModelStatusResponse:
-        entry = await self.gateway.model(request.model_spec.name, _version(request.model_spec))
-        return model_status(entry)
+        version = _version(request.model_spec)
+        route = await self.gateway.route(request.model_spec.name, version)
+        return model_status(route, asked=version is not None)
 
 
 # --- Open Inference Protocol --------------------------------------------------------------
+
+
+def oip_version(version: int | None) -> str:
+    """A version as OIP writes it: a string, empty when unknown."""
+    return "" if version is None else str(version)
 
 
 def oip_tensor_metadata(entry: ModelEntry) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -240,18 +255,18 @@ class _OpenInference:
     async def model_ready(
         self, request: oip_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip_pb2.ModelReadyResponse:
-        entry = await self.gateway.model(request.name, request.version)
-        return oip_pb2.ModelReadyResponse(ready=entry.available)
+        route = await self.gateway.route(request.name, request.version)
+        return oip_pb2.ModelReadyResponse(ready=route.entry.available)
 
     async def model_metadata(
         self, request: oip_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip_pb2.ModelMetadataResponse:
-        entry = await self.gateway.model(request.name, request.version)
+        entry = (await self.gateway.route(request.name, request.version)).entry
         inputs, outputs = oip_tensor_metadata(entry)
         tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
         return oip_pb2.ModelMetadataResponse(
             name=entry.name,
-            versions=[str(SERVED_VERSION)],
+            versions=[str(v) for v in entry.versions],
             platform="tfpool",
             inputs=[tensor(**t) for t in inputs],
             outputs=[tensor(**t) for t in outputs],
@@ -260,7 +275,7 @@ class _OpenInference:
     async def infer(
         self, request: oip_pb2.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip_pb2.ModelInferResponse:
-        entry = await self.gateway.model(request.model_name, request.model_version)
+        route = await self.gateway.route(request.model_name, request.model_version)
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidInput(
@@ -272,16 +287,16 @@ class _OpenInference:
             )
             for i, tensor in enumerate(request.inputs)
         }
-        outputs = await self.gateway.predict(
-            entry,
+        answer = await self.gateway.predict(
+            route,
             inputs,
             deadline_s=_time_remaining(context),
             outputs=[o.name for o in request.outputs],
         )
         response = oip_pb2.ModelInferResponse(
-            model_name=entry.name, model_version=str(SERVED_VERSION), id=request.id
+            model_name=route.entry.name, model_version=oip_version(answer.version), id=request.id
         )
-        for name, array in outputs.items():
+        for name, array in answer.outputs.items():
             tensor, contents = tensors.to_infer_output(name, array)
             response.outputs.append(tensor)
             response.raw_output_contents.append(contents)

@@ -19,15 +19,21 @@ from queueing.wire import BYTES, STR, dtype_name
 from workers.gateway import tensors
 from workers.gateway.catalog import ModelEntry
 from workers.gateway.errors import RETRY_AFTER_S, http_status
-from workers.gateway.grpc_api import model_status, oip_tensor_metadata, signature_def_map
-from workers.gateway.service import DEFAULT_SIGNATURE, SERVED_VERSION, Gateway, tfpool_version
+from workers.gateway.grpc_api import (
+    model_status,
+    oip_tensor_metadata,
+    oip_version,
+    signature_def_map,
+)
+from workers.gateway.service import DEFAULT_SIGNATURE, Gateway, Route, tfpool_version
 from workers.spec import TensorSpec
 
 _GATEWAY = web.AppKey("gateway", Gateway)
 
-# /v1/models/NAME[/versions/V][/metadata | :predict]
+# /v1/models/NAME[/versions/V | /labels/L][/metadata | :predict]
 _V1 = re.compile(
-    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?:(?P<meta>/metadata)|:(?P<verb>\w+))?$"
+    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r"(?:(?P<meta>/metadata)|:(?P<verb>\w+))?$"
 )
 # /v2/models/NAME[/versions/V][/ready | /infer]
 _V2 = re.compile(r"^(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<verb>ready|infer))?$")
@@ -82,39 +88,45 @@ async def _v1(request: web.Request) -> web.StreamResponse:
     if match is None:
         return _not_found(request)
     gateway = request.app[_GATEWAY]
-    entry = await gateway.model(match["name"], match["version"])
+    version = match["version"] or match["label"]
+    route = await gateway.route(match["name"], version)
     if request.method == "GET" and match["verb"] is None:
         if match["meta"]:
-            return web.json_response(_v1_metadata(entry))
+            return web.json_response(_v1_metadata(route))
         return web.json_response(
             json_format.MessageToDict(
-                model_status(entry),
+                model_status(route, asked=version is not None),
                 preserving_proto_field_name=True,
                 always_print_fields_with_no_presence=True,
             )
         )
     if request.method == "POST" and match["verb"] == "predict":
-        return web.json_response(await _v1_predict(gateway, entry, await _body(request)))
+        return web.json_response(await _v1_predict(gateway, route, await _body(request)))
     if request.method == "POST" and match["verb"] in ("classify", "regress"):
         raise InvalidInput(f"{match['verb']} is not served: tfpool runs predict signatures only")
     return _not_found(request)
 
 
-def _v1_metadata(entry: ModelEntry) -> dict[str, Any]:
+def _v1_metadata(route: Route) -> dict[str, Any]:
     signatures = json_format.MessageToDict(
-        signature_def_map(entry),
+        signature_def_map(route.entry),
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
     return {
-        "model_spec": {"name": entry.name, "signature_name": "", "version": str(SERVED_VERSION)},
+        "model_spec": {
+            "name": route.entry.name,
+            "signature_name": "",
+            "version": "" if route.version is None else str(route.version),
+        },
         "metadata": {"signature_def": signatures},
     }
 
 
-async def _v1_predict(gateway: Gateway, entry: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+async def _v1_predict(gateway: Gateway, route: Route, body: dict[str, Any]) -> dict[str, Any]:
     """TF Serving's row format (``instances`` -> ``predictions``) or its columnar format
-    (``inputs`` -> ``outputs``)."""
+    (``inputs`` -> ``outputs``). TF Serving's answer names no version; nor does this."""
+    entry = route.entry
     signature = body.get("signature_name", DEFAULT_SIGNATURE)
     if not isinstance(signature, str):
         raise InvalidInput("signature_name must be a string")
@@ -131,7 +143,7 @@ async def _v1_predict(gateway: Gateway, entry: ModelEntry, body: dict[str, Any])
             }
         else:
             inputs = {_only_input(entry): _to_array(given, entry.inputs[0])}
-    outputs = await gateway.predict(entry, inputs)
+    outputs = (await gateway.predict(route, inputs)).outputs
     if "instances" in body:
         rows = len(next(iter(outputs.values())))
         if len(outputs) == 1:
@@ -251,21 +263,23 @@ async def _v2(request: web.Request) -> web.StreamResponse:
     if match is None:
         return _not_found(request)
     gateway = request.app[_GATEWAY]
-    entry = await gateway.model(match["name"], match["version"])
+    route = await gateway.route(match["name"], match["version"])
+    entry = route.entry
     if request.method == "GET" and match["verb"] is None:
         inputs, outputs = oip_tensor_metadata(entry)
-        metadata = {"name": entry.name, "versions": [str(SERVED_VERSION)], "platform": "tfpool"}
+        versions = [str(v) for v in entry.versions]
+        metadata = {"name": entry.name, "versions": versions, "platform": "tfpool"}
         return web.json_response({**metadata, "inputs": inputs, "outputs": outputs})
     if request.method == "GET" and match["verb"] == "ready":
         return web.json_response(
             {"name": entry.name, "ready": entry.available}, status=200 if entry.available else 503
         )
     if request.method == "POST" and match["verb"] == "infer":
-        return web.json_response(await _v2_infer(gateway, entry, await _body(request)))
+        return web.json_response(await _v2_infer(gateway, route, await _body(request)))
     return _not_found(request)
 
 
-async def _v2_infer(gateway: Gateway, entry: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+async def _v2_infer(gateway: Gateway, route: Route, body: dict[str, Any]) -> dict[str, Any]:
     given = body.get("inputs")
     if not isinstance(given, list) or not given:
         raise InvalidInput('"inputs" must be a non-empty list of tensors')
@@ -279,12 +293,15 @@ async def _v2_infer(gateway: Gateway, entry: ModelEntry, body: dict[str, Any]) -
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted
     ):
         raise InvalidInput('"outputs" must be a list of objects with a name')
-    outputs = await gateway.predict(entry, inputs, outputs=[o["name"] for o in wanted])
-    answer: dict[str, Any] = {"model_name": entry.name, "model_version": str(SERVED_VERSION)}
+    answer = await gateway.predict(route, inputs, outputs=[o["name"] for o in wanted])
+    reply: dict[str, Any] = {
+        "model_name": route.entry.name,
+        "model_version": oip_version(answer.version),
+    }
     if "id" in body:
-        answer["id"] = body["id"]
-    answer["outputs"] = [_v2_output(name, array) for name, array in outputs.items()]
-    return answer
+        reply["id"] = body["id"]
+    reply["outputs"] = [_v2_output(name, array) for name, array in answer.outputs.items()]
+    return reply
 
 
 def _v2_tensor(tensor: dict[str, Any]) -> np.ndarray:

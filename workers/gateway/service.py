@@ -5,20 +5,36 @@ translations around it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
-from queueing import AsyncClient
+from queueing import AsyncClient, keys
 from queueing.errors import DeadlineExceeded, InvalidInput, UnknownModel
 from workers.gateway.catalog import Catalog, ModelEntry
 
-#: The one version a pool serves, as the APIs that want a version number see it, until
-#: the model repository (TF Serving's ``REPO/<name>/<version>/``) exists.
-SERVED_VERSION = 1
-
 #: The signature a pool serves, as TF Serving names the default one.
 DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: its model, the address the pool is sent (``"resnet"``,
+    ``"resnet@4"``, ``"resnet@canary"``: the workers route it to that version), and the
+    version the catalog resolves that address to (None: the model serves none now)."""
+
+    entry: ModelEntry
+    address: str
+    version: int | None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A request's outputs by name, and the version of the model that made them."""
+
+    outputs: dict[str, np.ndarray]
+    version: int | None
 
 
 class Gateway:
@@ -29,33 +45,57 @@ class Gateway:
         self.catalog = catalog
         self.timeout_s = timeout_s
 
-    async def model(self, name: str, version: int | str | None = None) -> ModelEntry:
-        """The model called ``name``; UnknownModel if no pool serves it, or not that version."""
+    async def model(self, name: str) -> ModelEntry:
+        """The model called ``name``; UnknownModel if no pool serves it."""
         if not name:
             raise InvalidInput("no model name given")
+        if keys.VERSION_SEP in name:
+            raise InvalidInput(
+                f"model name {name!r}: a name has no {keys.VERSION_SEP!r}; ask for a version"
+                " with the API's version field (TF Serving: model_spec.version or"
+                " version_label; REST: /versions/V or /labels/L)"
+            )
         entry = await self.catalog.get(name)
         if entry is None:
             raise UnknownModel(f"no pool serves model {name!r} on this Redis")
-        if version not in (None, "", SERVED_VERSION, str(SERVED_VERSION)):
-            raise UnknownModel(
-                f"model {name!r} has no version {version}: a pool serves one version,"
-                f" {SERVED_VERSION}"
-            )
         return entry
+
+    async def route(self, name: str, version: int | str | None = None) -> Route:
+        """Where a request for ``version`` of model ``name`` goes: a version number
+        (``4``, ``"4"``), a label (``"canary"``), or the default (None or ``""``).
+        UnknownModel if the model does not serve it."""
+        entry = await self.model(name)
+        spec = "" if version is None else str(version).strip()
+        if not spec:
+            return Route(entry, name, entry.default_version)
+        number = _resolve(entry, spec)
+        if number is None:  # a version rolled out within the catalog's TTL: look again
+            entry = await self.catalog.get(name, fresh=True) or entry
+            number = _resolve(entry, spec)
+        if number is None:
+            what = f"version {spec}" if _is_number(spec) else f"label {spec!r}"
+            raise UnknownModel(
+                f"model {name!r} has no {what}: it serves {entry.describe_versions()}"
+            )
+        # A label goes to the pool as a label: the workers resolve it when they read it.
+        pinned = str(number) if _is_number(spec) else spec
+        return Route(entry, f"{name}{keys.VERSION_SEP}{pinned}", number)
 
     async def predict(
         self,
-        entry: ModelEntry,
+        route: Route,
         inputs: dict[str, np.ndarray],
         *,
         deadline_s: float | None = None,
         outputs: Sequence[str] = (),
-    ) -> dict[str, np.ndarray]:
-        """Run ``inputs`` through the pool; every output by name, or only ``outputs``.
+    ) -> Answer:
+        """Run ``inputs`` through the pool; every output by name, or only ``outputs``,
+        and the version that made them.
 
         ``deadline_s`` (seconds from now, e.g. a gRPC call's time remaining) becomes the
         request's deadline in the pool, so that the pool never runs a request whose caller
         has given up; without it, the gateway waits ``timeout_s``."""
+        entry = route.entry
         if not inputs:
             raise InvalidInput("the request has no inputs")
         unknown = sorted(set(outputs) - set(entry.output_names))
@@ -66,13 +106,27 @@ class Gateway:
         if deadline_s is not None and deadline_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was sent")
         timeout = self.timeout_s if deadline_s is None else deadline_s
-        result = await self.client.predict(entry.name, inputs, timeout=timeout, deadline=deadline_s)
+        future = await self.client.submit(route.address, inputs, deadline=deadline_s)
+        result = await self.client.wait(future, timeout=timeout)
         if isinstance(result, np.ndarray):  # a model with one output: name it
             result = {entry.output_names[0] if entry.output_names else "output_0": result}
         self.catalog.learn_outputs(entry.name, result)
         if outputs:
-            return {name: result[name] for name in outputs}
-        return result
+            result = {name: result[name] for name in outputs}
+        # The worker says which version answered; a pool that does not say (an older
+        # tfpool) served the one the catalog resolved.
+        made_by = route.version if future.model_version is None else future.model_version
+        return Answer(result, made_by)
+
+
+def _is_number(spec: str) -> bool:
+    return spec.removeprefix("-").isdigit()
+
+
+def _resolve(entry: ModelEntry, spec: str) -> int | None:
+    """The served version a version number or label names, or None."""
+    number = int(spec) if _is_number(spec) else entry.labels.get(spec)
+    return number if number in entry.versions else None
 
 
 def tfpool_version() -> str:
