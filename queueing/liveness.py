@@ -70,16 +70,23 @@ def ago(seconds: float) -> str:
 
 def read(conn: redis.Redis, model: str) -> Liveness:
     """``model``'s liveness, in one round trip (two on a cluster, whose pipelines refuse
-    TIME: it names no key, so no node)."""
+    TIME: it names no key, so no node; one more for a queue in shards)."""
     clustered = connection.clustered(conn)
     pipe = conn.pipeline(transaction=False)
     pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
     pipe.xlen(keys.stream(model))
+    pipe.hget(keys.model_info(model), keys.FIELD_SHARDS)
     if not clustered:
         pipe.time()
     replies = pipe.execute()
     seconds, micros = conn.time() if clustered else replies.pop()
-    (last_seen, alive_until), waiting = replies
+    (last_seen, alive_until), waiting, shards = replies
+    others = _other_shards(model, shards)
+    if others:
+        pipe = conn.pipeline(transaction=False)
+        for name in others:
+            pipe.xlen(keys.stream(name))
+        waiting += sum(pipe.execute())
     return _liveness(model, last_seen, alive_until, waiting, seconds + micros / 1e6)
 
 
@@ -89,12 +96,24 @@ async def read_async(conn: aioredis.Redis, model: str) -> Liveness:
     pipe = conn.pipeline(transaction=False)
     pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
     pipe.xlen(keys.stream(model))
+    pipe.hget(keys.model_info(model), keys.FIELD_SHARDS)
     if not clustered:
         pipe.time()
     replies = await pipe.execute()
     seconds, micros = await conn.time() if clustered else replies.pop()
-    (last_seen, alive_until), waiting = replies
+    (last_seen, alive_until), waiting, shards = replies
+    others = _other_shards(model, shards)
+    if others:
+        pipe = conn.pipeline(transaction=False)
+        for name in others:
+            pipe.xlen(keys.stream(name))
+        waiting += sum(await pipe.execute())
     return _liveness(model, last_seen, alive_until, waiting, seconds + micros / 1e6)
+
+
+def _other_shards(model: str, shards: bytes | None) -> tuple[str, ...]:
+    """The shards of ``model``'s queue past the first (its own stream), if it has some."""
+    return keys.shard_names(model, int(shards))[1:] if shards else ()
 
 
 def _liveness(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from queueing import AsyncClient, Client, DeadlineExceeded, QueueFull, keys
+from queueing import AsyncClient, Client, DeadlineExceeded, QueueFull, keys, liveness
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
 from workers.status import collect, render
@@ -47,6 +47,8 @@ def test_a_full_shard_is_skipped_and_cap_and_deadlines_hold_per_shard(
             (i, keys.stream(n), 4) for i, n in enumerate(names)
         ]
         assert model.waiting == 12
+        # What a producer whose request times out is told counts every shard.
+        assert liveness.read(redis_client, name).waiting == 12
         assert keys.stream(names[2]) in render(status)
         # A new pool (starting takes longer than the deadline) reads every shard: the
         # expired requests get DeadlineExceeded, each of the others its own row's answer.
