@@ -137,6 +137,14 @@ def moving(error: BaseException) -> bool:
     return isinstance(error, redis.ResponseError) and str(error).startswith(_MOVING)
 
 
+def unblocked(error: BaseException) -> bool:
+    """Whether ``error`` is what a blocked command (``XREADGROUP BLOCK``, ``WAIT``) gets
+    when its master turns replica in a failover ("UNBLOCKED force unblock from blocking
+    operation, instance state changed"). Unlike a MOVED, the commands before it in a
+    pipeline may have run: not to be sent again blindly, but Redis unavailable for now."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith("UNBLOCKED")
+
+
 def node_name(conn: redis.Redis, key: str) -> str:
     """The name (``host:port``) of the node that serves ``key``; ``""`` on one Redis."""
     if not clustered(conn):

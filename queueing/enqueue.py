@@ -129,6 +129,6 @@ def as_request_error(error: BaseException, model: str, url: str) -> RequestError
         )
     # READONLY: a master just turned replica in a failover, before it redirects us.
     for_now = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
-    if isinstance(error, for_now) or connection.moving(error):
+    if isinstance(error, for_now) or connection.moving(error) or connection.unblocked(error):
         return Unavailable(f"cannot reach Redis at {url}: {error}")
     return None

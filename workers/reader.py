@@ -127,18 +127,22 @@ class Reader:
                         block=READ_BLOCK_MS,
                     )
                     backoff = 0.05
-                except redis.ResponseError as e:
-                    if "NOGROUP" not in str(e):
-                        raise
-                    # Redis lost our stream and group (restarted without persistence, or
-                    # flushed): register again and go on reading.
-                    log.warning("reader: %s; registering the model again", e)
-                    self.register()
-                    continue
                 except connection.REDIS_ERRORS as e:  # a cluster's own errors included
+                    if isinstance(e, redis.ResponseError) and "NOGROUP" in str(e):
+                        # Redis lost our stream and group (restarted without persistence,
+                        # or flushed): register again and go on reading.
+                        log.warning("reader: %s; registering the model again", e)
+                        self.register()
+                        continue
+                    transient = connection.moving(e) or connection.unblocked(e)
+                    if isinstance(e, redis.ResponseError) and not transient:
+                        raise
+                    # Unreachable, or a cluster moving (a failover: our master turned
+                    # replica under a blocked read): wait, learn the topology, read again.
                     log.warning("reader: %s; retrying in %.2fs", e, backoff)
                     reconnected = True
                     self.stopping.wait(backoff)
+                    connection.refresh(conn)
                     backoff = min(backoff * 2, 1.0)
                     continue
                 entries = cast(list[Entry], cast(Any, reply)[0][1]) if reply else []

@@ -329,7 +329,7 @@ def passing(error: BaseException) -> bool:
     than for good."""
     if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
         return True  # BusyLoadingError (LOADING) is a ConnectionError
-    if connection.moving(error):
+    if connection.moving(error) or connection.unblocked(error):
         return True
     refused_for_now = (
         redis.exceptions.OutOfMemoryError,  # a command of the round, refused as it was queued
