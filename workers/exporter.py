@@ -6,6 +6,11 @@ histograms from the shared memory of this supervisor's slots (``workers.metrics`
 per-worker gauges from the supervisor's own handles, and the queue gauges read from Redis
 (the same reading as ``tfpool status``). Queue gauges describe the whole pool, so every
 host's supervisor reports the same values: aggregate them with ``max``, not ``sum``.
+
+Every metric has the label ``model``. A pool of one model is its name. A repository
+pool's counters, histograms and queue gauges come per model of the repository (each
+model's own shared memory, summed over slots; each model's queue), while the per-worker
+gauges, of processes that serve every model, carry the pool's name.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +35,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from queueing import connection
 from workers.metrics import HISTOGRAMS, OUTCOMES, Snapshot
-from workers.status import heartbeats, model_status
+from workers.status import ModelStatus, heartbeats, model_status
 
 if TYPE_CHECKING:
     from workers.supervisor import Supervisor
@@ -52,7 +57,11 @@ class PoolCollector(Collector):
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self.model = supervisor.config.name
+        #: The pool's name: the label of the per-worker gauges.
+        self.pool = supervisor.config.name
+        #: The models counted, and the layout of each one's cells: a repository pool's
+        #: models found at start, or the pool's one model.
+        self.layouts = supervisor.model_layouts or {self.pool: supervisor.layout}
         self._redis = connection.connect(supervisor.config.redis_url, socket_timeout=5)
 
     def collect(self) -> Iterator[Metric]:
@@ -67,28 +76,33 @@ class PoolCollector(Collector):
         self._redis.close()
 
     def _counters(self) -> Iterator[Metric]:
-        sup, model = self.supervisor, [self.model]
-        pool = Snapshot.total(sup.layout, (Snapshot.read(sup.layout, h.metrics)
-                                           for h in sup.handles))  # fmt: skip
+        totals = {name: self._total(name) for name in self.layouts}
         requests = CounterMetricFamily(
             "tfpool_requests", "Requests answered, by outcome.", labels=["model", "outcome"]
         )
-        for outcome in OUTCOMES:
-            requests.add_metric([self.model, outcome], pool.requests(outcome))
-        yield requests
         rows = CounterMetricFamily("tfpool_rows", "Rows run through the model.", labels=["model"])
-        rows.add_metric(model, pool.rows)
-        yield rows
         batches = CounterMetricFamily("tfpool_batches", "Batches run.", labels=["model"])
-        batches.add_metric(model, pool.batches)
-        yield batches
+        for model, total in totals.items():
+            for outcome in OUTCOMES:
+                requests.add_metric([model, outcome], total.requests(outcome))
+            rows.add_metric([model], total.rows)
+            batches.add_metric([model], total.batches)
+        yield from (requests, rows, batches)
         for name in HISTOGRAMS:
-            histogram = pool.histogram(name)
             family = HistogramMetricFamily(
                 f"tfpool_{name}", _HISTOGRAM_HELP[name], labels=["model"]
             )
-            family.add_metric(model, histogram.cumulative(), sum_value=histogram.sum)
+            for model, total in totals.items():
+                histogram = total.histogram(name)
+                family.add_metric([model], histogram.cumulative(), sum_value=histogram.sum)
             yield family
+
+    def _total(self, model: str) -> Snapshot:
+        """One model's figures, summed over this supervisor's slots: a repository model's
+        own cells in each slot, or (a pool of one model) the slots' cells."""
+        layout = self.layouts[model]
+        return Snapshot.total(layout, (Snapshot.read(layout, h.model_metrics.get(model, h.metrics))
+                                       for h in self.supervisor.handles))  # fmt: skip
 
     def _workers(self) -> Iterator[Metric]:
         labels = ["model", "slot", "device"]
@@ -109,7 +123,7 @@ class PoolCollector(Collector):
             labels=labels,
         )
         for handle in self.supervisor.handles:
-            values = [self.model, str(handle.slot.index), handle.slot.device or "cpu"]
+            values = [self.pool, str(handle.slot.index), handle.slot.device or "cpu"]
             process = handle.process
             alive = process is not None and process.is_alive()
             ready.add_metric(values, 1.0 if alive and handle.is_ready else 0.0)
@@ -123,26 +137,32 @@ class PoolCollector(Collector):
         yield from (ready, restarts, rss, gpu)
 
     def _queue(self) -> Iterator[Metric]:
-        status = model_status(self._redis, self.model, heartbeats(self._redis))
-        gauges = (
-            ("queue_waiting", "Requests in the stream not yet read by a worker.", status.waiting),
-            ("queue_pending", "Requests read by a worker and not yet answered.", status.pending),
-            ("dead_letters", "Requests in the dead-letter stream.", status.dead_letters),
+        workers = heartbeats(self._redis)
+        # Every model read before any family is yielded: a Redis error leaves out the
+        # queue gauges whole, not the models after the one it hit.
+        statuses = [model_status(self._redis, model, workers) for model in self.layouts]
+        gauges: tuple[tuple[str, str, Callable[[ModelStatus], float]], ...] = (
+            ("queue_waiting", "Requests in the stream not yet read by a worker.",
+             lambda s: s.waiting),
+            ("queue_pending", "Requests read by a worker and not yet answered.",
+             lambda s: s.pending),
+            ("dead_letters", "Requests in the dead-letter stream.", lambda s: s.dead_letters),
             (
                 "oldest_waiting_seconds",
                 "Age of the oldest request not yet read (0 when none waits).",
-                status.oldest_waiting_s,
+                lambda s: s.oldest_waiting_s,
             ),
             (
                 "estimated_drain_seconds",
                 "(waiting + pending) / requests answered per second over the last minute by"
                 " every host's workers; +Inf with a backlog and no answers. Scale on this.",
-                status.estimated_drain_s,
+                lambda s: s.estimated_drain_s,
             ),
-        )
-        for name, help_text, value in gauges:
+        )  # fmt: skip
+        for name, help_text, read in gauges:
             family = GaugeMetricFamily(f"tfpool_{name}", help_text, labels=["model"])
-            family.add_metric([self.model], value)
+            for status in statuses:
+                family.add_metric([status.name], read(status))
             yield family
 
 

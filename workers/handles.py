@@ -1,6 +1,6 @@
 """A worker slot as the supervisor sees it: the slot, the process filling it now, and what
 a successor inherits (the consumers to take over, the batch that was running when one
-died, the slot's metrics); what the restart backoff has reached."""
+died, the slot's metrics and its models'); what the restart backoff has reached."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ class WorkerHandle:
     #: The slot's counters in shared memory (workers.metrics): made once, kept by every
     #: process that fills the slot, so that a crash loses none of them.
     metrics: Cells
+    #: A repository pool's: each model's counters in this slot, made and kept the same way
+    #: (the models found at start; empty for a pool of one model).
+    model_metrics: dict[str, Cells] = field(default_factory=dict)
     process: SpawnProcess | None = None
     worker_id: str = ""  # the live process's consumer name
     predecessors: list[str] = field(default_factory=list)  # dead consumers to take over

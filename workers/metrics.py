@@ -1,7 +1,8 @@
 """Pool metrics: what a worker counts, where it counts it, and the figures derived from it.
 
 Where: each slot of the supervisor owns one block of shared memory (a ``RawArray`` of
-doubles, made once per slot and handed to every process that fills the slot). The worker
+doubles, made once per slot and handed to every process that fills the slot); in a pool
+that serves a model repository, also one block per model of the repository. The worker
 adds to it in place; the supervisor reads it when ``/metrics`` is scraped. Because the
 block outlives the process, what a worker counted before it crashed stays counted, and
 its successor goes on adding to the same cells: the pool's counters never go backwards,
@@ -253,14 +254,18 @@ class Recorder:
 
 class LaneRecorder(Recorder):
     """The recorder of one model of several served by one process (``model_repo``: one
-    lane per model, see :func:`workers.process.run_models`). It counts in its own cells,
-    which its heartbeat's window reads, so that ``tfpool status`` shows each model's own
-    figures; and adds everything to ``slot``, the recorder of the slot's shared memory
-    that every lane of the process shares, so that ``/metrics`` counts the whole pool.
-    The two layouts may differ (a model's table may set its own batch sizes)."""
+    lane per model, see :func:`workers.process.run_models`). It counts in its model's own
+    ``cells``: the block of shared memory the supervisor made for this model in this slot,
+    which ``/metrics`` reads under the model's name (a private array when there is none:
+    a model folder that appeared after the supervisor started). Its heartbeat's window
+    reads them too, so that ``tfpool status`` shows each model's own figures. It also adds
+    everything to ``slot``, the recorder of the slot's shared memory that every lane of the
+    process shares (and whose GPU memory gauge the endpoint reports per slot). The layouts
+    may differ (a model's table may set its own batch sizes)."""
 
-    def __init__(self, layout: Layout, *, slot: Recorder) -> None:
-        super().__init__(layout, [0.0] * layout.size, enabled=slot.enabled)
+    def __init__(self, layout: Layout, *, slot: Recorder, cells: Cells | None = None) -> None:
+        super().__init__(layout, [0.0] * layout.size if cells is None else cells,
+                         enabled=slot.enabled)  # fmt: skip
         self.slot = slot
 
     def batch_done(self, rows: int, compute_s: float, queue_waits: Sequence[float]) -> None:

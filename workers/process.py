@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,11 +37,13 @@ def worker_main(
     metrics: Cells | None = None,
     running: RunningBatch | None = None,
     suspects: set[bytes] | None = None,
+    model_metrics: Mapping[str, Cells] | None = None,
 ) -> None:
     """Entry point of a spawned worker process. Sets the device environment *before*
     TensorFlow is imported, so that a worker sees only its own GPU. SIGTERM drains (the
     supervisor's way to stop or recycle it); a second SIGTERM exits at once. ``running``
-    and ``suspects``: see :mod:`workers.running`."""
+    and ``suspects``: see :mod:`workers.running`. ``metrics``: the slot's counters;
+    ``model_metrics``: a repository pool's, each model's own in this slot."""
     # An empty CUDA_VISIBLE_DEVICES keeps a CPU worker off every GPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
     debug = config.log_level.upper() == "DEBUG"
@@ -54,7 +56,9 @@ def worker_main(
     )
     if config.model_repo:
         # The slot's shared memory (laid out for the pool's config, as the supervisor
-        # reads it) counts every lane; each lane also counts its own model's figures.
+        # reads it) counts every lane; each lane also counts its own model's figures, in
+        # the model's shared memory (a model found after the supervisor started has none).
+        model_metrics = model_metrics or {}
         layout = Layout.for_config(config)
         slot_metrics = Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
                                 enabled=config.metrics)  # fmt: skip
@@ -71,6 +75,7 @@ def worker_main(
                 suspects=suspects,
                 running=None if shared_running is None else shared_running.lane(name),
                 slot_metrics=slot_metrics,
+                metrics=model_metrics.get(name),
                 repo_folder=Path(config.model_repo) / name,
                 heartbeat_id=f"{worker_id}/{name}",
             )

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from workers.metrics import Layout
 from workers.placement import Slot, describe_slots, plan
 from workers.process import worker_main
 from workers.redis_checks import check_redis, check_redis_url, wait_for_redis
+from workers.repository import model_names
 from workers.running import RunningBatch
 from workers.worker import EXIT_LOAD_FAILED, EXIT_OK, consumer_name
 
@@ -70,10 +72,16 @@ class Supervisor:
         self._announced = False
         self.slots = slots if slots is not None else plan(config)
         self.layout = Layout.for_config(config)
+        #: A repository pool's models (as found now) and the layout of each one's counters.
+        self.model_layouts = model_layouts(config)
         self.handles = [
             WorkerHandle(
                 slot,
                 SPAWN.RawArray("d", self.layout.size),
+                model_metrics={
+                    name: SPAWN.RawArray("d", layout.size)
+                    for name, layout in self.model_layouts.items()
+                },
                 running=RunningBatch(SPAWN, max_requests=config.max_batch_size),
             )
             for slot in self.slots
@@ -232,7 +240,7 @@ class Supervisor:
         handle.recycling = False
         slot = handle.slot
         args = (self.config, slot, list(handle.predecessors), handle.ready, handle.metrics,
-                handle.running, handle.suspects)  # fmt: skip
+                handle.running, handle.suspects, handle.model_metrics)  # fmt: skip
         process = SPAWN.Process(
             target=worker_main, args=args, name=f"tfpool-worker-{slot.index}", daemon=False
         )
@@ -316,3 +324,15 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
+
+
+def model_layouts(config: PoolConfig) -> dict[str, Layout]:
+    """The models of a repository pool, found in its folder now, and the layout of each
+    one's counters, built from its own settings as its worker lane builds it (they may set
+    their own batch sizes). Empty for a pool of one model."""
+    if not config.model_repo:
+        return {}
+    return {
+        name: Layout.for_config(config.for_model(name, str(Path(config.model_repo) / name)))
+        for name in model_names(config.model_repo)
+    }

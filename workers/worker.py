@@ -43,7 +43,8 @@ this process, so what it counted survives a crash.
 With ``model_repo``, one process serves every model of the repository: one
 :class:`Worker` (a lane) per model, each with the threads above and a watcher
 (:mod:`workers.rollout`), all in one process (see :func:`workers.process.run_models`).
-The lanes share the slot's ``metrics`` (each counts its own too, for its heartbeat:
+The lanes share the slot's ``metrics`` (each counts its own model's too, in the
+model's block of shared memory, which ``/metrics`` and its heartbeat read:
 :class:`workers.metrics.LaneRecorder`) and ``running`` (the union of the lanes' batches:
 :class:`workers.running.RunningLanes`).
 """
@@ -135,10 +136,11 @@ class Worker:
         self.clock = StreamClock()
         self.held = HeldEntries()
         # The slot's counters in the supervisor's shared memory; a private array without.
-        # One model of several (slot_metrics given): its own counts, added to the slot's.
+        # One model of several (slot_metrics given): its own counts (``metrics``: the
+        # model's counters in the supervisor's shared memory), added to the slot's.
         layout = Layout.for_config(config)
         self.metrics: Recorder = (
-            LaneRecorder(layout, slot=slot_metrics) if slot_metrics is not None
+            LaneRecorder(layout, slot=slot_metrics, cells=metrics) if slot_metrics is not None
             else Recorder(layout, [0.0] * layout.size if metrics is None else metrics,
                           enabled=config.metrics)
         )  # fmt: skip

@@ -3,8 +3,10 @@ parsed with prometheus_client's own parser."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from queueing import Client, DeadLettered, DeadlineExceeded, InvalidInput, ModelError
 from tests.integration.conftest import PoolFactory
-from tests.integration.helpers import TFPOOL
+from tests.integration.helpers import TFPOOL, heartbeats
 from tests.integration.poison import FAIL, MARKER, build_poison_model
 from tests.waiting import wait_until
 from workers.config import PoolConfig
@@ -204,6 +206,102 @@ def test_queue_gauges_follow_a_backlog(
 def _family(sample_name: str) -> str:
     """A family's name from one of its samples' (what the text parser names families)."""
     return re.sub(r"_(total|bucket|count|sum)$", "", sample_name)
+
+
+def test_a_repository_pool_counts_and_queues_each_model_under_its_own_name(
+    tmp_path: Path, start_pool: PoolFactory, mlp_path: str, redis_url: str
+) -> None:
+    # Two models in every worker process, two processes; one batches up to 4 rows, the
+    # other up to 16: each model's histogram has its own bounds.
+    repo = tmp_path / "shelf"
+    for name in ("shelf-a", "shelf-b"):
+        (repo / name / "1").mkdir(parents=True)
+        shutil.copy(mlp_path, repo / name / "1")
+    models = {"shelf-a": {"max_batch_size": 4}, "shelf-b": {"max_batch_size": 16}}
+    supervisor = start_pool("", model_repo=str(repo), models=models, workers=2,
+                            metrics_port=0)  # fmt: skip
+    assert supervisor.metrics_server is not None
+    port = supervisor.metrics_server.port
+    a, b = {"model": "shelf-a"}, {"model": "shelf-b"}
+
+    def answered(samples: Samples, m: dict[str, str]) -> float:
+        return sum(value(samples, "tfpool_requests_total", outcome=o, **m) for o in OUTCOMES)
+
+    # One request at a time: each runs in a batch of its own, so batches are known.
+    rows = {"shelf-a": [1, 3, 2, 4, 1], "shelf-b": [2, 7, 16, 1]}
+    rng = np.random.default_rng(3)
+    with Client(redis_url) as c:
+        for name, sizes in rows.items():
+            for n in sizes:
+                c.predict(name, rng.standard_normal((n, 8)).astype(np.float32), timeout=60)
+        for _ in range(3):  # the models take rows of 8
+            with pytest.raises(InvalidInput):
+                c.predict("shelf-b", np.ones((2, 5), np.float32), timeout=60)
+        counted = scrape_until(
+            port, lambda s: answered(s, a) == 5 and answered(s, b) == 7, what="12 answers counted"
+        )
+        assert value(counted, "tfpool_requests_total", outcome="ok", **a) == 5
+        assert value(counted, "tfpool_requests_total", outcome="invalid_input", **a) == 0
+        assert value(counted, "tfpool_requests_total", outcome="ok", **b) == 4
+        assert value(counted, "tfpool_requests_total", outcome="invalid_input", **b) == 3
+        assert {dict(labels)["model"] for name, labels in counted
+                if name == "tfpool_requests_total"} == {"shelf-a", "shelf-b"}  # fmt: skip
+        for m, sizes in ((a, rows["shelf-a"]), (b, rows["shelf-b"])):
+            assert value(counted, "tfpool_rows_total", **m) == sum(sizes)
+            assert value(counted, "tfpool_batches_total", **m) == len(sizes)
+            assert value(counted, "tfpool_batch_rows_count", **m) == len(sizes)
+            assert value(counted, "tfpool_batch_rows_sum", **m) == sum(sizes)
+            assert value(counted, "tfpool_compute_seconds_count", **m) == len(sizes)
+            assert value(counted, "tfpool_queue_wait_seconds_count", **m) == len(sizes)
+            assert value(counted, "tfpool_request_seconds_count", **m) == answered(counted, m)
+        assert value(counted, "tfpool_batch_rows_bucket", le="4.0", **a) == 5
+        assert ("tfpool_batch_rows_bucket", frozenset({**a, "le": "16.0"}.items())) not in counted
+        assert value(counted, "tfpool_batch_rows_bucket", le="8.0", **b) == 3
+        assert value(counted, "tfpool_batch_rows_bucket", le="16.0", **b) == 4
+        # The worker gauges are per process, which serves both models: the pool's name.
+        for slot in ("0", "1"):
+            assert value(counted, "tfpool_worker_ready", model="shelf", slot=slot,
+                         device="cpu") == 1  # fmt: skip
+
+        # Each model's heartbeats carry its own last minute (what `tfpool status` shows).
+        def window_counts(model: str) -> tuple[float, float]:
+            windows = [json.loads(beat["window"]) for beat in heartbeats(redis_url, model)]
+            return (sum(w["requests"]["ok"] for w in windows),
+                    sum(w["requests"]["invalid_input"] for w in windows))  # fmt: skip
+
+        wait_until(
+            lambda: window_counts("shelf-a") == (5, 0) and window_counts("shelf-b") == (4, 3),
+            what="each model's heartbeats to show its own answers",
+        )
+
+        # A backlog of one model shows in its queue gauges, none in the other's.
+        pids = supervisor.serving_pids()
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # nothing is read or answered while they are
+        try:
+            x = np.ones((1, 8), np.float32)
+            futures = c.submit_many("shelf-b", [x] * 10)
+            held = scrape(port)
+            # Reads the workers had already begun may still be served to them by Redis.
+            queued = value(held, "tfpool_queue_waiting", **b)
+            assert queued + value(held, "tfpool_queue_pending", **b) == 10
+            assert value(held, "tfpool_estimated_drain_seconds", **b) > 0
+            assert value(held, "tfpool_queue_waiting", **a) == 0
+            assert value(held, "tfpool_queue_pending", **a) == 0
+            assert value(held, "tfpool_estimated_drain_seconds", **a) == 0
+            assert value(held, "tfpool_dead_letters", **a) == 0
+            assert ("tfpool_queue_waiting", frozenset({"model": "shelf"}.items())) not in held
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        for f in futures:
+            c.wait(f, timeout=60)
+    drained = scrape_until(
+        port, lambda s: value(s, "tfpool_requests_total", outcome="ok", **b) == 14, what="14 ok"
+    )
+    assert value(drained, "tfpool_queue_waiting", **b) == 0
+    assert value(drained, "tfpool_requests_total", outcome="ok", **a) == 5
 
 
 def test_readyz_follows_warm_up_and_drain_while_healthz_stays_up(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ from workers.metrics import (
     drain_seconds,
     outcome,
 )
+from workers.supervisor import model_layouts
 
 
 def recorder(max_batch_size: int = 8) -> Recorder:
@@ -114,6 +116,40 @@ def test_lanes_count_their_own_model_and_add_to_the_slots_shared_cells() -> None
     assert snapshot(slot).batches == 4000 and snapshot(slot).rows == 80_000
     assert snapshot(slot).histogram("batch_rows").cumulative()[-2:] == [("8.0", 0), ("+Inf", 4000)]
     assert snapshot(slot).requests("ok") == 4000
+
+
+def test_a_lane_given_its_models_shared_cells_counts_there_and_its_window_reads_them() -> None:
+    slot = recorder(max_batch_size=8)
+    layout = Layout.for_config(PoolConfig(model="m.keras", max_batch_size=16))
+    shared = [0.0] * layout.size  # what the supervisor made for this model in this slot
+    shared[OUTCOMES.index("ok")] = 5.0  # counted by the slot's previous process
+    lane = LaneRecorder(layout, slot=slot, cells=shared)
+    window = Window()
+    window.figures(snapshot(lane), now=0.0)
+    lane.batch_done(12, 0.002, [0.001, 0.001])
+    lane.answered([("ok", 0.003), ("invalid_input", 0.001)])
+    assert lane.cells is shared
+    model = Snapshot.read(layout, shared)
+    assert (model.requests("ok"), model.requests("invalid_input")) == (6, 1)
+    assert (model.rows, model.batches) == (12, 1)
+    assert model.histogram("batch_rows").cumulative()[-2:] == [("16.0", 1), ("+Inf", 1)]
+    figures = window.figures(snapshot(lane), now=2.0)  # this process's own, not before
+    assert figures["requests"]["ok"] == 1 and figures["requests"]["invalid_input"] == 1
+    assert snapshot(slot).requests("ok") == 1 and snapshot(slot).rows == 12
+
+
+def test_a_repository_pools_models_each_get_a_layout_from_their_own_settings(
+    tmp_path: Path,
+) -> None:
+    for name in ("b", "a", ".hidden"):
+        (tmp_path / name).mkdir()
+    config = PoolConfig(model_repo=str(tmp_path), max_batch_size=8,
+                        models={"b": {"max_batch_size": 6, "buckets": [2, 6]}})  # fmt: skip
+    layouts = model_layouts(config)
+    assert list(layouts) == ["a", "b"]
+    assert layouts["a"].batch_buckets == (1.0, 2.0, 4.0, 8.0)
+    assert layouts["b"].batch_buckets == (2.0, 6.0)
+    assert model_layouts(PoolConfig(model="m.keras")) == {}
 
 
 @pytest.mark.parametrize(
