@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from queueing import connection, keys, liveness, redis_state, wire
-from queueing.base import READ_BLOCK_S, ClientBase
+from queueing.base import READ_BLOCK_S, ClientBase, retry_log_level
 from queueing.enqueuer import AsyncEnqueuer
 from queueing.errors import RequestError
 from queueing.frames import frames_in_order_async
@@ -275,7 +275,7 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             except connection.REDIS_ERRORS as e:
                 if self._closed:
                     return
-                log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
+                log.log(retry_log_level(backoff), "reply reader: %s; retrying in %.2fs", e, backoff)
                 reconnected = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -41,6 +41,17 @@ READ_BLOCK_S = 1.0
 READ_COUNT = 1024
 
 
+#: The reply reader's retries are logged as warnings from this backoff on: a blip (a
+#: failover, a dropped connection) heals within the first tries and says nothing, and a
+#: one-shot command whose Redis is down fails with its own one-line error first.
+WARN_FROM_BACKOFF_S = 0.4
+
+
+def retry_log_level(backoff_s: float) -> int:
+    """The level to log a reply reader's retry at, after ``backoff_s`` of backoff."""
+    return logging.WARNING if backoff_s >= WARN_FROM_BACKOFF_S else logging.DEBUG
+
+
 def resolve_redis_url(redis_url: str | None) -> str:
     """The URL given, else ``TFPOOL_REDIS_URL``, else :data:`DEFAULT_REDIS_URL`."""
     return redis_url or os.environ.get("TFPOOL_REDIS_URL") or DEFAULT_REDIS_URL

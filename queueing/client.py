@@ -31,6 +31,7 @@ from queueing.base import (
     READ_BLOCK_S,
     ClientBase,
     resolve_redis_url,
+    retry_log_level,
 )
 from queueing.enqueuer import Enqueuer
 from queueing.errors import RequestError
@@ -330,7 +331,7 @@ class Client(ClientBase[RequestFuture]):
                 batch = self._cursor.take(pipe.execute()[-1])
                 backoff = 0.05
             except connection.REDIS_ERRORS as e:
-                log.warning("reply reader: %s; retrying in %.2fs", e, backoff)
+                log.log(retry_log_level(backoff), "reply reader: %s; retrying in %.2fs", e, backoff)
                 reconnected = True
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="rows that may fail with exit code 0: a count (100), or a fraction of all rows"
-        " (0.01); more failed rows exit with 1 (default: 0)",
+        " (0.01); more failed rows exit with 1 (default: 0). A first chunk that fails whole"
+        " for one reason still stops the run at once (exit 2): the input or model is wrong",
     )
     score.add_argument(
         "--input-column",
@@ -288,7 +289,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as in a worker
+    from workers.quiet import native_stderr_silenced, quiet_tensorflow_logging
+
+    quiet_tensorflow_logging(debug=args.debug)  # as in a worker
+    with native_stderr_silenced(enabled=not args.debug):
+        import tensorflow  # noqa: F401  (its start-up lines, kept off the terminal)
     from workers.inspection import inspect_model
 
     overrides = {k: getattr(args, k) for k in option_types() if hasattr(args, k)}

@@ -13,7 +13,7 @@ import numpy as np
 
 from queueing import Client, connection
 from queueing.client import resolve_redis_url
-from queueing.datasets.arrays import IMAGE_SUFFIXES, check_output_suffix
+from queueing.datasets.arrays import IMAGE_SUFFIXES, check_output_suffix, numpy_kind
 from queueing.score import single_output_name
 from workers import failures
 
@@ -27,7 +27,7 @@ def redis_url_of(args: argparse.Namespace) -> str:
 def _load_inputs(path: str) -> Any:
     if path.lower().endswith(IMAGE_SUFFIXES):  # sent encoded, for a pool that decodes images
         return Path(path).read_bytes()
-    if path.endswith(".npz"):
+    if numpy_kind(path) == "npz":
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     return np.load(path, allow_pickle=False)

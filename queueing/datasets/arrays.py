@@ -75,13 +75,31 @@ class ImageFolder:
 Input = dict[str, np.ndarray] | np.ndarray | ImageFolder
 
 
+#: How numpy's files begin: ``.npy``, and ``.npz`` (a zip archive).
+NUMPY_MAGIC = (b"\x93NUMPY", b"PK\x03\x04")
+
+
+def numpy_kind(path: str) -> str:
+    """``"npy"`` or ``"npz"``, from what the file holds (not its name). ValueError for any
+    other file: numpy would take it for a pickle ("This file contains pickled (object)
+    data") or fail with EOFError, neither of which says what is wrong."""
+    with open(path, "rb") as file:
+        head = file.read(6)
+    if not head.startswith(NUMPY_MAGIC):
+        raise ValueError(
+            f"{path}: not a numpy file (.npy or .npz, as np.save / np.savez write them),"
+            f" nor an image ({', '.join(IMAGE_SUFFIXES)}) or a folder of them"
+        )
+    return "npz" if head.startswith(b"PK") else "npy"
+
+
 def open_input(path: str) -> tuple[Input, int]:
     """The input (``.npy`` memory-mapped; ``.npz`` one array per model input; a folder of
     images) and the number of rows."""
     if os.path.isdir(path):
         folder = ImageFolder(path)
         return folder, len(folder)
-    if path.endswith(".npz"):
+    if numpy_kind(path) == "npz":
         with np.load(path, allow_pickle=False) as archive:
             # An archive member cannot be memory-mapped: each is read once, here.
             arrays = {name: archive[name] for name in archive.files}

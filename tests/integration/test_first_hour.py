@@ -238,6 +238,25 @@ def test_predict_writes_the_format_its_output_names(
     )
 
 
+@pytest.mark.parametrize("content", [b"", b"x,y\n1,2\n"], ids=["empty", "text"])
+def test_an_input_that_is_not_a_numpy_file_is_one_line_for_predict_and_score(
+    content: bytes, redis_url: str, tmp_path: Path
+) -> None:
+    """numpy itself would say "No data left in file" (a traceback) or take the file for a
+    pickle ("This file contains pickled (object) data"): neither says what is wrong."""
+    bad = tmp_path / "rows.npy"
+    bad.write_bytes(content)
+    for args in (("predict", "--model", "m", "--input", str(bad)),
+                 ("score", "--model", "m", str(bad), str(tmp_path / "out.npy"))):  # fmt: skip
+        done = _tfpool(*args, "--redis-url", redis_url)
+        assert done.returncode == 2, done.stderr
+        assert _one_line(done.stderr) == (
+            f"tfpool {args[0]}: {bad}: not a numpy file (.npy or .npz, as np.save / np.savez"
+            " write them), nor an image (.jpg, .jpeg, .png, .gif, .bmp) or a folder of them"
+        )
+    assert sorted(os.listdir(tmp_path)) == ["rows.npy"]
+
+
 # --- serve -----------------------------------------------------------------------------------
 
 
