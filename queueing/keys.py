@@ -55,6 +55,19 @@ def split_address(address: str) -> tuple[str, str | None]:
     return name, (version if sep else None)
 
 
+def version_field(field: str, version: int) -> str:
+    """The field of a model's info hash that holds one served version's ``field``
+    (``inputs@3``, ``outputs@3``, ``output_specs@3``): versions of one model may take
+    different inputs. The plain fields (``inputs``...) are the default version's."""
+    return f"{field}{VERSION_SEP}{version}"
+
+
+def is_version_field(field: str) -> bool:
+    """Whether an info hash field is one version's (see :func:`version_field`)."""
+    _, sep, version = field.partition(VERSION_SEP)
+    return bool(sep) and version.isdigit()
+
+
 #: Separates a model's name from a shard's number in a shard's name: ``"resnet#2.5"``.
 SHARD_SEP = "#"
 
@@ -92,8 +105,9 @@ def stream(model: str) -> str:
 
 
 def model_info(model: str) -> str:
-    """Hash written by the workers of ``model``: queue cap, input spec, versions served.
-    Its existence says that a pool has served this model on this Redis."""
+    """Hash written by the workers of ``model``: queue cap, input spec, versions served
+    (and each one's spec: :func:`version_field`). Its existence says that a pool has
+    served this model on this Redis."""
     return f"{PREFIX}:{{{split_address(model)[0]}}}:info"
 
 

@@ -99,7 +99,20 @@ class Presence:
         # Shard 0's hash is the model's own; on a cluster the others live in other slots.
         info = {**self.model_info, keys.FIELD_SHARDS: len(self.shard_names)}
         for name in self.shard_names:
-            self.redis.hset(keys.model_info(name), mapping=info)
+            key = keys.model_info(name)
+            # The specs of versions not served (retired, or left by a pool before this
+            # one) go. Every worker of the model writes this hash, each what it serves, and
+            # the last write stands, as for "versions": a worker still loading a version
+            # takes its spec out until it has loaded it too and writes again. (Not atomic:
+            # a write of another worker between these commands may lose a version's spec
+            # until the next write; the gateway then uses the default version's.)
+            stale = [field for field in map(_text, self.redis.hkeys(key))
+                     if keys.is_version_field(field) and field not in info]  # fmt: skip
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(key, mapping=info)
+            if stale:
+                pipe.hdel(key, *stale)
+            pipe.execute()
 
     def register_quietly(self) -> None:
         """:meth:`register`, logging a failure (then pausing, as the caller will retry)."""
@@ -179,3 +192,7 @@ class Presence:
 
             self.metrics.gpu_memory(gpu_memory_in_use())
         return self._window.figures(Snapshot.read(self.metrics.layout, self.metrics.cells))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

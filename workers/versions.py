@@ -181,25 +181,25 @@ class Versions:
     def describe_labels(self) -> str:
         return ", ".join(f"{label}={number}" for label, number in sorted(self.labels.items()))
 
-    # --- internals (the caller holds the lock) ------------------------------------------
-
     def model_info(self, max_queue: int) -> dict[FieldT, EncodableT]:
         """The model's info hash: producers' admission (``max_queue``), what to send (the
-        default version's inputs and outputs), and the versions served."""
-        default = self.default_version()
+        default version's inputs and outputs), the versions served, and each one's inputs
+        and outputs (``inputs@3``...: versions may differ; the gateway's metadata and its
+        reading of JSON requests use the version asked for)."""
+        with self._lock:
+            serving = sorted(self._serving.items())
+            default = self._default()
         info: dict[FieldT, EncodableT] = {
             "max_queue": max_queue,
-            "versions": ", ".join(map(str, self.serving())),
+            "versions": ", ".join(str(number) for number, _ in serving),
             "labels": self.describe_labels(),
         }
         if default is not None:
-            info["inputs"] = default.served.describe_inputs()
-            info["outputs"] = ", ".join(default.served.output_names)
-            # Their dtypes and shapes, as "inputs" gives the inputs' (the gateway's metadata).
-            info["output_specs"] = ", ".join(
-                f"{s.name}: {s.describe()}" for s in default.served.output_specs()
-            )
+            info.update(_spec_fields(default.served))
             info["default_version"] = default.number
+        for number, version in serving:
+            for field, value in _spec_fields(version.served).items():
+                info[keys.version_field(field, number)] = value
         return info
 
     def heartbeat_fields(self) -> dict[FieldT, EncodableT]:
@@ -210,6 +210,8 @@ class Versions:
             "labels": self.describe_labels(),
             "default_version": self.default_number() or "",
         }
+
+    # --- internals (the caller holds the lock) ------------------------------------------
 
     def _default(self) -> Version | None:
         stable = self.labels.get("stable")
@@ -243,6 +245,16 @@ class Versions:
     def _log_dropped(self, dropped: list[int]) -> None:
         for number in dropped:
             log.info("model %s: version %d drained and unloaded", self.name, number)
+
+
+def _spec_fields(served: Served) -> dict[str, str]:
+    """A version's inputs and outputs as the info hash gives them."""
+    return {
+        "inputs": served.describe_inputs(),
+        "outputs": ", ".join(served.output_names),
+        # Their dtypes and shapes, as "inputs" gives the inputs' (the gateway's metadata).
+        "output_specs": ", ".join(f"{s.name}: {s.describe()}" for s in served.output_specs()),
+    }
 
 
 class VersionRouter:

@@ -12,12 +12,14 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import keras
 import numpy as np
 import pytest
+import redis
 
-from queueing import Client, UnknownModel
+from queueing import Client, UnknownModel, keys
 from queueing.client import RequestFuture
 from queueing.score import Progress, VersionChanged, score
 from tests.integration.helpers import heartbeats
@@ -66,6 +68,16 @@ def drop_version(repo: Path, staging: Path, model: str, version: int) -> None:
 def versions_line(url: str, model: str) -> str:
     beats = heartbeats(url, model)
     return beats[0].get("versions", "") if beats else ""
+
+
+def spec_fields(url: str, model: str) -> set[str]:
+    """The fields of the model's info hash that hold one version's spec."""
+    conn = redis.Redis.from_url(url)
+    try:
+        fields = [f.decode() for f in cast(list[bytes], conn.hkeys(keys.model_info(model)))]
+        return {f for f in fields if keys.is_version_field(f)}
+    finally:
+        conn.close()
 
 
 class Traffic:
@@ -195,9 +207,18 @@ def test_several_models_in_one_worker_pinned_by_number_and_label(
     with pytest.raises(UnknownModel, match=r"version '7' is not served; served versions: 1, 2"):
         client.predict("a@7", x, timeout=30)
 
-    # Removing a version's folder unloads it once its requests are answered.
+    # Each served version's inputs and outputs are in the model's info hash.
+    assert spec_fields(redis_url, "a") == {
+        f"{field}@{version}"
+        for field in ("inputs", "outputs", "output_specs")
+        for version in (1, 2)
+    }
+
+    # Removing a version's folder unloads it once its requests are answered, and takes its
+    # fields out of the info hash.
     shutil.rmtree(repo / "a" / "1")
     wait_until(lambda: versions_line(redis_url, "a") == "2 ready", timeout=60, what="unload")
+    assert spec_fields(redis_url, "a") == {"inputs@2", "outputs@2", "output_specs@2"}
     with pytest.raises(UnknownModel, match="served versions: 2"):
         client.predict("a@1", x, timeout=30)
     future = client.submit("a", x)  # "stable" names a version gone: the newest serves

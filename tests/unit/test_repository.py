@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import numpy as np
@@ -15,6 +16,8 @@ from workers.config import PoolConfig
 from workers.errors import ConfigError
 from workers.messages import Received
 from workers.repository import READY_MARKER, ModelWatch, VersionPolicy, parse_labels
+from workers.runner import Served
+from workers.spec import TensorSpec
 from workers.versions import Version, Versions
 
 
@@ -180,3 +183,47 @@ def test_a_retired_version_answers_what_it_holds_then_is_dropped() -> None:
     assert versions.describe() == "2 ready"
     with pytest.raises(KeyError):
         versions.get(1)
+
+
+def _described(number: int, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Version:
+    # What describing a version reads of its LoadedModel (which needs TensorFlow): its
+    # input and output specs.
+    model = SimpleNamespace(inputs=inputs, outputs=outputs)
+    served = Served(cast(Any, model), None, None, [s.name for s in outputs], cast(Any, None))
+    return Version(number, f"/m/{number}", served, cast(Any, None), cast(Any, None))
+
+
+def test_the_info_hash_gives_each_served_version_s_inputs_and_outputs() -> None:
+    versions = Versions("m", {"stable": 1})
+    versions.add(_described(1, [TensorSpec("x", "float32", (4,))],
+                            [TensorSpec("y", "float32", (4,))]))  # fmt: skip
+    versions.add(_described(2, [TensorSpec("features", "float64", (6,))],
+                            [TensorSpec("total", "float64", (1,)),
+                             TensorSpec("doubled", "float64", (6,))]))  # fmt: skip
+    v1 = {"inputs": "x: float32 [*, 4]", "outputs": "y", "output_specs": "y: float32 [*, 4]"}
+    v2 = {
+        "inputs": "features: float64 [*, 6]",
+        "outputs": "total, doubled",
+        "output_specs": "total: float64 [*, 1], doubled: float64 [*, 6]",
+    }
+    assert versions.model_info(100) == {
+        "max_queue": 100,
+        "versions": "1, 2",
+        "labels": "stable=1",
+        "default_version": 1,
+        **v1,  # the plain fields are the default version's, as before
+        **{f"{field}@1": value for field, value in v1.items()},
+        **{f"{field}@2": value for field, value in v2.items()},
+    }
+    assert all(keys.is_version_field(f"{field}@2") for field in v2)
+    assert not keys.is_version_field("inputs") and not keys.is_version_field("a@b")
+
+    versions.retire(1)  # the default is now 2; version 1's fields are gone
+    assert versions.model_info(100) == {
+        "max_queue": 100,
+        "versions": "2",
+        "labels": "stable=1",
+        "default_version": 2,
+        **v2,
+        **{f"{field}@2": value for field, value in v2.items()},
+    }
