@@ -84,6 +84,24 @@ def build_times_model(path: Path, factor: float) -> str:
     return str(path)
 
 
+class _Wider(tf.Module):
+    """features [*, 6] float64 -> total = 2 * the row's sum [*, 1], doubled [*, 6]."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float64, name="features")])
+    def serve(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        doubled = features * 2.0
+        return {"total": tf.reduce_sum(doubled, axis=1, keepdims=True), "doubled": doubled}
+
+
+def build_wider_model(path: Path) -> str:
+    """A SavedModel at ``path`` whose signature differs from :func:`build_times_model`'s in
+    every way: input ``features`` [*, 6] float64, outputs ``total`` [*, 1] and ``doubled``
+    [*, 6] (a version of a model that takes other inputs than the version before)."""
+    module = _Wider()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return str(path)
+
+
 def ragged_outputs(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     """What the SavedModel computes, in numpy."""
     total = a.sum(axis=-1, keepdims=True) + b.sum(axis=-1, keepdims=True)

@@ -20,7 +20,13 @@ from queueing.errors import (
     UnknownModel,
 )
 from workers.gateway import tensors
-from workers.gateway.catalog import parse_inputs, parse_versions
+from workers.gateway.catalog import (
+    ModelEntry,
+    Signature,
+    parse_inputs,
+    parse_signature,
+    parse_versions,
+)
 from workers.gateway.errors import grpc_code, http_status
 from workers.gateway.proto import oip_pb2, tfs_pb2
 from workers.gateway.server import GatewayConfig
@@ -144,6 +150,48 @@ def test_versions_from_the_info_hash() -> None:
     assert parse_versions({b"inputs": b"x: float32 [*, 8]"}) == ([1], {}, 1)
     # Every version retired: the hash keeps the last default, which serves no more.
     assert parse_versions({b"versions": b"", b"default_version": b"4"}) == ([], {}, None)
+
+
+def test_each_version_s_inputs_and_outputs_from_the_info_hash() -> None:
+    """As ``Versions.model_info`` writes them: the plain fields are the default version's,
+    ``inputs@N``... each served version's; a hash without them (an older pool) has none."""
+    info = {
+        b"versions": b"1, 2",
+        b"default_version": b"1",
+        b"inputs": b"x: float32 [*, 4]",
+        b"outputs": b"y",
+        b"output_specs": b"y: float32 [*, 4]",
+        b"inputs@1": b"x: float32 [*, 4]",
+        b"outputs@1": b"y",
+        b"output_specs@1": b"y: float32 [*, 4]",
+        b"inputs@2": b"features: float64 [*, 6]",
+        b"outputs@2": b"total, doubled",
+        b"output_specs@2": b"total: float64 [*, 1], doubled: float64 [*, 6]",
+    }
+    v1 = Signature(
+        inputs=[TensorSpec("x", "float32", (4,))],
+        output_names=["y"],
+        outputs={"y": TensorSpec("y", "float32", (4,))},
+    )
+    v2 = Signature(
+        inputs=[TensorSpec("features", "float64", (6,))],
+        output_names=["total", "doubled"],
+        outputs={
+            "total": TensorSpec("total", "float64", (1,)),
+            "doubled": TensorSpec("doubled", "float64", (6,)),
+        },
+    )
+    assert parse_signature(info) == v1
+    assert parse_signature(info, 1) == v1
+    assert parse_signature(info, 2) == v2
+    assert parse_signature(info, 3) is None
+    assert parse_signature({b"versions": b"1"}) is None
+
+    entry = ModelEntry("m", v1.inputs, v1.output_names, 1, v1.outputs, [1, 2],
+                       signatures={1: v1, 2: v2})  # fmt: skip
+    assert (entry.at(2).inputs, entry.at(2).output_names) == (v2.inputs, v2.output_names)
+    assert entry.at(2).outputs == v2.outputs
+    assert entry.at(None) == entry.at(7) == entry
 
 
 def test_error_statuses() -> None:

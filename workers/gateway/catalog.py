@@ -2,11 +2,13 @@
 same records ``tfpool status`` reads), and cached for a moment.
 
 A model's inputs and outputs come from its info hash (``keys.model_info``), written by its
-workers from the loaded model itself (its default version's), with the versions and labels
-they serve (``Versions.model_info``); its live workers from their heartbeats, which expire
-three heartbeats after a worker dies. An output whose dtype and shape the info hash does
-not give (a pool started by an older tfpool, or a model that does not declare them) is
-learned from the first answer the gateway forwards.
+workers from the loaded models themselves: the default version's, and each served
+version's (``inputs@3``...; a pool started by an older tfpool gives only the default's,
+which then stands for every version), with the versions and labels they serve
+(``Versions.model_info``); its live workers from their heartbeats, which expire three
+heartbeats after a worker dies. An output whose dtype and shape the info hash does not give
+(a pool started by an older tfpool, or a model that does not declare them) is learned from
+the first answer of that version the gateway forwards.
 """
 
 from __future__ import annotations
@@ -42,9 +44,25 @@ SINGLE_VERSION = 1
 
 
 @dataclass(frozen=True)
+class Signature:
+    """What one version of a model takes and answers: its inputs (shapes without the batch
+    axis), its output names, and its output specs by name (registered by the workers,
+    else learned from an answer)."""
+
+    inputs: list[TensorSpec]
+    output_names: list[str]
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+
+    def with_learned(self, learned: dict[str, TensorSpec]) -> Signature:
+        """The same, with output specs learned from answers where none was registered."""
+        return replace(self, outputs={**learned, **self.outputs}) if learned else self
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """One model: its inputs (shapes without the batch axis), output names, how many
-    workers are ready to serve it now, and the versions and labels they serve."""
+    """One model: the inputs and outputs of one of its versions (the default's, or the
+    one :meth:`at` chose), how many workers are ready to serve it now, the versions and
+    labels they serve, and each version's inputs and outputs."""
 
     name: str
     inputs: list[TensorSpec]
@@ -58,10 +76,21 @@ class ModelEntry:
     labels: dict[str, int] = field(default_factory=dict)
     #: The version a request that names none goes to (None: none served).
     default_version: int | None = SINGLE_VERSION
+    #: Each served version's inputs and outputs.
+    signatures: dict[int, Signature] = field(default_factory=dict)
 
     @property
     def available(self) -> bool:
         return self.ready_workers > 0
+
+    def at(self, version: int | None) -> ModelEntry:
+        """This model with the inputs and outputs of ``version`` (unchanged for None or a
+        version it does not know)."""
+        signature = None if version is None else self.signatures.get(version)
+        if signature is None:
+            return self
+        return replace(self, inputs=signature.inputs, output_names=signature.output_names,
+                       outputs=signature.outputs)  # fmt: skip
 
     def describe_versions(self) -> str:
         """``versions 1, 2; labels canary=2, stable=1``, for error messages."""
@@ -99,6 +128,27 @@ def parse_versions(info: dict[bytes, bytes]) -> tuple[list[int], dict[str, int],
     return versions, labels, int(default) if default.isdigit() and versions else None
 
 
+def parse_signature(info: dict[bytes, bytes], version: int | None = None) -> Signature | None:
+    """A version's inputs and outputs from an info hash's ``inputs@N``, ``outputs@N`` and
+    ``output_specs@N`` fields, or with ``version`` None the default version's (the plain
+    fields). None when the hash has no inputs for it."""
+
+    def text(name: str) -> str | None:
+        field_name = name if version is None else keys.version_field(name, version)
+        value = info.get(field_name.encode())
+        return None if value is None else value.decode()
+
+    inputs = text("inputs")
+    if inputs is None:
+        return None
+    registered = parse_inputs(text("output_specs") or "")
+    return Signature(
+        inputs=parse_inputs(inputs),
+        output_names=[o for o in (text("outputs") or "").split(", ") if o],
+        outputs={s.name: s for s in registered},
+    )
+
+
 def learned_spec(name: str, array: np.ndarray) -> TensorSpec:
     """An output's spec as one answer shows it (the batch axis left out)."""
     return TensorSpec(name=name, dtype=dtype_name(array), shape=tuple(array.shape[1:]))
@@ -114,7 +164,8 @@ class Catalog:
         # Written and read on the event loop only: no lock.
         self._entries: dict[str, tuple[float, ModelEntry | None]] = {}
         self._workers: tuple[float, Counter[str]] = (-1e9, Counter())
-        self._outputs: dict[str, dict[str, TensorSpec]] = {}
+        # Output specs learned from answers, by (model, version).
+        self._outputs: dict[tuple[str, int | None], dict[str, TensorSpec]] = {}
         self._refresh_lock = asyncio.Lock()
 
     async def get(self, name: str, *, fresh: bool = False) -> ModelEntry | None:
@@ -127,9 +178,15 @@ class Catalog:
             cached = (now, await self._read(name))
             self._entries[name] = cached
         entry = cached[1]
-        if entry is None:
-            return None
-        return replace(entry, outputs={**self._outputs.get(name, {}), **entry.outputs})
+        if entry is None or not self._outputs:
+            return entry
+        default = Signature(entry.inputs, entry.output_names, entry.outputs)
+        default = default.with_learned(self._outputs.get((name, entry.default_version), {}))
+        signatures = {
+            number: signature.with_learned(self._outputs.get((name, number), {}))
+            for number, signature in entry.signatures.items()
+        }
+        return replace(entry, outputs=default.outputs, signatures=signatures)
 
     async def names(self) -> list[str]:
         """Every model a pool has served on this Redis."""
@@ -146,11 +203,12 @@ class Catalog:
         except redis.RedisError:
             return False
 
-    def learn_outputs(self, name: str, outputs: dict[str, np.ndarray]) -> None:
-        """Note the dtypes and shapes of a model's outputs from one of its answers (the
-        specs its workers registered, if any, take precedence)."""
-        if name not in self._outputs:
-            self._outputs[name] = {k: learned_spec(k, v) for k, v in outputs.items()}
+    def learn_outputs(self, name: str, version: int | None, outputs: dict[str, np.ndarray]) -> None:
+        """Note the dtypes and shapes of the outputs of a model's version from one of its
+        answers (the specs its workers registered, if any, take precedence)."""
+        if (name, version) not in self._outputs:
+            learned = {k: learned_spec(k, v) for k, v in outputs.items()}
+            self._outputs[name, version] = learned
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -165,18 +223,19 @@ class Catalog:
         if not info:
             return None
         workers = await self._ready_workers()
-        outputs = info.get(b"outputs", b"").decode()
-        registered = parse_inputs(info.get(b"output_specs", b"").decode())
         versions, labels, default = parse_versions(info)
+        main = parse_signature(info) or Signature(inputs=[], output_names=[])
         return ModelEntry(
             name=name,
-            inputs=parse_inputs(info.get(b"inputs", b"").decode()),
-            output_names=[o for o in outputs.split(", ") if o],
+            inputs=main.inputs,
+            output_names=main.output_names,
             ready_workers=workers[name],
-            outputs={s.name: s for s in registered},
+            outputs=main.outputs,
             versions=versions,
             labels=labels,
             default_version=default,
+            # A pool started by an older tfpool gives only the default's: it stands for all.
+            signatures={n: parse_signature(info, n) or main for n in versions},
         )
 
     async def _ready_workers(self) -> Counter[str]:

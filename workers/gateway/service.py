@@ -20,7 +20,8 @@ DEFAULT_SIGNATURE = "serving_default"
 
 @dataclass(frozen=True)
 class Route:
-    """Where one request goes: its model, the address the pool is sent (``"resnet"``,
+    """Where one request goes: its model (with the inputs and outputs of the version it
+    goes to: see :meth:`ModelEntry.at`), the address the pool is sent (``"resnet"``,
     ``"resnet@4"``, ``"resnet@canary"``: the workers route it to that version), and the
     version the catalog resolves that address to (None: the model serves none now)."""
 
@@ -67,7 +68,7 @@ class Gateway:
         entry = await self.model(name)
         spec = "" if version is None else str(version).strip()
         if not spec:
-            return Route(entry, name, entry.default_version)
+            return Route(entry.at(entry.default_version), name, entry.default_version)
         number = _resolve(entry, spec)
         if number is None:  # a version rolled out within the catalog's TTL: look again
             entry = await self.catalog.get(name, fresh=True) or entry
@@ -79,7 +80,7 @@ class Gateway:
             )
         # A label goes to the pool as a label: the workers resolve it when they read it.
         pinned = str(number) if _is_number(spec) else spec
-        return Route(entry, f"{name}{keys.VERSION_SEP}{pinned}", number)
+        return Route(entry.at(number), f"{name}{keys.VERSION_SEP}{pinned}", number)
 
     async def predict(
         self,
@@ -110,12 +111,12 @@ class Gateway:
         result = await self.client.wait(future, timeout=timeout)
         if isinstance(result, np.ndarray):  # a model with one output: name it
             result = {entry.output_names[0] if entry.output_names else "output_0": result}
-        self.catalog.learn_outputs(entry.name, result)
-        if outputs:
-            result = {name: result[name] for name in outputs}
         # The worker says which version answered; a pool that does not say (an older
         # tfpool) served the one the catalog resolved.
         made_by = route.version if future.model_version is None else future.model_version
+        self.catalog.learn_outputs(entry.name, made_by, result)
+        if outputs:
+            result = {name: result[name] for name in outputs}
         return Answer(result, made_by)
 
 
