@@ -1,19 +1,28 @@
-"""A model's queue split into shards (option ``shards``) on one Redis: producers spread
-their requests, a full shard is skipped before QueueFull, the cap holds per shard, every
-shard is read, and ``tfpool status`` lists them. (On a Redis Cluster: test_cluster.py.)"""
+"""A model's queue split into shards (option ``shards``): producers spread their requests,
+a full shard is skipped before QueueFull, the cap and deadlines hold per shard, every
+shard is read, and ``tfpool status`` lists them; on one Redis, and the cap and deadlines
+on a Redis Cluster too (more there: test_cluster.py)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import redis
 
-from queueing import AsyncClient, Client, DeadlineExceeded, QueueFull, keys, liveness
+from queueing import AsyncClient, Client, DeadlineExceeded, QueueFull, connection, keys, liveness
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
+from workers.embedded_cluster import LocalCluster
 from workers.status import collect, render
+
+
+@pytest.fixture(scope="module")
+def shard_cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(masters=3, replicas=1, node_timeout_ms=2000) as started:
+        yield started
 
 
 def _rows(count: int, seed: int) -> list[np.ndarray]:
@@ -21,16 +30,23 @@ def _rows(count: int, seed: int) -> list[np.ndarray]:
     return [rng.standard_normal(8).astype(np.float32) for _ in range(count)]
 
 
+@pytest.mark.parametrize("where", ["redis", "cluster"])
 def test_a_full_shard_is_skipped_and_cap_and_deadlines_hold_per_shard(
-    start_pool: PoolFactory, mlp_path: str, redis_client: redis.Redis, redis_url: str
-) -> None:
-    name = "sharded-cap"
+    where: str, start_pool: PoolFactory, mlp_path: str, redis_url: str,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    url = redis_url
+    if where == "cluster":
+        url = request.getfixturevalue("shard_cluster").url
+    redis_client = connection.connect(url, socket_timeout=10)
+    request.addfinalizer(redis_client.close)
+    name = f"sharded-cap-{where}"
     names = keys.shard_names(name, 3)
     # A pool registers the model's three shards (cap 4 each), then stops: nobody reads.
-    start_pool(mlp_path, name=name, shards=3, max_queue=4).drain(timeout=30)
+    start_pool(mlp_path, name=name, url=url, shards=3, max_queue=4).drain(timeout=30)
     assert redis_client.hget(keys.model_info(name), keys.FIELD_SHARDS) == b"3"
     rows = _rows(13, seed=1)
-    with Client(redis_url) as client:
+    with Client(url) as client:
         # A round of 4 that must be answered within a second fills one shard; of the next
         # round of 9, the other shards take 4 each, and one finds no room anywhere.
         expiring = client.submit_many(name, rows[:4], deadline=1.0)
@@ -52,7 +68,7 @@ def test_a_full_shard_is_skipped_and_cap_and_deadlines_hold_per_shard(
         assert keys.stream(names[2]) in render(status)
         # A new pool (starting takes longer than the deadline) reads every shard: the
         # expired requests get DeadlineExceeded, each of the others its own row's answer.
-        start_pool(mlp_path, name=name, shards=3, max_queue=4)
+        start_pool(mlp_path, name=name, url=url, shards=3, max_queue=4)
         for future in expiring:
             with pytest.raises(DeadlineExceeded):
                 client.wait(future, timeout=60)
