@@ -80,15 +80,19 @@ class Enqueuer:
     def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
         """One round trip of script calls (see :func:`fill_scripts`), all on one model's
         stream (``calls[i][0]``). The script is loaded only when Redis says it lacks it."""
+        body = None  # the script's text, sent with EVAL after a NoScriptError
         for attempt in (1, 2, 3):
             pipe, replicas = connection.durable_pipeline(self._redis, calls[0][0])
-            fill_scripts(pipe, sha, calls, replicas)
+            fill_scripts(pipe, sha, calls, replicas, body)
             try:
                 return replies_of(pipe.execute(), replicas)
             except redis.exceptions.NoScriptError:
                 if attempt == 3:
                     raise
-                self._redis.script_load(script)
+                # A node that never saw the script (a replica just promoted, whose
+                # topology we may not know yet): EVAL it, which also caches it there.
+                body = script
+                connection.refresh(self._redis)
             except redis.ResponseError as e:
                 if attempt == 3 or not connection.moving(e):
                     raise
@@ -149,15 +153,17 @@ class AsyncEnqueuer:
         return added + [0] * (len(bodies) - room)
 
     async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
+        body = None  # as in Enqueuer._run_scripts
         for attempt in (1, 2, 3):
             pipe, replicas = self._nodes.pipeline(self._redis, calls[0][0])
-            fill_scripts(pipe, sha, calls, replicas)
+            fill_scripts(pipe, sha, calls, replicas, body)
             try:
                 return replies_of(await pipe.execute(), replicas)
             except redis.exceptions.NoScriptError:
                 if attempt == 3:
                     raise
-                await self._redis.script_load(script)
+                body = script
+                await connection.refresh_async(self._redis)
             except redis.ResponseError as e:
                 if attempt == 3 or not connection.moving(e):
                     raise
@@ -165,13 +171,18 @@ class AsyncEnqueuer:
         raise AssertionError("unreachable")
 
 
-def fill_scripts(pipe: Any, sha: str, calls: list[list[Any]], replicas: int) -> None:
+def fill_scripts(
+    pipe: Any, sha: str, calls: list[list[Any]], replicas: int, body: str | None = None
+) -> None:
     """EVALSHA of a two-key script once per call (``[key1, key2, *args]``). EVALSHA
     directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second round trip
-    each time. ``replicas``: on a cluster, a WAIT at the end for that many replicas (see
-    :func:`replies_of`)."""
+    each time. ``body``: the script's text, to EVAL instead (Redis lacked it). ``replicas``:
+    on a cluster, a WAIT at the end for that many replicas (see :func:`replies_of`)."""
     for call in calls:
-        pipe.evalsha(sha, 2, *call)
+        if body is None:
+            pipe.evalsha(sha, 2, *call)
+        else:
+            pipe.eval(body, 2, *call)
     if replicas:
         pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
 

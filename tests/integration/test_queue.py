@@ -60,3 +60,19 @@ def test_a_result_posted_twice_resolves_its_future_once(
     np.testing.assert_array_equal(np.asarray(client.wait(future, timeout=10)), [0, 1, 2])
     wait_until(lambda: client.duplicates_ignored == 1, what="the repeat to be dropped")
     assert client.pending == 0
+
+
+def test_requests_queue_after_redis_forgets_the_scripts(
+    redis_client: redis.Redis, client: Client
+) -> None:
+    """A Redis restarted, flushed of its scripts, or a replica just promoted does not know
+    the enqueue script: the request is sent again with the script's text (EVAL)."""
+    name = "scripts-forgotten"
+    redis_client.delete(keys.stream(name))
+    redis_client.hset(keys.model_info(name), mapping={"max_queue": 0})
+    client.submit_many(name, [SMALL])  # submit_many queues before it returns
+    for row in (SMALL, LARGE):  # the enqueue script, and the room check of large bodies
+        redis_client.script_flush()
+        (future,) = client.submit_many(name, [row])
+        assert not future.done()
+    assert redis_client.xlen(keys.stream(name)) == 3
