@@ -142,7 +142,12 @@ def unblocked(error: BaseException) -> bool:
     when its master turns replica in a failover ("UNBLOCKED force unblock from blocking
     operation, instance state changed"). Unlike a MOVED, the commands before it in a
     pipeline may have run: not to be sent again blindly, but Redis unavailable for now."""
-    return isinstance(error, redis.ResponseError) and str(error).startswith("UNBLOCKED")
+    if not isinstance(error, redis.ResponseError):
+        return False
+    # redis-py puts "Command # 2 (WAIT 1 1000) of pipeline caused error: " in front of the
+    # reply of a pipelined command.
+    text = str(error)
+    return text.startswith("UNBLOCKED") or "caused error: UNBLOCKED" in text
 
 
 def node_name(conn: redis.Redis, key: str) -> str:

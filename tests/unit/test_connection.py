@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from queueing import connection
+from queueing import connection, enqueue
+from queueing.errors import Unavailable
 from workers.config import PoolConfig
 from workers.errors import ConfigError
 
@@ -44,3 +45,15 @@ def test_a_cluster_on_the_move_is_told_from_a_refusal_for_good() -> None:
         assert connection.moving(error), error
     assert not connection.moving(redis.ResponseError("CROSSSLOT Keys in request don't hash"))
     assert not connection.moving(redis.ResponseError("WRONGTYPE Operation against a key"))
+
+
+def test_a_failover_under_a_blocked_command_is_redis_unavailable_for_now() -> None:
+    text = "UNBLOCKED force unblock from blocking operation, instance state changed"
+    for error in (
+        redis.ResponseError(text),
+        redis.ResponseError(f"Command # 2 (WAIT 1 1000) of pipeline caused error: {text}"),
+    ):
+        assert connection.unblocked(error)
+        typed = enqueue.as_request_error(error, "m", "redis://x")
+        assert isinstance(typed, Unavailable)
+    assert not connection.unblocked(redis.ResponseError("WRONGTYPE Operation against a key"))

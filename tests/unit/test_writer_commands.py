@@ -44,6 +44,11 @@ def test_refusals_for_now_are_retried_and_others_are_not() -> None:
         redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
         redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but..."),
         redis.exceptions.ExecAbortError("Transaction discarded because of previous errors."),
+        # A failover turned our master into a replica under a blocked WAIT (pipelined).
+        redis.ResponseError(
+            "Command # 2 (WAIT 1 1000) of pipeline caused error: UNBLOCKED force unblock"
+            " from blocking operation, instance state changed (master -> replica?)"
+        ),
     ):
         assert passing(error), error
     assert not passing(redis.ResponseError("WRONGTYPE Operation against a key"))
