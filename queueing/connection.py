@@ -134,7 +134,15 @@ def moving(error: BaseException) -> bool:
                           redis.exceptions.TryAgainError,
                           redis.exceptions.RedisClusterException)):  # fmt: skip
         return True
-    return isinstance(error, redis.ResponseError) and str(error).startswith(_MOVING)
+    return isinstance(error, redis.ResponseError) and reply_text(error).startswith(_MOVING)
+
+
+def reply_text(error: BaseException) -> str:
+    """The error reply Redis sent, without what redis-py puts in front of a pipelined
+    command's ("Command # 2 (WAIT 1 1000) of pipeline caused error: ")."""
+    text = str(error)
+    _, marker, reply = text.partition("of pipeline caused error: ")
+    return reply if marker else text
 
 
 def unblocked(error: BaseException) -> bool:
@@ -142,12 +150,7 @@ def unblocked(error: BaseException) -> bool:
     when its master turns replica in a failover ("UNBLOCKED force unblock from blocking
     operation, instance state changed"). Unlike a MOVED, the commands before it in a
     pipeline may have run: not to be sent again blindly, but Redis unavailable for now."""
-    if not isinstance(error, redis.ResponseError):
-        return False
-    # redis-py puts "Command # 2 (WAIT 1 1000) of pipeline caused error: " in front of the
-    # reply of a pipelined command.
-    text = str(error)
-    return text.startswith("UNBLOCKED") or "caused error: UNBLOCKED" in text
+    return isinstance(error, redis.ResponseError) and reply_text(error).startswith("UNBLOCKED")
 
 
 def node_name(conn: redis.Redis, key: str) -> str:

@@ -86,6 +86,31 @@ class Placement:
         self._todo = todo
 
 
+class ScriptTries:
+    """When a round of script calls that Redis refused is worth another try, and how: a
+    slot that moved (MOVED means nothing ran) up to ``MAX_MOVES`` times; a node without
+    the script (NoScriptError: a replica just promoted, which never saw it) once more,
+    with the script's text (``body``, for EVAL, which also caches it there), since a
+    SCRIPT LOAD through a topology not yet refreshed may not reach that node."""
+
+    MAX_MOVES = 3
+
+    def __init__(self, script: str) -> None:
+        self._script = script
+        self._moves = 0
+        #: The script's text once a node lacked it (EVAL rather than EVALSHA); else None.
+        self.body: str | None = None
+
+    def after(self, error: redis.ResponseError) -> None:
+        """Note a refusal; raise ``error`` if the round is not to be tried again."""
+        if isinstance(error, redis.exceptions.NoScriptError) and self.body is None:
+            self.body = self._script
+            return
+        self._moves += 1
+        if self._moves >= self.MAX_MOVES or not connection.moving(error):
+            raise error
+
+
 def is_large(bodies: Sequence[bytes]) -> bool:
     return max(len(body) for body in bodies) >= LARGE_BODY
 

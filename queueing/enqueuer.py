@@ -79,25 +79,17 @@ class Enqueuer:
 
     def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
         """One round trip of script calls (see :func:`fill_scripts`), all on one model's
-        stream (``calls[i][0]``). The script is loaded only when Redis says it lacks it."""
-        body = None  # the script's text, sent with EVAL after a NoScriptError
-        for attempt in (1, 2, 3):
+        stream (``calls[i][0]``), tried again as :class:`queueing.enqueue.ScriptTries`
+        says: the script's text goes only to a node that lacks it."""
+        tries = enqueue.ScriptTries(script)
+        while True:
             pipe, replicas = connection.durable_pipeline(self._redis, calls[0][0])
-            fill_scripts(pipe, sha, calls, replicas, body)
+            fill_scripts(pipe, sha, calls, replicas, tries.body)
             try:
                 return replies_of(pipe.execute(), replicas)
-            except redis.exceptions.NoScriptError:
-                if attempt == 3:
-                    raise
-                # A node that never saw the script (a replica just promoted, whose
-                # topology we may not know yet): EVAL it, which also caches it there.
-                body = script
-                connection.refresh(self._redis)
             except redis.ResponseError as e:
-                if attempt == 3 or not connection.moving(e):
-                    raise
+                tries.after(e)  # raises it when it is not worth another try
                 connection.refresh(self._redis)
-        raise AssertionError("unreachable")
 
 
 class AsyncEnqueuer:
@@ -153,22 +145,15 @@ class AsyncEnqueuer:
         return added + [0] * (len(bodies) - room)
 
     async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
-        body = None  # as in Enqueuer._run_scripts
-        for attempt in (1, 2, 3):
+        tries = enqueue.ScriptTries(script)
+        while True:
             pipe, replicas = self._nodes.pipeline(self._redis, calls[0][0])
-            fill_scripts(pipe, sha, calls, replicas, body)
+            fill_scripts(pipe, sha, calls, replicas, tries.body)
             try:
                 return replies_of(await pipe.execute(), replicas)
-            except redis.exceptions.NoScriptError:
-                if attempt == 3:
-                    raise
-                body = script
-                await connection.refresh_async(self._redis)
             except redis.ResponseError as e:
-                if attempt == 3 or not connection.moving(e):
-                    raise
+                tries.after(e)
                 await connection.refresh_async(self._redis)
-        raise AssertionError("unreachable")
 
 
 def fill_scripts(

@@ -57,3 +57,22 @@ def test_a_failover_under_a_blocked_command_is_redis_unavailable_for_now() -> No
         typed = enqueue.as_request_error(error, "m", "redis://x")
         assert isinstance(typed, Unavailable)
     assert not connection.unblocked(redis.ResponseError("WRONGTYPE Operation against a key"))
+
+
+def test_a_script_round_is_tried_again_only_where_nothing_ran() -> None:
+    tries = enqueue.ScriptTries("return 1")
+    assert tries.body is None  # EVALSHA
+    tries.after(redis.exceptions.NoScriptError("Command # 1 (EVALSHA ...) of pipeline caused"
+                                               " error: No matching script"))  # fmt: skip
+    assert tries.body == "return 1"  # then EVAL, once
+    tries.after(redis.ResponseError("MOVED 3999 127.0.0.1:6381"))
+    tries.after(redis.ResponseError("Command # 1 (EVAL ...) of pipeline caused error: ASK 1 x"))
+    with pytest.raises(redis.ResponseError, match="MOVED"):
+        tries.after(redis.ResponseError("MOVED 3999 127.0.0.1:6381"))  # the third move
+    # A WAIT unblocked by a failover: the script ran; not sent again (Unavailable).
+    with pytest.raises(redis.ResponseError, match="UNBLOCKED"):
+        enqueue.ScriptTries("x").after(redis.ResponseError("UNBLOCKED force unblock"))
+    second = enqueue.ScriptTries("x")
+    second.after(redis.exceptions.NoScriptError("No matching script"))
+    with pytest.raises(redis.exceptions.NoScriptError):
+        second.after(redis.exceptions.NoScriptError("No matching script"))
