@@ -94,7 +94,7 @@ def test_a_client_that_does_not_trust_the_ca_is_refused(
 #: The least a worker (``tfpool serve``) needs: its keys, and these commands. The README
 #: ("What tfpool needs from Redis") lists the same; a test below checks they agree.
 WORKER_ACL = (
-    "~tfpool:* +ping +info +get +set +exists +time +expire +del +hset +hget +hmget"
+    "~tfpool:* +ping +info +get +set +exists +time +expire +del +hset +hget +hmget +hkeys"
     " +hincrby +hdel +sadd +xgroup|create +xgroup|delconsumer +xreadgroup +xautoclaim"
     " +xclaim +xpending +xinfo|consumers +xadd +xack +xdel +rpush +multi +exec"
 )
@@ -102,7 +102,7 @@ WORKER_ACL = (
 #: ``tfpool status`` need.
 PRODUCER_ACL = (
     "~tfpool:* +ping +info +get +set +time +expire +hget +hmget +hgetall +smembers +scan"
-    " +xinfo|groups +xlen +xadd +xread +xtrim +blmove +evalsha +script|load"
+    " +xinfo|groups +xlen +xadd +xread +xtrim +blmove +evalsha +eval"
 )
 
 
