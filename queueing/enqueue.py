@@ -51,6 +51,10 @@ class ShardTable:
         self._known[keys.split_address(model)[0]] = (self._clock(), names)
         return names
 
+    def forget(self, model: str) -> None:
+        """Read the count again next time (a shard refused a round: it may be retired)."""
+        self._known.pop(keys.split_address(model)[0], None)
+
     def order(self, names: tuple[str, ...]) -> list[str]:
         """``names`` in the order to try them this round."""
         if len(names) == 1:

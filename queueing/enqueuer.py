@@ -45,10 +45,15 @@ class Enqueuer:
         if len(names) == 1:
             return self._enqueue_on(names[0], ids, bodies)
         placement = enqueue.Placement(self._shards.order(names), len(ids))
-        while (step := placement.step()) is not None:
-            shard, todo = step
-            placed = self._enqueue_on(shard, [ids[i] for i in todo], [bodies[i] for i in todo])
-            placement.placed(placed)
+        try:
+            while (step := placement.step()) is not None:
+                shard, todo = step
+                placed = self._enqueue_on(shard, [ids[i] for i in todo],
+                                          [bodies[i] for i in todo])  # fmt: skip
+                placement.placed(placed)
+        except connection.REDIS_ERRORS:
+            self._shards.forget(model)  # a shard retired by a new layout, say
+            raise
         return placement.entries
 
     def _enqueue_on(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
@@ -111,12 +116,15 @@ class AsyncEnqueuer:
         if len(names) == 1:
             return await self._enqueue_on(names[0], ids, bodies)
         placement = enqueue.Placement(self._shards.order(names), len(ids))
-        while (step := placement.step()) is not None:
-            shard, todo = step
-            placed = await self._enqueue_on(
-                shard, [ids[i] for i in todo], [bodies[i] for i in todo]
-            )
-            placement.placed(placed)
+        try:
+            while (step := placement.step()) is not None:
+                shard, todo = step
+                placed = await self._enqueue_on(shard, [ids[i] for i in todo],
+                                                [bodies[i] for i in todo])  # fmt: skip
+                placement.placed(placed)
+        except connection.REDIS_ERRORS:
+            self._shards.forget(model)
+            raise
         return placement.entries
 
     async def _enqueue_on(

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import psutil
 import redis
@@ -83,8 +84,27 @@ class Presence:
             except redis.ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+        self._retire_old_shards()
         self._write_info()
         self.redis.sadd(keys.MODELS, self.config.name)
+
+    def _retire_old_shards(self) -> None:
+        """If the model's queue was split otherwise before (another ``shards``), the old
+        shards' registrations go, so that producers stop queueing there (they learn the
+        new count within ``queueing.enqueue.SHARDS_REFRESH_S``; meanwhile a request to a
+        retired shard fails with UnknownModel, not waits unread). Requests already in
+        them are not read by this pool: said in the log (the README says to drain first)."""
+        field = self.redis.hget(keys.model_info(self.config.name), keys.FIELD_SHARDS)
+        if not field or int(cast(bytes, field)) == len(self.shard_names):
+            return
+        old = keys.shard_names(self.config.name, int(cast(bytes, field)))
+        for name in set(old) - set(self.shard_names):
+            self.redis.delete(keys.model_info(name))
+            left = self.redis.xlen(keys.stream(name))
+            if left:
+                log.warning("model %s: %d requests wait in %s, a shard of the queue's old"
+                            " layout (shards = %d), which this pool does not read",
+                            self.config.name, left, keys.stream(name), len(old))  # fmt: skip
 
     def update_info(self, info: Mapping[FieldT, EncodableT]) -> None:
         """New model info (the versions served changed): kept for re-registering, and

@@ -96,7 +96,7 @@ def test_a_client_that_does_not_trust_the_ca_is_refused(
 WORKER_ACL = (
     "~tfpool:* +ping +info +get +set +exists +time +expire +del +hset +hget +hmget +hkeys"
     " +hincrby +hdel +sadd +xgroup|create +xgroup|delconsumer +xreadgroup +xautoclaim"
-    " +xclaim +xpending +xinfo|consumers +xadd +xack +xdel +rpush +multi +exec"
+    " +xclaim +xpending +xinfo|consumers +xlen +xadd +xack +xdel +rpush +multi +exec"
 )
 #: The least a producer (``Client``, ``AsyncClient``, ``predict``, ``score``) and
 #: ``tfpool status`` need.

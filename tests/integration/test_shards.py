@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import redis
 
-from queueing import AsyncClient, Client, DeadlineExceeded, QueueFull, connection, keys, liveness
+from queueing import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    QueueFull,
+    UnknownModel,
+    connection,
+    keys,
+    liveness,
+)
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
 from workers.embedded_cluster import LocalCluster
@@ -109,3 +118,30 @@ def test_producers_spread_over_the_shards_and_get_their_own_answers(
     for shard in keys.shard_names(name, 3):
         info = redis_client.xinfo_stream(keys.stream(shard))
         assert info["last-generated-id"] not in (b"0-0", "0-0"), shard
+
+
+def test_a_pool_with_fewer_shards_retires_the_others_and_producers_follow(
+    start_pool: PoolFactory, mlp_path: str, redis_client: redis.Redis, redis_url: str
+) -> None:
+    name = "resharded"
+    old = keys.shard_names(name, 3)
+    rows = _rows(8, seed=3)
+    expected = next(iter(models.keras_outputs(mlp_path, np.stack(rows)).values()))
+    with Client(redis_url) as client:
+        first = start_pool(mlp_path, name=name, shards=3)
+        got = np.asarray(client.predict(name, rows[0], timeout=60))
+        np.testing.assert_allclose(got, expected[0], rtol=1e-5, atol=1e-6)  # 3 shards known
+        first.drain(timeout=30)
+        start_pool(mlp_path, name=name, shards=1)
+        # The old layout's other shards are no longer registered: nothing queues there.
+        assert [redis_client.exists(keys.model_info(n)) for n in old] == [1, 0, 0]
+        refused = 0
+        for i, row in enumerate(rows[1:], start=1):
+            try:
+                got = np.asarray(client.predict(name, row, timeout=60))
+            except UnknownModel:  # a round sent to a retired shard, before the client knew
+                refused += 1
+                continue
+            np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-6)
+        assert refused <= 1
+    assert [redis_client.xlen(keys.stream(n)) for n in old] == [0, 0, 0]
