@@ -8,9 +8,12 @@ pre-process; no Redis), the batcher (:mod:`workers.batcher`), the runner
 along are in :mod:`workers.messages`; registration and the heartbeat in
 :mod:`workers.presence`.
 
-Four threads, so that the model never waits on Redis (TensorFlow releases the GIL):
+Four threads (more readers with ``shards``), so that the model never waits on Redis
+(TensorFlow releases the GIL):
 
-* the reader: ``XREADGROUP`` -> the intake -> the batcher (refusals -> the writer);
+* the reader: ``XREADGROUP`` -> the intake -> the batcher (refusals -> the writer); one
+  per shard of the model's queue, each with its own stream and claims, handing over to
+  the intake one at a time (``accept_lock``), as one reader would;
 * the main thread (:meth:`Worker.serve`): a due batch -> the runner -> the writer;
 * the writer: replies, then ``XACK`` + ``XDEL``, in one MULTI/EXEC per round;
 * the heartbeat: publishes the worker's state and renews its claim on what it holds, so
@@ -21,7 +24,8 @@ Who shares what (every other object belongs to one thread):
 ============== ================================ ===================== =====================
 object         written by                       read by               guarded by
 ============== ================================ ===================== =====================
-``desk``       reader (adds), main (takes)      both                  its condition
+``desk``       readers (add), main (takes)      all                   its condition
+intake         readers (admit)                  readers               ``accept_lock``
 ``held``       reader (adds), writer (removes)  heartbeat (renews)    its lock
 ``clock``      heartbeat (sync)                 reader (arrivals)     none: a float, swapped
 ``stats``      main (batches); reader, main,    heartbeat             ``stats.lock`` for
