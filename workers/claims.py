@@ -28,6 +28,7 @@ import redis
 
 from queueing import keys
 from workers import shards
+from workers.config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,18 @@ class ShardClaims:
 
     def __init__(self, claims: list[Claims]) -> None:
         self.each = claims
+
+    @classmethod
+    def of_model(cls, config: PoolConfig, *, consumer: str) -> ShardClaims:
+        """The claims of consumer ``consumer`` on each shard of ``config``'s model."""
+        return cls([
+            Claims(
+                stream=keys.stream(name), consumer=consumer, shard=shard,
+                attempts=keys.attempts(name), claim_idle_ms=config.claim_idle_ms,
+                max_deliveries=config.max_deliveries, batch=config.max_batch_size,
+            )
+            for shard, name in enumerate(keys.shard_names(config.name, config.shards))
+        ])  # fmt: skip
 
     def renew(self, conn: redis.Redis, held: list[bytes]) -> None:
         for claims in self.each:

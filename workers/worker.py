@@ -68,9 +68,9 @@ from typing import TYPE_CHECKING
 import redis
 from redis.typing import EncodableT, FieldT
 
-from queueing import connection, keys
+from queueing import connection
 from workers.batcher import Batcher
-from workers.claims import Claims, ShardClaims
+from workers.claims import ShardClaims
 from workers.config import PoolConfig
 from workers.errors import ModelLoadError
 from workers.intake import Intake, deadline_error
@@ -159,14 +159,7 @@ class Worker:
         # next batch while this one runs, not so many that other workers go idle.
         self.desk = BatchDesk(batcher, max_rows_held=2 * config.max_batch_size)
         # One reader, with its claims, per shard of the model's queue (workers.shards).
-        self.claims = ShardClaims([
-            Claims(
-                stream=keys.stream(name), consumer=worker_id, shard=shard,
-                attempts=keys.attempts(name), claim_idle_ms=config.claim_idle_ms,
-                max_deliveries=config.max_deliveries, batch=config.max_batch_size,
-            )
-            for shard, name in enumerate(keys.shard_names(config.name, config.shards))
-        ])  # fmt: skip
+        self.claims = ShardClaims.of_model(config, consumer=worker_id)
         self.writer = Writer(
             redis_url=config.redis_url, model=config.name, result_ttl_s=config.result_ttl_s,
             shard_count=config.shards, held=self.held, shared=self.redis,
