@@ -6,6 +6,7 @@ on a Redis Cluster too (more there: test_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -75,6 +76,9 @@ def test_a_full_shard_is_skipped_and_cap_and_deadlines_hold_per_shard(
         # What a producer whose request times out is told counts every shard.
         assert liveness.read(redis_client, name).waiting == 12
         assert keys.stream(names[2]) in render(status)
+        (as_json,) = [m for m in json.loads(json.dumps(status.to_json()))["models"]
+                      if m["name"] == name]  # fmt: skip
+        assert [q["waiting"] for q in as_json["shards"]] == [4, 4, 4]
         # A new pool (starting takes longer than the deadline) reads every shard: the
         # expired requests get DeadlineExceeded, each of the others its own row's answer.
         start_pool(mlp_path, name=name, url=url, shards=3, max_queue=4)
