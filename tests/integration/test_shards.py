@@ -25,6 +25,7 @@ from queueing import (
 )
 from tests.integration import models
 from tests.integration.conftest import PoolFactory
+from tests.waiting import wait_until
 from workers.embedded_cluster import LocalCluster
 from workers.status import collect, render
 
@@ -117,11 +118,17 @@ def test_producers_spread_over_the_shards_and_get_their_own_answers(
 
     np.testing.assert_allclose(np.stack(asyncio.run(from_tasks())), expected, rtol=1e-5,
                                atol=1e-6)  # fmt: skip
-    # Every shard carried some (entries are deleted once answered; the stream's last id
-    # says one was added).
+    # Every shard carried some (the stream's last id says one was added), and each of its
+    # entries was acked and deleted in its own stream: none is left there.
     for shard in keys.shard_names(name, 3):
         info = redis_client.xinfo_stream(keys.stream(shard))
         assert info["last-generated-id"] not in (b"0-0", "0-0"), shard
+        stream = keys.stream(shard)
+
+        def drained(stream: str = stream) -> bool:
+            return redis_client.xlen(stream) == 0
+
+        wait_until(drained, timeout=30, what=f"{stream}'s entries acked and deleted")
 
 
 def test_a_pool_with_fewer_shards_retires_the_others_and_producers_follow(
