@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -72,48 +73,48 @@ def read(conn: redis.Redis, model: str) -> Liveness:
     """``model``'s liveness, in one round trip (two on a cluster, whose pipelines refuse
     TIME: it names no key, so no node; one more for a queue in shards)."""
     clustered = connection.clustered(conn)
-    pipe = conn.pipeline(transaction=False)
-    pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
-    pipe.xlen(keys.stream(model))
-    pipe.hget(keys.model_info(model), keys.FIELD_SHARDS)
-    if not clustered:
-        pipe.time()
-    replies = pipe.execute()
+    replies = _first_round(conn.pipeline(transaction=False), model, clustered).execute()
     seconds, micros = conn.time() if clustered else replies.pop()
     (last_seen, alive_until), waiting, shards = replies
     others = _other_shards(model, shards)
     if others:
-        pipe = conn.pipeline(transaction=False)
-        for name in others:
-            pipe.xlen(keys.stream(name))
-        waiting += sum(pipe.execute())
+        waiting += sum(_lengths(conn.pipeline(transaction=False), others).execute())
     return _liveness(model, last_seen, alive_until, waiting, seconds + micros / 1e6)
 
 
 async def read_async(conn: aioredis.Redis, model: str) -> Liveness:
     """:func:`read` for asyncio."""
     clustered = connection.clustered(conn)
-    pipe = conn.pipeline(transaction=False)
+    replies = await _first_round(conn.pipeline(transaction=False), model, clustered).execute()
+    seconds, micros = await conn.time() if clustered else replies.pop()
+    (last_seen, alive_until), waiting, shards = replies
+    others = _other_shards(model, shards)
+    if others:
+        waiting += sum(await _lengths(conn.pipeline(transaction=False), others).execute())
+    return _liveness(model, last_seen, alive_until, waiting, seconds + micros / 1e6)
+
+
+def _first_round(pipe: Any, model: str, clustered: bool) -> Any:
+    """``pipe`` (sync or asyncio) with the liveness stamp, the first shard's length, the
+    shard count, and Redis's clock unless ``clustered``."""
     pipe.hmget(keys.last_alive(model), [FIELD_LAST_SEEN, FIELD_ALIVE_UNTIL])
     pipe.xlen(keys.stream(model))
     pipe.hget(keys.model_info(model), keys.FIELD_SHARDS)
     if not clustered:
         pipe.time()
-    replies = await pipe.execute()
-    seconds, micros = await conn.time() if clustered else replies.pop()
-    (last_seen, alive_until), waiting, shards = replies
-    others = _other_shards(model, shards)
-    if others:
-        pipe = conn.pipeline(transaction=False)
-        for name in others:
-            pipe.xlen(keys.stream(name))
-        waiting += sum(await pipe.execute())
-    return _liveness(model, last_seen, alive_until, waiting, seconds + micros / 1e6)
+    return pipe
 
 
 def _other_shards(model: str, shards: bytes | None) -> tuple[str, ...]:
     """The shards of ``model``'s queue past the first (its own stream), if it has some."""
     return keys.shard_names(model, int(shards))[1:] if shards else ()
+
+
+def _lengths(pipe: Any, shards: tuple[str, ...]) -> Any:
+    """``pipe`` with the length of each of ``shards``' streams."""
+    for name in shards:
+        pipe.xlen(keys.stream(name))
+    return pipe
 
 
 def _liveness(

@@ -17,6 +17,7 @@ from redis.typing import EncodableT, FieldT
 
 from queueing import keys
 from tests.integration import models
+from tests.waiting import wait_until
 from workers.config import PoolConfig
 from workers.gateway.server import GatewayConfig, GatewayServer
 from workers.placement import Slot
@@ -86,6 +87,21 @@ def _register_ghosts(redis_url: str) -> None:
             }
             conn.hset(keys.model_info(name), mapping=info)
             conn.sadd(keys.MODELS, name)
+    finally:
+        conn.close()
+
+
+def serve_versions(
+    start_pool: Any, redis_url: str, repo: Path, name: str, labels: dict[str, int]
+) -> None:
+    """A pool serving every version of ``name`` in the repository ``repo`` with ``labels``,
+    once both versions 1 and 2 are served."""
+    settings = {name: {"version_policy": "all", "labels": labels}}
+    start_pool("", model_repo=str(repo), models=settings, workers=1, poll_s=0.5)
+    conn = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: conn.hget(keys.model_info(name), "versions") == b"1, 2",
+                   timeout=120, what="versions 1 and 2 served")  # fmt: skip
     finally:
         conn.close()
 

@@ -12,16 +12,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import redis
 import requests
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
-from queueing import keys
 from tests.integration import models
-from tests.integration.gateway.conftest import running_gateway
-from tests.waiting import wait_until
+from tests.integration.gateway.conftest import running_gateway, serve_versions
 from workers.gateway.proto import oip_pb2
 from workers.gateway.server import GatewayServer
 from workers.repository import READY_MARKER
@@ -75,14 +72,7 @@ def paths(
     """A pool serving both versions from a repository: version -> SavedModel path."""
     repo = tmp_path_factory.mktemp("gateway-version-specs")
     built = build_versions(repo)
-    settings = {NAME: {"version_policy": "all", "labels": LABELS}}
-    start_pool("", model_repo=str(repo), models=settings, workers=1, poll_s=0.5)
-    conn = redis.Redis.from_url(redis_url)
-    try:
-        wait_until(lambda: conn.hget(keys.model_info(NAME), "versions") == b"1, 2",
-                   timeout=120, what="versions 1 and 2 served")  # fmt: skip
-    finally:
-        conn.close()
+    serve_versions(start_pool, redis_url, repo, NAME, LABELS)
     return built
 
 

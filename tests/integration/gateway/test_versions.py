@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import pytest
-import redis
 import requests
 import tensorflow as tf
 from google.protobuf.message import Message
@@ -23,10 +22,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from queueing import keys
 from tests.integration import models
-from tests.integration.gateway.conftest import MLP, running_gateway
-from tests.waiting import wait_until
+from tests.integration.gateway.conftest import MLP, running_gateway, serve_versions
 from workers.gateway.proto import oip_pb2
 from workers.gateway.server import GatewayServer
 from workers.repository import READY_MARKER
@@ -58,14 +55,7 @@ def repo_gateway(
     repo = tmp_path_factory.mktemp("gateway-repo")
     for version in (1, 2):
         build_version(repo, version)
-    settings = {NAME: {"version_policy": "all", "labels": LABELS}}
-    start_pool("", model_repo=str(repo), models=settings, workers=1, poll_s=0.5)
-    conn = redis.Redis.from_url(redis_url)
-    try:
-        wait_until(lambda: conn.hget(keys.model_info(NAME), "versions") == b"1, 2",
-                   timeout=120, what="versions 1 and 2 served")  # fmt: skip
-    finally:
-        conn.close()
+    serve_versions(start_pool, redis_url, repo, NAME, LABELS)
     with running_gateway(redis_url) as server:
         yield server
 
