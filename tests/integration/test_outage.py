@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from math import inf
 
@@ -22,6 +22,9 @@ from workers.embedded_redis import RedisServer, free_port
 
 #: How long Redis stays down.
 OUTAGE_S = 4.0
+
+#: Requests each producer keeps in flight.
+WINDOW = 64
 
 
 @pytest.fixture(scope="module")
@@ -45,31 +48,46 @@ def test_redis_down_for_seconds_under_load(
     outage_over = threading.Event()
 
     def produce() -> None:
+        # Each producer keeps WINDOW requests in flight, far more than the worker holds (a
+        # batch of 32 running, one read ahead): whenever Redis stops, most of them wait in
+        # the stream, where the restart loses them. With one request in flight each, the
+        # stop often came after all three were answered, and the test proved nothing.
+        in_flight: deque[RequestFuture] = deque()
         with Client(server.url, socket_timeout_s=2) as client:
             while not stop.is_set():
+                if len(in_flight) >= WINDOW:
+                    _settle(client, in_flight.popleft())
+                    continue
                 try:
                     future = client.submit("outage", x)
                 except RequestError as e:  # Unavailable, UnknownModel: nothing was queued
                     outcomes[type(e).__name__] += 1
-                    time.sleep(0.05)
+                    if in_flight:
+                        _settle(client, in_flight.popleft())
+                    else:
+                        time.sleep(0.05)
                     continue
                 ended: list[float] = []
                 future.add_done_callback(_stamp(ended))
                 queued.append((future, time.monotonic(), ended))
-                try:
-                    client.wait(future, timeout=15)
-                    outcomes["ok"] += 1
-                    if outage_over.is_set():
-                        recovered.set()
-                except RequestError as e:  # RequestLost, or RequestTimeout if one vanished
-                    outcomes[type(e).__name__] += 1
-                    time.sleep(0.05)
+                in_flight.append(future)
+            while in_flight:
+                _settle(client, in_flight.popleft())
+
+    def _settle(client: Client, future: RequestFuture) -> None:
+        try:
+            client.wait(future, timeout=15)
+            outcomes["ok"] += 1
+            if outage_over.is_set():
+                recovered.set()
+        except RequestError as e:  # RequestLost, or RequestTimeout if one vanished
+            outcomes[type(e).__name__] += 1
 
     threads = [threading.Thread(target=produce) for _ in range(3)]
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: outcomes["ok"] >= 50, timeout=60, what="traffic before the outage")
+        wait_until(lambda: outcomes["ok"] >= 500, timeout=60, what="traffic before the outage")
         server.stop()
         down_at = time.monotonic()  # Redis answers until it has shut down: stop() waits
         with Client(server.url, socket_timeout_s=2) as late_comer, pytest.raises(Unavailable):
