@@ -37,6 +37,8 @@ class AsyncRequestFuture(asyncio.Future):  # type: ignore[type-arg]
     model: str = ""
     #: The version of the model that answered (set with the result).
     model_version: int | None = None
+    #: The epoch of the Redis it was queued in (see queueing.redis_state.EpochWatch).
+    queued_in: str | None = redis_state.SENDING
 
 
 class AsyncClient(ClientBase[AsyncRequestFuture]):
@@ -118,14 +120,14 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
         await self._start_reader()
         try:
             with self._typed_errors(model):
-                entry_ids = await self._enqueuer.enqueue(
+                queued = await self._enqueuer.enqueue(
                     model, [f.request_id for f in futures], bodies
                 )
         except BaseException:
             for future in futures:
                 self._forget(future.request_id)
             raise
-        self._settle(model, futures, entry_ids)
+        self._settle(model, futures, queued)
         return futures
 
     async def wait(self, future: AsyncRequestFuture, *, timeout: float = 30.0) -> Outputs:
@@ -245,11 +247,11 @@ class AsyncClient(ClientBase[AsyncRequestFuture]):
             try:
                 with self._typed_errors(model):
                     ids = [future.request_id for future in futures]
-                    entry_ids = await self._enqueuer.enqueue(model, ids, bodies)
+                    queued = await self._enqueuer.enqueue(model, ids, bodies)
             except Exception as e:
                 self._send_failed(model, futures, e)
                 continue
-            self._settle(model, futures, entry_ids)
+            self._settle(model, futures, queued)
 
     def _forget_if_cancelled(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():

@@ -74,6 +74,8 @@ class RequestFutureLike(Protocol):
 
     request_id: str
     model_version: int | None
+    #: The epoch of the Redis the request was queued in (see queueing.redis_state).
+    queued_in: str | None
 
     def done(self) -> bool: ...
     def set_result(self, result: Any) -> None: ...
@@ -246,10 +248,16 @@ class ClientBase(Generic[F]):
                 raise
             raise typed from e
 
-    def _settle(self, model: str, futures: Sequence[F], entry_ids: Sequence[Any]) -> None:
-        """Fail with QueueFull the futures of requests the queue had no room for (0)."""
+    def _settle(self, model: str, futures: Sequence[F], queued: enqueue.Queued) -> None:
+        """After a round trip: fail with QueueFull the futures of requests the queue had no
+        room for (entry 0), tag the others with the epoch they were queued in, and fail
+        with RequestLost those queued in a Redis the reply reader already saw replaced."""
         refused = False
-        for future, entry_id in zip(futures, entry_ids, strict=True):
+        with self._lock:
+            for future in futures:
+                future.queued_in = queued.epoch
+            gone = queued.epoch in self._epochs.retired
+        for future, entry_id in zip(futures, queued.entries, strict=True):
             if entry_id == 0:
                 refused = True
                 self._forget(future.request_id)
@@ -257,6 +265,9 @@ class ClientBase(Generic[F]):
                     future,
                     QueueFull(f"queue of model {model!r} is full", request_id=future.request_id),
                 )
+            elif gone:
+                self._forget(future.request_id)
+                _fail(future, _lost(future.request_id))
         if refused:
             self._flowing.discard(model)
         else:
@@ -297,26 +308,28 @@ class ClientBase(Generic[F]):
     def _after_reconnect(self, epoch: str | None, policy: str | None) -> None:
         """After (re)connecting, with what Redis said of its epoch and eviction policy (None:
         not readable). If Redis lost its data since we last looked (restarted without
-        persistence, flushed), the requests waiting here will never be answered: fail
-        them with RequestLost rather than let them wait for their timeouts. Warns, once,
-        of an evicting Redis."""
+        persistence, flushed), the requests it held will never be answered: fail them with
+        RequestLost rather than let them wait for their timeouts. Only those: requests
+        already queued in the Redis that replaced it wait on (see ``EpochWatch.gone``).
+        Warns, once, of an evicting Redis."""
         if not self._policy_checked and policy is not None:
             self._policy_checked = True
             problem = eviction_problem(policy)
             if problem:
                 log.warning("%s; requests may vanish", problem)
-        if not self._epochs.lost(epoch):
-            return
-        self._cursor = ReplyCursor()  # a new reply stream, whose ids start anywhere
-        lost = self._fail_all(
-            lambda request_id: RequestLost(
-                "Redis lost its data (restarted without persistence, or flushed) while the"
-                " request waited; submit it again",
-                request_id=request_id,
-            )
-        )
-        if lost:
-            log.warning("Redis lost its data: %d waiting requests were lost", lost)
+        with self._lock:
+            changed = self._epochs.lost(epoch)
+            if epoch is None:
+                return
+            gone = [f for f in self._pending.values() if self._epochs.gone(f.queued_in, changed)]
+            for future in gone:
+                del self._pending[future.request_id]
+        if changed:
+            self._cursor = ReplyCursor()  # a new reply stream, whose ids start anywhere
+        for future in gone:
+            _fail(future, _lost(future.request_id))
+        if gone:
+            log.warning("Redis lost its data: %d waiting requests were lost", len(gone))
 
     @staticmethod
     def _decode(data: bytes) -> wire.Result | None:
@@ -333,6 +346,14 @@ class ClientBase(Generic[F]):
             raise result.error
         assert result.outputs is not None
         return result.outputs
+
+
+def _lost(request_id: str) -> RequestLost:
+    return RequestLost(
+        "Redis lost its data (restarted without persistence, or flushed) while the"
+        " request waited; submit it again",
+        request_id=request_id,
+    )
 
 
 def _fail(future: RequestFutureLike, error: BaseException) -> None:

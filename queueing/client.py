@@ -70,6 +70,8 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         #: The version of the model that answered (set with the result; None before, or
         #: from a pool that does not say).
         self.model_version: int | None = None
+        #: The epoch of the Redis it was queued in (see queueing.redis_state.EpochWatch).
+        self.queued_in: str | None = redis_state.SENDING
 
 
 class Client(ClientBase[RequestFuture]):
@@ -91,6 +93,7 @@ class Client(ClientBase[RequestFuture]):
         self._enqueuer = Enqueuer(self._redis, self.reply_key)
         self._forks = _forks_seen
         self._reader: threading.Thread | None = None
+        self._reader_starting = threading.Lock()  # not self._lock: _look() takes that
         self._closed = threading.Event()
         # submit()'s requests wait for the sender thread (see queueing.outbox).
         self._sender = SenderThread(
@@ -292,8 +295,8 @@ class Client(ClientBase[RequestFuture]):
         self, model: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
     ) -> None:
         with self._typed_errors(model):
-            entry_ids = self._enqueuer.enqueue(model, [f.request_id for f in futures], bodies)
-        self._settle(model, futures, entry_ids)
+            queued = self._enqueuer.enqueue(model, [f.request_id for f in futures], bodies)
+        self._settle(model, futures, queued)
 
     def _send(self, items: list[Outgoing[RequestFuture]]) -> None:
         """The sender thread's work: one round trip per model for ``items``."""
@@ -306,7 +309,7 @@ class Client(ClientBase[RequestFuture]):
     def _ensure_reader(self) -> None:
         if self._reader is not None:
             return
-        with self._lock:
+        with self._reader_starting:
             if self._reader is None:
                 # Learn which Redis this is before the first request is queued, so that a
                 # restart that loses it, however soon, is told from one that keeps it.

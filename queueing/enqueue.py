@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -119,12 +120,31 @@ def is_large(bodies: Sequence[bytes]) -> bool:
     return max(len(body) for body in bodies) >= LARGE_BODY
 
 
+class Queued(NamedTuple):
+    """What a round of enqueueing returned: the entry ids (0 where there was no room), and
+    the epoch of the Redis that holds them (None: not known, as on a cluster)."""
+
+    entries: list[Any]
+    epoch: str | None
+
+
+def script_keys(model: str, with_epoch: bool) -> list[str]:
+    """The keys of the ENQUEUE and ROOM scripts: the model's stream and info hash, and the
+    epoch's key unless it lives in another slot (``with_epoch`` False, on a cluster)."""
+    names = [keys.stream(model), keys.model_info(model)]
+    return [*names, keys.EPOCH] if with_epoch else names
+
+
 def script_calls(
-    model: str, request_ids: Sequence[str], reply_key: str, bodies: Sequence[bytes]
+    model: str,
+    request_ids: Sequence[str],
+    reply_key: str,
+    bodies: Sequence[bytes],
+    with_epoch: bool,
 ) -> list[list[Any]]:
-    """``[stream, info, id, reply, body, id, reply, body, ...]`` per chunk of requests,
-    for the ENQUEUE script."""
-    head = [keys.stream(model), keys.model_info(model)]
+    """``[*keys, new epoch, id, reply, body, id, reply, body, ...]`` per chunk of requests,
+    for the ENQUEUE script (keys: :func:`script_keys`)."""
+    head = [*script_keys(model, with_epoch), uuid.uuid4().hex]
     calls = []
     for start in range(0, len(bodies), CHUNK):
         args: list[Any] = list(head)
@@ -136,9 +156,25 @@ def script_calls(
     return calls
 
 
-def room_call(model: str, count: int) -> list[Any]:
+def queued(replies: Sequence[Sequence[Any]]) -> Queued:
+    """The ENQUEUE script's replies (one per chunk: the epoch, then the entry ids)."""
+    return Queued([entry for chunk in replies for entry in chunk[1:]], epoch_of(replies[0][0]))
+
+
+def room_call(model: str, count: int, with_epoch: bool) -> list[Any]:
     """The ROOM script's arguments for ``count`` requests."""
-    return [keys.stream(model), keys.model_info(model), count]
+    return [*script_keys(model, with_epoch), uuid.uuid4().hex, count]
+
+
+def epoch_of(value: bytes | str | None) -> str | None:
+    """An epoch as a script returned it (None: without the epoch's key)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def same_epoch(epochs: Sequence[str | None]) -> str | None:
+    """The epoch of a round that went to several shards: theirs if all agree, else None
+    (Redis restarted in between: decide as if unknown)."""
+    return epochs[0] if epochs and all(e == epochs[0] for e in epochs) else None
 
 
 def entry_fields(request_id: str, reply_key: str, body: bytes) -> dict[Any, Any]:

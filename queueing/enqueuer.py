@@ -19,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from queueing import connection, enqueue, keys
+from queueing.enqueue import Queued
 from queueing.scripts import ENQUEUE, ROOM
 
 #: Scripts are named by their SHA1, as EVALSHA wants.
@@ -33,11 +34,13 @@ class Enqueuer:
         self._redis = conn
         self.reply_key = reply_key
         self._shards = enqueue.ShardTable()
+        self._with_epoch = not connection.clustered(conn)
 
-    def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
-        """Queue ``bodies`` (request ``ids``) on ``model``'s queue; their entry ids, 0 for
-        those no shard of the queue had room for. One round trip (two for large ones) per
-        shard tried: the next shard in turn, then the others while some find no room."""
+    def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> Queued:
+        """Queue ``bodies`` (request ``ids``) on ``model``'s queue: their entry ids, 0 for
+        those no shard of the queue had room for, and the epoch of the Redis that holds
+        them. One round trip (two for large ones) per shard tried: the next shard in turn,
+        then the others while some find no room."""
         names = self._shards.cached(model)
         if names is None:
             field = self._redis.hget(keys.model_info(model), keys.FIELD_SHARDS)
@@ -45,24 +48,25 @@ class Enqueuer:
         if len(names) == 1:
             return self._enqueue_on(names[0], ids, bodies)
         placement = enqueue.Placement(self._shards.order(names), len(ids))
+        epochs = []
         try:
             while (step := placement.step()) is not None:
                 shard, todo = step
                 placed = self._enqueue_on(shard, [ids[i] for i in todo],
                                           [bodies[i] for i in todo])  # fmt: skip
-                placement.placed(placed)
+                placement.placed(placed.entries)
+                epochs.append(placed.epoch)
         except connection.REDIS_ERRORS:
             self._shards.forget(model)  # a shard retired by a new layout, say
             raise
-        return placement.entries
+        return Queued(placement.entries, enqueue.same_epoch(epochs))
 
-    def _enqueue_on(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
+    def _enqueue_on(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> Queued:
         """Queue on one shard (``model``: its name, see ``keys.shard_names``)."""
         try:
             if not enqueue.is_large(bodies):
-                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-                replies = self._run_scripts(ENQUEUE_SHA, ENQUEUE, calls)
-                return [entry for chunk in replies for entry in chunk]
+                calls = enqueue.script_calls(model, ids, self.reply_key, bodies, self._with_epoch)
+                return enqueue.queued(self._run_scripts(ENQUEUE_SHA, ENQUEUE, calls))
             return self._enqueue_large(model, ids, bodies)
         except connection.REDIS_ERRORS:
             # On a cluster, a dead master's slots have moved, or are moving: look up the
@@ -70,17 +74,18 @@ class Enqueuer:
             connection.refresh(self._redis)
             raise
 
-    def _enqueue_large(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
+    def _enqueue_large(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> Queued:
         """Ask for room, then append with plain XADDs: two round trips, and no body passes
         through Lua. Producers racing between the two steps can overshoot the cap by what
         each of them appends at once; the queue stays bounded."""
-        (room,) = self._run_scripts(ROOM_SHA, ROOM, [enqueue.room_call(model, len(bodies))])
+        room_call = enqueue.room_call(model, len(bodies), self._with_epoch)
+        ((epoch, room),) = self._run_scripts(ROOM_SHA, ROOM, [room_call])
         if not room:
-            return [0] * len(bodies)
+            return Queued([0] * len(bodies), enqueue.epoch_of(epoch))
         pipe, replicas = connection.durable_pipeline(self._redis, keys.stream(model))
         fill_xadds(pipe, model, ids[:room], self.reply_key, bodies[:room], replicas)
         added = replies_of(pipe.execute(), replicas)
-        return added + [0] * (len(bodies) - room)
+        return Queued(added + [0] * (len(bodies) - room), enqueue.epoch_of(epoch))
 
     def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
         """One round trip of script calls (see :func:`fill_scripts`), all on one model's
@@ -106,8 +111,9 @@ class AsyncEnqueuer:
         self._nodes = nodes
         self.reply_key = reply_key
         self._shards = enqueue.ShardTable()
+        self._with_epoch = not connection.clustered(conn)
 
-    async def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[Any]:
+    async def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> Queued:
         """As :meth:`Enqueuer.enqueue`."""
         names = self._shards.cached(model)
         if names is None:
@@ -116,25 +122,24 @@ class AsyncEnqueuer:
         if len(names) == 1:
             return await self._enqueue_on(names[0], ids, bodies)
         placement = enqueue.Placement(self._shards.order(names), len(ids))
+        epochs = []
         try:
             while (step := placement.step()) is not None:
                 shard, todo = step
                 placed = await self._enqueue_on(shard, [ids[i] for i in todo],
                                                 [bodies[i] for i in todo])  # fmt: skip
-                placement.placed(placed)
+                placement.placed(placed.entries)
+                epochs.append(placed.epoch)
         except connection.REDIS_ERRORS:
             self._shards.forget(model)
             raise
-        return placement.entries
+        return Queued(placement.entries, enqueue.same_epoch(epochs))
 
-    async def _enqueue_on(
-        self, model: str, ids: Sequence[str], bodies: Sequence[bytes]
-    ) -> list[Any]:
+    async def _enqueue_on(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> Queued:
         try:
             if not enqueue.is_large(bodies):
-                calls = enqueue.script_calls(model, ids, self.reply_key, bodies)
-                replies = await self._run_scripts(ENQUEUE_SHA, ENQUEUE, calls)
-                return [entry for chunk in replies for entry in chunk]
+                calls = enqueue.script_calls(model, ids, self.reply_key, bodies, self._with_epoch)
+                return enqueue.queued(await self._run_scripts(ENQUEUE_SHA, ENQUEUE, calls))
             return await self._enqueue_large(model, ids, bodies)
         except connection.REDIS_ERRORS:
             await connection.refresh_async(self._redis)
@@ -142,15 +147,15 @@ class AsyncEnqueuer:
 
     async def _enqueue_large(
         self, model: str, ids: Sequence[str], bodies: Sequence[bytes]
-    ) -> list[Any]:
-        room_calls = [enqueue.room_call(model, len(bodies))]
-        (room,) = await self._run_scripts(ROOM_SHA, ROOM, room_calls)
+    ) -> Queued:
+        room_call = enqueue.room_call(model, len(bodies), self._with_epoch)
+        ((epoch, room),) = await self._run_scripts(ROOM_SHA, ROOM, [room_call])
         if not room:
-            return [0] * len(bodies)
+            return Queued([0] * len(bodies), enqueue.epoch_of(epoch))
         pipe, replicas = self._nodes.pipeline(self._redis, keys.stream(model))
         fill_xadds(pipe, model, ids[:room], self.reply_key, bodies[:room], replicas)
         added = replies_of(await pipe.execute(), replicas)
-        return added + [0] * (len(bodies) - room)
+        return Queued(added + [0] * (len(bodies) - room), enqueue.epoch_of(epoch))
 
     async def _run_scripts(self, sha: str, script: str, calls: list[list[Any]]) -> list[Any]:
         tries = enqueue.ScriptTries(script)
@@ -167,15 +172,17 @@ class AsyncEnqueuer:
 def fill_scripts(
     pipe: Any, sha: str, calls: list[list[Any]], replicas: int, body: str | None = None
 ) -> None:
-    """EVALSHA of a two-key script once per call (``[key1, key2, *args]``). EVALSHA
+    """EVALSHA of a script once per call (``[*keys, *args]``; the keys: every argument
+    that names one, see :func:`queueing.enqueue.script_keys`). EVALSHA
     directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second round trip
     each time. ``body``: the script's text, to EVAL instead (Redis lacked it). ``replicas``:
     on a cluster, a WAIT at the end for that many replicas (see :func:`replies_of`)."""
     for call in calls:
+        numkeys = 3 if call[2] == keys.EPOCH else 2
         if body is None:
-            pipe.evalsha(sha, 2, *call)
+            pipe.evalsha(sha, numkeys, *call)
         else:
-            pipe.eval(body, 2, *call)
+            pipe.eval(body, numkeys, *call)
     if replicas:
         pipe.execute_command("WAIT", replicas, connection.WAIT_REPLICA_MS)
 

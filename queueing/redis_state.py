@@ -99,12 +99,20 @@ async def read_epoch_async(conn: aioredis.Redis) -> str | None:
     return None if value is None else _text(value)
 
 
+#: What a request's epoch is while its round trip is under way: not yet known.
+SENDING = "sending"
+
+
 class EpochWatch:
     """Tells, from the epochs read after each (re)connect, whether Redis lost its data
-    since the last one. No I/O."""
+    since the last one, and which requests went with it: each request is tagged with the
+    epoch its enqueue script returned (None where the script could not say, as on a
+    cluster; :data:`SENDING` before it returned). No I/O."""
 
     def __init__(self) -> None:
         self.known: str | None = None
+        #: Epochs of Redis datasets that are gone.
+        self.retired: set[str] = set()
 
     def lost(self, epoch: str | None) -> bool:
         """Record ``epoch`` (None: not readable, decides nothing); True when it differs
@@ -112,8 +120,21 @@ class EpochWatch:
         if epoch is None:
             return False
         changed = self.known is not None and epoch != self.known
+        if changed and self.known is not None:
+            self.retired.add(self.known)
         self.known = epoch
         return changed
+
+    def gone(self, tag: str | None, changed: bool) -> bool:
+        """Whether a request queued in epoch ``tag`` is gone, now that the epoch read last
+        is :attr:`known` (``changed``: it just changed). A request still being sent is
+        decided when its round trip returns (:meth:`retired` then); one of unknown epoch
+        goes with any change, as it might have been in the old Redis."""
+        if tag == SENDING:
+            return False
+        if tag is None:
+            return changed
+        return self.known is not None and tag != self.known
 
 
 def _text(value: Any) -> str:

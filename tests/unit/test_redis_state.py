@@ -4,7 +4,7 @@ is in its stream."""
 from __future__ import annotations
 
 from queueing.base import ReplyCursor
-from queueing.redis_state import EpochWatch, eviction_problem
+from queueing.redis_state import SENDING, EpochWatch, eviction_problem
 
 
 def test_only_noeviction_is_safe() -> None:
@@ -22,6 +22,21 @@ def test_epoch_change_means_the_data_was_lost() -> None:
     assert not watch.lost(None)  # could not read it: decides nothing
     assert watch.lost("b")  # a new dataset
     assert not watch.lost("b")
+
+
+def test_only_requests_queued_in_the_old_dataset_are_gone() -> None:
+    watch = EpochWatch()
+    watch.lost("a")
+    assert not any(watch.gone(tag, changed=False) for tag in ("a", None, SENDING))
+    changed = watch.lost("b")
+    assert watch.retired == {"a"}
+    assert watch.gone("a", changed)  # queued in the Redis that is gone
+    assert not watch.gone("b", changed)  # queued in the new one before the reader looked
+    assert watch.gone(None, changed)  # unknown (a cluster): might have been in the old one
+    assert not watch.gone(SENDING, changed)  # decided when its round trip returns
+    # A reconnect that finds the same dataset loses nothing of unknown epoch.
+    assert not watch.lost("b") and not watch.gone(None, changed=False)
+    assert watch.gone("a", changed=False)  # but an old request found late is still gone
 
 
 def test_reply_cursor_trims_only_what_it_has_read() -> None:
