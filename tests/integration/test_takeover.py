@@ -34,6 +34,18 @@ def _batches(log: Path) -> list[set[float]]:
     return [{row[0] for row in json.loads(line)} for line in log.read_text().splitlines()]
 
 
+def _read(url: str, name: str, shards: int) -> int:
+    """How many of ``name``'s requests workers have read and not yet acked."""
+    conn = redis.Redis.from_url(url)
+    try:
+        return sum(
+            int(conn.xpending(keys.stream(shard), keys.GROUP)["pending"])
+            for shard in keys.shard_names(name, shards)
+        )
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_only_the_batch_that_killed_its_worker_runs_alone(
     shards: int,
@@ -60,9 +72,12 @@ def test_only_the_batch_that_killed_its_worker_runs_alone(
         wait_until(lambda: len(log.read_text().splitlines()) > warm_up, timeout=30,
                    what="the slow batch to start")  # fmt: skip
         # Read while the slow batch runs: the first four make the next (fatal) batch, the
-        # others wait in the worker's hands.
+        # others wait in the worker's hands. Each four read before the next are sent: with
+        # three shards, the reader might otherwise find the second four first.
         first = client.submit_many(name, [_row(MARKER), _row(1), _row(2), _row(3)])
+        wait_until(lambda: _read(url, name, shards) == 5, timeout=30, what="the first four read")
         waiting = client.submit_many(name, [_row(v) for v in (4, 5, 6, 7)])
+        wait_until(lambda: _read(url, name, shards) == 9, timeout=30, what="the others read")
         client.wait(slow, timeout=30)
         with pytest.raises(DeadLettered):
             client.wait(first[0], timeout=120)
