@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     python = ensure_venv(Path(args.venv))
     threads = args.intra_op_threads or cpu_count()
-    pairs: list[tuple[Figures, Figures]] = []
+    comparisons: list[Comparison] = []
     with tempfile.TemporaryDirectory(prefix="tfpool-peer-") as models, RedisServer() as server:
         for model in args.model:
             scenario = sized(SCENARIOS[SCENARIO_OF[model]], args.seconds)
@@ -72,13 +72,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch = args.peer_batch_size or scenario.max_batch_size
             peer = PeerWorker(python, path, server, batch=batch, scenario=scenario, threads=threads)
             with peer:
-                pairs.append(compare(scenario, peer, server, args.runs, threads, models))
+                comparisons.append(compare(scenario, peer, server, args.runs, threads, models))
     print()
-    print(render(pairs))
+    print(render(comparisons))
     if args.json:
-        Path(args.json).write_text(to_json(pairs))
+        Path(args.json).write_text(to_json(comparisons))
         print(f"wrote {args.json}")
     return 0
+
+
+@dataclass
+class Comparison:
+    """One model's figures: each side's median run, and tfpool's req/s over
+    service-streamer's in each pair of runs (the two runs of a pair saw the same load)."""
+
+    ours: Figures
+    theirs: Figures
+    per_run: list[float | None]
 
 
 def compare(
@@ -88,13 +98,14 @@ def compare(
     runs: int,
     threads: int,
     models: str,
-) -> tuple[Figures, Figures]:
+) -> Comparison:
     """``runs`` pairs of runs, tfpool's then service-streamer's, so that both sides see
     the same background load; each side's median run (by rows/s). Each tfpool run is a
     ``tfpool bench`` run of the scenario: the bare model measured afresh, a pool started,
     measured and drained, while service-streamer's worker is paused."""
-    ours, theirs = [], []
+    ours, theirs, per_run = [], [], []
     for i in range(runs):
+        log(f"[{scenario.model}] pair {i + 1} of {runs}: tfpool, then {PEER}")
         with peer.paused():
             (f,) = bench.run([scenario.name], redis_url=server.url, runs=1,
                              intra_op_threads=threads, model_dir=models,
@@ -107,7 +118,8 @@ def compare(
         )
         ours.append(f)
         theirs.append(g)
-    return median(ours), median(theirs)
+        per_run.append(ratio(f, g))
+    return Comparison(median(ours), median(theirs), per_run)
 
 
 def median(runs: Sequence[Figures]) -> Figures:
@@ -335,15 +347,16 @@ def figures_of(
     return figures
 
 
-def render(pairs: Sequence[tuple[Figures, Figures]]) -> str:
-    """``tfpool bench``'s table of both sides, and one line per model: tfpool over
-    service-streamer."""
-    table = bench.render([f for pair in pairs for f in pair])
+def render(comparisons: Sequence[Comparison]) -> str:
+    """``tfpool bench``'s table of both sides' median runs, and one line per model: tfpool
+    over service-streamer, of the medians and per pair of runs."""
+    table = bench.render([f for c in comparisons for f in (c.ours, c.theirs)])
     lines = [
-        f"{ours.model}: tfpool / {PEER} = {_times(ratio(ours, theirs))} req/s"
-        f" ({ours.requests_per_s:,.0f} / {theirs.requests_per_s:,.0f});"
-        f" of bare: tfpool {ours.ratio:.3f}, {PEER} {theirs.ratio:.3f}"
-        for ours, theirs in pairs
+        f"{c.ours.model}: tfpool / {PEER} = {_times(ratio(c.ours, c.theirs))} req/s"
+        f" ({c.ours.requests_per_s:,.0f} / {c.theirs.requests_per_s:,.0f}; per pair of runs"
+        f" {', '.join(_times(r) for r in c.per_run)}); of bare: tfpool {c.ours.ratio:.3f},"
+        f" {PEER} {c.theirs.ratio:.3f}"
+        for c in comparisons
     ]
     return "\n".join([table, "", *lines])
 
@@ -357,16 +370,17 @@ def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def to_json(pairs: Sequence[tuple[Figures, Figures]]) -> str:
+def to_json(comparisons: Sequence[Comparison]) -> str:
     return json.dumps(
         [
             {
-                "model": ours.model,
-                "tfpool": asdict(ours),
-                PEER: asdict(theirs),
-                "tfpool_over_peer": ratio(ours, theirs),
+                "model": c.ours.model,
+                "tfpool": asdict(c.ours),
+                PEER: asdict(c.theirs),
+                "tfpool_over_peer": ratio(c.ours, c.theirs),
+                "tfpool_over_peer_per_run": c.per_run,
             }
-            for ours, theirs in pairs
+            for c in comparisons
         ],
         indent=2,
     )

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from scripts.peer_bench import PEER, figures_of, median, parse_args, render, to_json
+from scripts.peer_bench import (
+    PEER,
+    Comparison,
+    figures_of,
+    median,
+    parse_args,
+    render,
+    to_json,
+)
 from workers.bench import Figures
 
 
@@ -80,11 +88,12 @@ def test_the_table_gives_tfpool_over_service_streamer_per_model() -> None:
         batches=(8000, 125),
         bare=bare(),
     )
-    table = render([(ours(40_000.0), theirs)])
+    table = render([Comparison(ours(40_000.0), theirs, [19.0, 20.0, None])])
 
     assert f"{PEER} mlp-threads-64" in table.splitlines()[2]
     assert (
-        f"mlp: tfpool / {PEER} = 20.00x req/s (40,000 / 2,000); of bare: tfpool 0.400, {PEER} 0.020"
+        f"mlp: tfpool / {PEER} = 20.00x req/s (40,000 / 2,000; per pair of runs 19.00x,"
+        f" 20.00x, -); of bare: tfpool 0.400, {PEER} 0.020"
     ) in table
 
 
@@ -98,13 +107,15 @@ def test_a_peer_that_answered_nothing_has_no_ratio_in_the_table_or_the_json() ->
         batches=(0, 0),
         bare=bare(),
     )
-    assert f"tfpool / {PEER} = - req/s" in render([(ours(1000.0), theirs)])
+    comparison = Comparison(ours(1000.0), theirs, [None])
+    assert f"tfpool / {PEER} = - req/s" in render([comparison])
 
     def strict(constant: str) -> None:
         raise AssertionError(f"not JSON: {constant}")
 
-    (entry,) = json.loads(to_json([(ours(1000.0), theirs)]), parse_constant=strict)
+    (entry,) = json.loads(to_json([comparison]), parse_constant=strict)
     assert entry["tfpool_over_peer"] is None
+    assert entry["tfpool_over_peer_per_run"] == [None]
     assert entry["tfpool"]["requests_per_s"] == 1000.0
 
 
