@@ -3,7 +3,7 @@ one run, on the same model and the same Redis, next to the bare model.
 
     python scripts/peer_bench.py                       # mlp and mobilenet, 4 s windows
     python scripts/peer_bench.py --runs 3 --seconds 8 --json peer.json
-    python scripts/peer_bench.py --model mlp --venv /tmp/peer-venv
+    python scripts/peer_bench.py --model mlp --venv /tmp/peer-venv --peer-batch-size 64
 
 Needs PyPI: service-streamer 0.1.2 is not a tfpool dependency, so the script installs it
 in a virtualenv of its own (``--venv``, default ~/.cache/tfpool-peer/venv; made with
@@ -11,15 +11,16 @@ in a virtualenv of its own (``--venv``, default ~/.cache/tfpool-peer/venv; made 
 and runs service-streamer's side with that virtualenv's python
 (``scripts/peer_streamer.py``). A virtualenv that already has it is reused.
 
-For each model, in one private redis-server: the bare model (``workers.bench``: a tight
-``model(batch)`` loop placed as the worker is), then tfpool's ``tfpool bench`` scenario of
-that call (``mlp-threads-64``: 64 threads in one producer process each calling
-``Client.predict`` on one 64-float row; ``mobilenet-threads-16``: 16 threads, one float32
-224x224x3 image each), then service-streamer with the same producer (one process, the
-same threads, each calling ``RedisStreamer.predict([x])``) against its own worker
-(``run_redis_workers_forever``). Both sides: one worker process with the same
+For each model, in one private redis-server, ``--runs`` pairs of runs: the bare model
+(``workers.bench``: a tight ``model(batch)`` loop placed as the worker is) and tfpool's
+``tfpool bench`` scenario of that call (``mlp-threads-64``: 64 threads in one producer
+process each calling ``Client.predict`` on one 64-float row; ``mobilenet-threads-16``: 16
+threads, one float32 224x224x3 image each), then service-streamer with the same producer
+(one process, the same threads, each calling ``RedisStreamer.predict([x])``) against its
+own worker (``run_redis_workers_forever``). Both sides: one worker process with the same
 TensorFlow threads, the same model function, the scenario's batch size and latency
-budget (service-streamer's ``batch_size`` and ``max_latency``), the same windows.
+budget (service-streamer's ``batch_size`` and ``max_latency``), the same windows. Each
+side's median run is shown, and tfpool's req/s over service-streamer's per pair of runs.
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=list(SCENARIO_OF),
         help="model to compare (repeatable; default: mlp and mobilenet)",
     )
-    parser.add_argument("--runs", type=int, default=1, help="runs per side (median shown)")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="pairs of runs (each side's median shown)"
+    )
     parser.add_argument(
         "--seconds",
         type=float,
@@ -175,9 +178,9 @@ def ensure_venv(path: Path) -> str:
         return str(python)
     log(f"making {path}: service-streamer=={VERSION} from PyPI")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], check=True)
-    subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", f"service-streamer=={VERSION}"], check=True
-    )
+    pip = [python, "-m", "pip", "install", "--quiet", f"service-streamer=={VERSION}"]
+    if subprocess.run(pip).returncode != 0:
+        raise SystemExit(f"could not install service-streamer=={VERSION} from PyPI into {path}")
     return str(python)
 
 
