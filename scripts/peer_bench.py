@@ -178,7 +178,7 @@ def ensure_venv(path: Path) -> str:
         return str(python)
     log(f"making {path}: service-streamer=={VERSION} from PyPI")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], check=True)
-    pip = [python, "-m", "pip", "install", "--quiet", f"service-streamer=={VERSION}"]
+    pip = [str(python), "-m", "pip", "install", "--quiet", f"service-streamer=={VERSION}"]
     if subprocess.run(pip).returncode != 0:
         raise SystemExit(f"could not install service-streamer=={VERSION} from PyPI into {path}")
     return str(python)
