@@ -126,6 +126,17 @@ SCENARIOS: dict[str, Scenario] = {
             warmup_s=4.0,
             duration_s=12.0,
         ),
+        # What a threaded service writes for images; scripts/peer_bench.py makes the same
+        # calls to service-streamer.
+        Scenario(
+            name="mobilenet-threads-16",
+            model="mobilenet",
+            call="threads",
+            concurrency=16,
+            max_batch_size=8,
+            warmup_s=4.0,
+            duration_s=12.0,
+        ),
     )
 }
 
