@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
 
-from queueing import connection, keys, liveness
+from queueing import connection, liveness, model_info
 from queueing.client import Client, RequestFuture
 from queueing.datasets.arrays import (
     ArrayOutput,
@@ -60,10 +60,10 @@ LOG_EVERY_S = 5.0
 
 
 def single_output_name(conn: redis.Redis, model: str) -> str:
-    """The name of ``model``'s one output as its workers registered it (the member of a
-    ``.npz`` it is written to); ``output`` when unknown."""
-    names = conn.hget(keys.model_info(model), "outputs")
-    listed = [n.strip() for n in names.decode().split(",")] if isinstance(names, bytes) else []
+    """The name of ``model``'s one output (of the version it names) as its workers
+    registered it (the member of a ``.npz`` it is written to); ``output`` when unknown."""
+    names = model_info.read_field(conn, model, "outputs")
+    listed = [n.strip() for n in names.split(",")] if names else []
     return listed[0] if len(listed) == 1 and listed[0] else "output"
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from queueing import connection, keys
+from queueing import connection, model_info
 from queueing.client import Client, RequestFuture
 from queueing.datasets.base import Sink, Source, rechunk
 from queueing.datasets.columns import (
@@ -357,16 +357,15 @@ def _load(sidecar: str, fingerprint: dict[str, Any]) -> _State:
 
 
 def _model_inputs(client: Client, model: str) -> list[InputSpec] | None:
-    """The model's inputs as its pool describes them in Redis (names, dtypes): how columns
-    are matched and cast. None before any pool has served the model."""
+    """The inputs of the version ``model`` names, as its pool describes them in Redis
+    (names, dtypes): how columns are matched and cast. None before any pool has served
+    the model."""
     conn = connection.connect(client.redis_url, socket_timeout=10)
     try:
-        text = conn.hget(keys.model_info(model), "inputs")
+        text = model_info.read_field(conn, model, "inputs")
     finally:
         conn.close()
-    if not text:
-        return None
-    return parse_model_inputs(text.decode() if isinstance(text, bytes) else str(text))
+    return parse_model_inputs(text) if text else None
 
 
 def _flat_memory_pool() -> None:
