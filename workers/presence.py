@@ -169,6 +169,9 @@ class Presence:
                     self.register()
             except connection.REDIS_ERRORS as e:
                 log.warning("heartbeat: %s", e)
+            except Exception:  # a bug here must not end the thread: the worker would
+                # serve on while it looks dead, and its claims would lapse
+                log.exception("heartbeat failed; trying again")
 
     def heartbeat(self, state: str) -> None:
         """Publish our state and counts, with a TTL of three heartbeats."""
