@@ -236,6 +236,8 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
                                 default=None, help=help_text)  # fmt: skip
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=option, type=kind, help=help_text)
+        elif kind == int | str:  # workers: a number or "auto", checked by PoolConfig
+            parser.add_argument(flag, dest=option, help=help_text)
         elif typing.get_origin(kind) is dict:
             parser.add_argument(flag, dest=option, help=help_text + "; a JSON object")
         else:  # lists: comma- or space-separated
