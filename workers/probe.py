@@ -214,16 +214,20 @@ class _Group:
     def _wait(self, children: Sequence[int], stage: str, give_up: float) -> None:
         """Collect reports until each of ``children`` has reached ``stage``; a failure
         report, a process that exits without one, or the deadline raise ProbeError."""
+        dead: set[int] = set()  # found exited without a report, after a wait for one
         while not all(self.reports.get(n, ("",))[0] == stage for n in children):
             try:
                 number, kind, payload = self.out.get(timeout=0.2)
             except queue.Empty:
                 for n in children:
                     process = self.children[n][1]
-                    if self.reports.get(n, ("",))[0] != stage and process.exitcode is not None:
+                    if self.reports.get(n, ("",))[0] == stage or process.exitcode is None:
+                        continue
+                    if n in dead:  # a second empty wait: its report is not on its way
                         raise ProbeError(
                             f"a measuring process exited with code {process.exitcode}"
                         ) from None
+                    dead.add(n)
                 if time.monotonic() > give_up:
                     raise ProbeError("measuring the layouts took too long") from None
                 if self.stop is not None and self.stop.is_set():

@@ -1,10 +1,12 @@
 """The supervisor: start one worker process per slot, keep them running, stop them well.
 
 It never imports TensorFlow (placement is decided before any worker starts, and a worker
-sets ``CUDA_VISIBLE_DEVICES`` before its own import). The loop, in the manner of rq's:
-reap exited workers, restart the ones that crashed (with backoff), recycle the ones whose
-memory passed the limit, and on SIGTERM/SIGINT drain: every worker stops reading,
-finishes and answers the batches in hand, acks and exits. A second signal stops at once.
+sets ``CUDA_VISIBLE_DEVICES`` before its own import; with ``workers = "auto"`` on the CPU,
+the layout is measured first, in processes of its own: :mod:`workers.probe`). The loop,
+in the manner of rq's: reap exited workers, restart the ones that crashed (with backoff),
+recycle the ones whose memory passed the limit, and on SIGTERM/SIGINT drain: every worker
+stops reading, finishes and answers the batches in hand, acks and exits. A second signal
+stops at once.
 """
 
 from __future__ import annotations
