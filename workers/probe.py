@@ -31,7 +31,7 @@ import numpy as np
 
 from workers.batcher import default_buckets
 from workers.config import AUTO, PoolConfig
-from workers.errors import WorkerError
+from workers.errors import WorkerError, first_line
 from workers.layouts import (
     LayoutFigures,
     WorkerLayout,
@@ -290,8 +290,6 @@ def _measure(
         rng = np.random.default_rng(number)
         batches = {rows: _batch(model, rows, rng) for rows in buckets}
     except Exception as e:
-        from workers.model import first_line
-
         out.put((number, "failed", f"{type(e).__name__}: {first_line(e)}"))
         return
     out.put((number, "loaded", None))
