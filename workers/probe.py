@@ -5,7 +5,9 @@ Each process sets its device, memory and thread settings as a worker does, loads
 model as a worker does (preload modules, signature, checkpoint...), warms every bucket,
 then runs tight ``model(batch)`` loops. The processes of one layout run at once (each
 bucket started together, behind a barrier), since that is how its workers would share
-the cores; one layout at a time, so that layouts do not share them.
+the cores; one layout at a time, so that layouts do not share them, in turns (1x2, 2x1,
+1x2, 2x1): each layout's best turn counts, so that a moment of other work on the machine
+slows one turn of one layout, not the choice.
 
 Loading (mostly importing TensorFlow) costs more than measuring, so the processes of
 several layouts load together, as many as the machine has cores (at least 3: both
@@ -44,11 +46,15 @@ log = logging.getLogger(__name__)
 
 _SPAWN = multiprocessing.get_context("spawn")
 
-#: Seconds of measuring per layout at start, shared by its batch sizes (each gets at least
-#: a few calls, so a slow model takes longer).
+#: Seconds of measuring per layout at start, shared by its batch sizes and turns (each
+#: gets at least ``MIN_CALLS`` calls, so a slow model takes longer).
 PROBE_SECONDS = 1.0
-#: Timed calls per batch size, at least.
-MIN_CALLS = 3
+#: Turns each layout takes, alternating with the other layouts; its figure at a batch size
+#: is its best turn's. Something else running on the machine (or waking from the wait)
+#: only ever slows a turn down, so that a brief disturbance does not decide the choice.
+TURNS = 2
+#: Timed calls per batch size and turn, at least (a call that long is a fair sample).
+MIN_CALLS = 1
 #: One-row calls timed for the one-row figure (when asked for).
 ONE_ROW_CALLS = 200
 #: Longest the whole measurement may take before it is given up.
@@ -120,8 +126,9 @@ def measure_layouts(
     timeout: float = TIMEOUT_S,
     stop: threading.Event | None = None,
 ) -> list[LayoutFigures]:
-    """Each layout's bare rows/s at every bucket (``seconds`` of calls each, at least
-    ``MIN_CALLS``), and with ``one_row`` the median one-row call. The buckets are those
+    """Each layout's bare rows/s at every bucket (``seconds`` of calls each, spread over
+    ``TURNS`` turns, at least ``MIN_CALLS`` a turn; the best turn counts), and with
+    ``one_row`` the median one-row call (in the last turn). The buckets are those
     the model allows: its signature's fixed batch, or 1 with batching off. Raises
     ProbeError naming what failed (the model's own load error, first line), or when
     ``stop`` is set."""
@@ -130,13 +137,20 @@ def measure_layouts(
     give_up = time.monotonic() + timeout
     figures: list[LayoutFigures] = []
     for group in _groups(layouts, max(3, cores)):
-        with _Group(config, group, list(buckets), inter, seconds, one_row, stop) as running:
+        with _Group(config, group, list(buckets), inter, seconds / TURNS, one_row, stop) as running:
             started = time.monotonic()
             running.wait_loaded(give_up)
             log.debug("layouts %s loaded the model in %.1fs",
                       ", ".join(map(str, group)), time.monotonic() - started)  # fmt: skip
-            for index in range(len(group)):
-                figures.append(running.measure(index, give_up))
+            best: list[dict[int, float]] = [{} for _ in group]
+            one_row_ms = [0.0 for _ in group]
+            for turn in range(TURNS):
+                for index in range(len(group)):
+                    rows_per_s, one_row_ms[index] = running.measure(index, turn, give_up)
+                    for rows, rate in rows_per_s.items():
+                        best[index][rows] = max(rate, best[index].get(rows, 0.0))
+            figures += [LayoutFigures(layout, best[i], one_row_ms[i])
+                        for i, layout in enumerate(group)]  # fmt: skip
     return figures
 
 
@@ -170,7 +184,8 @@ class _Group:
         self.layouts = layouts
         self.stop = stop
         self.out: Any = _SPAWN.Queue()
-        self.go = [_SPAWN.Event() for _ in layouts]
+        #: Each layout's start signal for each turn.
+        self.go = [[_SPAWN.Event() for _ in range(TURNS)] for _ in layouts]
         # Held here until the processes are done: a child rebuilds each from its name when
         # it starts, and Process.start() drops its own reference to its arguments.
         self.barriers = [_SPAWN.Barrier(layout.processes) for layout in layouts]
@@ -182,6 +197,7 @@ class _Group:
                         self.barriers[index], self.out, len(self.children), me)  # fmt: skip
                 child = _SPAWN.Process(target=_measure, args=args, name="tfpool-probe", daemon=True)
                 self.children.append((index, child))
+        #: Each process's last report: its stage ("loaded", "turn N") and figures.
         self.reports: dict[int, tuple[str, Any]] = {}
 
     def __enter__(self) -> _Group:
@@ -200,16 +216,16 @@ class _Group:
         """Until every process has loaded and warmed the model."""
         self._wait(range(len(self.children)), "loaded", give_up)
 
-    def measure(self, index: int, give_up: float) -> LayoutFigures:
-        """Run layout ``index``'s processes at once; their figures, summed."""
+    def measure(self, index: int, turn: int, give_up: float) -> tuple[dict[int, float], float]:
+        """Layout ``index``'s ``turn``: its processes run at once. Their rows/s by batch
+        size, summed, and their median one-row call time (0 if not measured)."""
         mine = [n for n, (i, _) in enumerate(self.children) if i == index]
-        self.go[index].set()
-        self._wait(mine, "measured", give_up)
+        self.go[index][turn].set()
+        self._wait(mine, f"turn {turn}", give_up)
         results = [self.reports[n][1] for n in mine]
         rows_per_s = {rows: sum(r["rows_per_s"][rows] for r in results)
                       for rows in results[0]["rows_per_s"]}  # fmt: skip
-        one_row_ms = statistics.median(r["one_row_ms"] for r in results)
-        return LayoutFigures(self.layouts[index], rows_per_s, one_row_ms)
+        return rows_per_s, statistics.median(r["one_row_ms"] for r in results)
 
     def _wait(self, children: Sequence[int], stage: str, give_up: float) -> None:
         """Collect reports until each of ``children`` has reached ``stage``; a failure
@@ -244,14 +260,14 @@ def _measure(
     buckets: list[int],
     seconds: float,
     one_row: bool,
-    go: Any,
+    turns: list[Any],
     barrier: Any,
     out: Any,
     number: int,
     parent: int,
 ) -> None:
-    """One measuring process: placed and loaded as a worker, then the bare loop. It
-    leaves on its own if its parent dies before its turn."""
+    """One measuring process: placed and loaded as a worker, then the bare loop at each of
+    its ``turns`` (an event each). It leaves on its own if its parent dies meanwhile."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a worker: the supervisor decides
     # As in workers.process.worker_main: before TensorFlow is imported.
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
@@ -293,28 +309,30 @@ def _measure(
         out.put((number, "failed", f"{type(e).__name__}: {first_line(e)}"))
         return
     out.put((number, "loaded", None))
-    while not go.wait(1.0):
-        if os.getppid() != parent:
-            return
-    per_bucket = {}
-    for rows in buckets:
-        barrier.wait(TIMEOUT_S)  # the layout's processes measure the same size together
-        calls, started = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds or calls < MIN_CALLS:
-            model(batches[rows])
-            calls += 1
-        per_bucket[rows] = calls * rows / elapsed
-    one_row_ms = 0.0
-    if one_row:
-        barrier.wait(TIMEOUT_S)
-        one = _batch(model, 1, rng)
-        times = []
-        for _ in range(ONE_ROW_CALLS):
-            started = time.perf_counter()
-            model(one)
-            times.append(time.perf_counter() - started)
-        one_row_ms = statistics.median(times) * 1000
-    out.put((number, "measured", {"rows_per_s": per_bucket, "one_row_ms": one_row_ms}))
+    for turn, go in enumerate(turns):
+        while not go.wait(1.0):
+            if os.getppid() != parent:
+                return
+        per_bucket = {}
+        for rows in buckets:
+            barrier.wait(TIMEOUT_S)  # the layout's processes measure the same size together
+            calls, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds or calls < MIN_CALLS:
+                model(batches[rows])
+                calls += 1
+            per_bucket[rows] = calls * rows / elapsed
+        one_row_ms = 0.0
+        if one_row and turn == len(turns) - 1:
+            barrier.wait(TIMEOUT_S)
+            one = _batch(model, 1, rng)
+            times = []
+            for _ in range(ONE_ROW_CALLS):
+                started = time.perf_counter()
+                model(one)
+                times.append(time.perf_counter() - started)
+            one_row_ms = statistics.median(times) * 1000
+        figures = {"rows_per_s": per_bucket, "one_row_ms": one_row_ms}
+        out.put((number, f"turn {turn}", figures))
 
 
 def _batch(model: Any, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
