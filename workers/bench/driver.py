@@ -42,8 +42,9 @@ def run(
     the cores divided among them).
     ``metrics``: the workers record metrics (the default, as in production); off
     measures what recording costs. ``seconds``: measure each scenario that long instead
-    of its own duration (and warm up, and measure each bare batch size, at most that
-    long): a quick look, not figures. ``shards``: of each pool's queue."""
+    of its own duration (and warm up at most that long, and measure each bare batch size
+    in each layout a quarter of it, at most 1.5 s): a quick look, not figures.
+    ``shards``: of each pool's queue."""
     by_model: dict[str, list[Scenario]] = {}
     for name in with_baselines(names):
         scenario = SCENARIOS[name]
@@ -56,7 +57,8 @@ def run(
         for model, scenarios in by_model.items():
             path = build_model(model, model_dir or tmp)
             max_batch = max(s.max_batch_size for s in scenarios)
-            bare = _measure_bare(model, path, max_batch, min(seconds or 1.5, 1.5), log)
+            bare_s = 1.5 if seconds is None else min(seconds / 4, 1.5)
+            bare = _measure_bare(model, path, max_batch, bare_s, log)
             layout = _pool_layout(workers, intra_op_threads, bare.layout)
             log(f"[{model}] pool: {layout}")
             for scenario in scenarios:
