@@ -108,7 +108,7 @@ def compare(
     for i in range(runs):
         log(f"[{scenario.model}] pair {i + 1} of {runs}: tfpool, then {PEER}")
         with peer.paused():
-            (f,) = bench.run([scenario.name], redis_url=server.url, runs=1,
+            (f,) = bench.run([scenario.name], redis_url=server.url, runs=1, workers=1,
                              intra_op_threads=threads, model_dir=models,
                              seconds=scenario.duration_s, log=log)  # fmt: skip
         g = peer.measure(scenario, f)
@@ -331,6 +331,8 @@ def figures_of(
     count = len(latencies)
     figures = Figures(scenario=name, model=model, load="closed", requests=count,
                       errors=result["errors"])  # fmt: skip
+    figures.layout = bare.layout  # one worker with the same threads on each side
+    figures.bare_layout = bare.bare_layout
     figures.bare_rows_per_s = bare.bare_rows_per_s
     figures.bare_best_batch = bare.bare_best_batch
     figures.bare_one_row_ms = bare.bare_one_row_ms

@@ -33,11 +33,13 @@ import redis
 from queueing import Client, keys
 from queueing.score import Progress, score
 from workers.batcher import default_buckets
-from workers.bench import build_model, measure_bare, process_cpu, redis_cpu
+from workers.bench import build_model, process_cpu, redis_cpu
 from workers.cli import redis_url_or_embedded
 from workers.config import PoolConfig
+from workers.layouts import WorkerLayout
 from workers.memory import keep_large_buffers
 from workers.placement import Slot, cpu_count
+from workers.probe import measure_layouts
 from workers.supervisor import Supervisor
 
 
@@ -68,7 +70,8 @@ def main() -> int:
         name = "mobilenet" if args.images else "mlp"
         path = build_model(name, tmp)
         buckets = default_buckets(args.max_batch_size)
-        bare = measure_bare(path, [slot], buckets, seconds=1.5 if args.images == 0 else 4.0)
+        (bare,) = measure_layouts(PoolConfig(model=path), [WorkerLayout(1, args.threads)],
+                                  buckets, seconds=1.5 if args.images == 0 else 4.0)  # fmt: skip
         if args.images:
             source = str(Path(tmp) / "photos")
             _write_jpegs(source, args.images)
@@ -127,8 +130,8 @@ def main() -> int:
         ray_rate = _ray_data(path, source, tmp, args) if args.parquet else None
     rate = summary.scored / summary.seconds
     print(f"scored {summary.scored:,} rows in {summary.seconds:.1f}s: {rate:,.0f} rows/s")
-    print(f"bare model best: {bare['rows_per_s']:,.0f} rows/s at batch {bare['best_batch']}")
-    print(f"scoring / bare: {rate / bare['rows_per_s']:.3f}")
+    print(f"bare model best: {bare.best_rows_per_s:,.0f} rows/s at batch {bare.best_batch}")
+    print(f"scoring / bare: {rate / bare.best_rows_per_s:.3f}")
     if args.parquet:
         if ray_rate is None:
             print("Ray Data: not installed (pip install 'ray[data]' to compare)")
@@ -138,7 +141,7 @@ def main() -> int:
     # model's own cost is its threads' time at its best rate.
     per_k = 1e6 / summary.scored  # seconds -> ms per 1,000 rows
     worker, server, producer = (a - b for a, b in zip(after, before, strict=True))
-    model_ms = args.threads / bare["rows_per_s"] * 1e6
+    model_ms = args.threads / bare.best_rows_per_s * 1e6
     print(
         f"CPU ms per 1,000 rows: worker {worker * per_k:.3f} (bare model {model_ms:.3f}),"
         f" redis-server {server * per_k:.3f}, scoring client {producer * per_k:.3f};"

@@ -13,10 +13,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from workers.errors import ModelLoadError
+from workers.errors import ModelLoadError, first_line
 from workers.model import (
     LoadedModel,
-    first_line,
     keras_model,
     name_outputs,
     output_specs,

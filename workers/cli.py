@@ -184,7 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--seconds", type=float, help="measure each scenario this long (default: its own)"
     )
-    bench.add_argument("--workers", type=int, default=1, help="worker processes")
+    bench.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        help="worker processes: auto (the best layout of the bare model, measured in the"
+        " run, as a pool chooses at start) or a number (default: auto)",
+    )
     bench.add_argument(
         "--shards", type=int, default=1, help="streams each model's queue is split into"
     )
@@ -192,7 +198,8 @@ def _parser() -> argparse.ArgumentParser:
         "--intra-op-threads",
         type=int,
         default=0,
-        help="TensorFlow intra-op threads per worker (default: cores / workers)",
+        help="TensorFlow intra-op threads per worker (default: the best layout's with auto,"
+        " else cores / workers)",
     )
     bench.add_argument(
         "--no-metrics",
@@ -236,6 +243,8 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
                                 default=None, help=help_text)  # fmt: skip
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=option, type=kind, help=help_text)
+        elif kind == int | str:  # workers: a number or "auto", checked by PoolConfig
+            parser.add_argument(flag, dest=option, help=help_text)
         elif typing.get_origin(kind) is dict:
             parser.add_argument(flag, dest=option, help=help_text + "; a JSON object")
         else:  # lists: comma- or space-separated
@@ -307,6 +316,19 @@ def _bench_scenarios() -> list[str]:
     from workers.bench import SCENARIOS
 
     return list(SCENARIOS)
+
+
+def _workers(value: str) -> int | str:
+    """``--workers`` of bench: "auto" or a number >= 1."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"auto or a number >= 1, not {value!r}")
+    return number
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -25,6 +25,10 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "TFPOOL_"
 
+#: ``workers = "auto"``: on GPUs one worker per GPU; on the CPU the layout (processes x
+#: intra-op threads) measured fastest at start (see :mod:`workers.probe`).
+AUTO = "auto"
+
 #: Options that name files: relative paths in a config file are taken from its folder.
 PATH_OPTIONS = ("model", "model_repo", "labels_file")
 
@@ -84,8 +88,10 @@ class PoolConfig:
     #: The Redis URL names any node of a Redis Cluster: use redis-py's cluster client (as a
     #: ``redis+cluster://`` URL does). See the README's "Scaling past one Redis".
     cluster: bool = False
-    #: Worker processes. 0: one per GPU (times ``workers_per_device``), else the CPU default.
-    workers: int = 0
+    #: Worker processes: "auto" (one per GPU times ``workers_per_device``; without GPUs, the
+    #: layout of processes x intra-op threads measured fastest at start), or a number (0:
+    #: one per GPU, else one per 4 cores, without measuring).
+    workers: int | str = AUTO
     #: GPU ids to use (e.g. ``["0", "1"]``). Empty: detected with nvidia-smi; none -> CPU.
     devices: list[str] = field(default_factory=list)
     #: Workers per GPU.
@@ -195,8 +201,9 @@ class PoolConfig:
         for option in positive:
             if getattr(self, option) < 1:
                 raise ConfigError(f"{option} must be >= 1, got {getattr(self, option)}")
+        if self.workers != AUTO and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ConfigError(f"workers must be 'auto' or a number >= 0, got {self.workers!r}")
         non_negative = (
-            "workers",
             "max_queue",
             "intra_op_threads",
             "inter_op_threads",
@@ -226,6 +233,11 @@ class PoolConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self._check_processing()
+
+    @property
+    def fixed_workers(self) -> int:
+        """``workers`` as a number: 0 for "auto" and for 0 (placement decides)."""
+        return self.workers if isinstance(self.workers, int) else 0
 
     def _check_versions(self) -> None:
         from workers.repository import VersionPolicy, parse_labels
@@ -374,6 +386,10 @@ def coerce(option: str, value: Any) -> Any:
             return bool(value)
         if kind is str and isinstance(value, list):  # version_policy = [3, 4]
             return "specific:" + ",".join(str(v) for v in value)
+        if kind == int | str:  # workers: a number, or a word ("auto") checked when built
+            if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+                return value.strip().lower()
+            kind = int
         if kind in (int, float, str):
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value} is not a whole number")

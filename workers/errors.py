@@ -21,3 +21,11 @@ class RedisServerError(WorkerError):
 
 class RedisSettingsError(WorkerError):
     """Redis is set up in a way that would lose requests (an evicting maxmemory-policy)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (TensorFlow's run to pages)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()[:400]
+    return type(error).__name__

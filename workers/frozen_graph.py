@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
-from workers.errors import ModelLoadError
-from workers.model import LoadedModel, first_line, output_specs, spec_of
+from workers.errors import ModelLoadError, first_line
+from workers.model import LoadedModel, output_specs, spec_of
 
 
 def load_frozen_graph(

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from queueing import wire
-from workers.errors import ModelLoadError
+from workers.errors import ModelLoadError, first_line
 from workers.rows import check_output_rows
 from workers.spec import TensorSpec
 
@@ -334,14 +334,6 @@ def _subclassed_inputs(model: Any, source: str) -> list[TensorSpec]:
 def _wire_dtype(dtype: Any) -> str:
     as_tf = tf.as_dtype(dtype)
     return wire.BYTES if as_tf == tf.string else as_tf.name
-
-
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (TensorFlow's run to pages)."""
-    for line in str(error).splitlines():
-        if line.strip():
-            return line.strip()[:400]
-    return type(error).__name__
 
 
 def gpu_memory_in_use() -> float:

@@ -35,7 +35,9 @@ OPTION_HELP: dict[str, str] = {
     "redis_url": "Redis URL: redis://, rediss:// or unix:// (also TFPOOL_REDIS_URL)",
     "cluster": "the Redis URL names a node of a Redis Cluster (also TFPOOL_CLUSTER, or a"
     " redis+cluster:// URL)",
-    "workers": "worker processes",
+    "workers": "worker processes: auto (one per GPU; on the CPU the layout of processes x"
+    " intra-op threads measured fastest at start) or a number (0: one per GPU, else one per 4"
+    " cores, not measured)",
     "devices": "GPU ids to use, e.g. 0,1",
     "workers_per_device": "worker processes per GPU",
     "max_batch_size": "most rows in a batch",
@@ -83,7 +85,6 @@ _EMPTY_DEFAULTS = {
     "name": "the model's file name",
     "models": "the top level's settings",
     "redis_url": "a private redis-server",
-    "workers": "one per GPU, else one per 4 cores",
     "devices": "detected with nvidia-smi",
     "buckets": "1, 2, 4, ... up to max_batch_size",
     "intra_op_threads": "the cores divided among CPU workers",

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from workers.config import PoolConfig
+from workers.config import AUTO, PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,21 @@ def plan(
 ) -> list[Slot]:
     """The workers to start. ``gpus``: the devices (default: ``config.devices``, else
     detected). With GPUs, ``workers_per_device`` per GPU unless ``workers`` says how many in
-    all (spread over the GPUs in turn)."""
+    all (spread over the GPUs in turn). On the CPU, ``workers`` of them, else one per 4
+    cores; with ``workers = "auto"`` that is the default that measuring the layouts at
+    start (:mod:`workers.probe`) replaces, unless ``intra_op_threads`` is set: then as
+    many workers with that many threads as fill the cores."""
     cores = cores or cpu_count()
     devices = list(config.devices) if config.devices else (detect_gpus() if gpus is None else gpus)
     if devices:
-        total = config.workers or len(devices) * config.workers_per_device
+        total = config.fixed_workers or len(devices) * config.workers_per_device
         intra = config.intra_op_threads or max(1, cores // total)
         inter = config.inter_op_threads  # 0: TensorFlow's default, which suits GPUs
         return [Slot(i, devices[i % len(devices)], intra, inter) for i in range(total)]
-    total = config.workers or default_cpu_workers(cores)
+    if config.workers == AUTO and config.intra_op_threads:  # the cores, in such workers
+        total = max(1, cores // config.intra_op_threads)
+    else:
+        total = config.fixed_workers or default_cpu_workers(cores)
     intra = config.intra_op_threads or max(1, cores // total)
     inter = config.inter_op_threads or 1
     return [Slot(i, None, intra, inter) for i in range(total)]

@@ -1,10 +1,12 @@
 """The supervisor: start one worker process per slot, keep them running, stop them well.
 
 It never imports TensorFlow (placement is decided before any worker starts, and a worker
-sets ``CUDA_VISIBLE_DEVICES`` before its own import). The loop, in the manner of rq's:
-reap exited workers, restart the ones that crashed (with backoff), recycle the ones whose
-memory passed the limit, and on SIGTERM/SIGINT drain: every worker stops reading,
-finishes and answers the batches in hand, acks and exits. A second signal stops at once.
+sets ``CUDA_VISIBLE_DEVICES`` before its own import; with ``workers = "auto"`` on the CPU,
+the layout is measured first, in processes of its own: :mod:`workers.probe`). The loop,
+in the manner of rq's: reap exited workers, restart the ones that crashed (with backoff),
+recycle the ones whose memory passed the limit, and on SIGTERM/SIGINT drain: every worker
+stops reading, finishes and answers the batches in hand, acks and exits. A second signal
+stops at once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from workers.handles import (
     new_flag,
 )
 from workers.metrics import Layout
-from workers.placement import Slot, describe_slots, plan
+from workers.placement import Slot, cpu_count, describe_slots, plan
+from workers.probe import ProbeError, choose, why_not_measure
 from workers.process import worker_main
 from workers.redis_checks import check_redis, check_redis_url, wait_for_redis
 from workers.repository import model_names
@@ -71,21 +74,16 @@ class Supervisor:
         self._clock = clock
         self._announced = False
         self.slots = slots if slots is not None else plan(config)
+        #: None: ``start`` measures the layouts (``workers = "auto"`` on the CPU) and takes
+        #: the fastest. Else why not, for the log ("" when there is no question: slots, a
+        #: number of workers, or GPUs).
+        self._not_measured = (
+            "" if slots is not None else why_not_measure(config, self.slots, cpu_count())
+        )
         self.layout = Layout.for_config(config)
         #: A repository pool's models (as found now) and the layout of each one's counters.
         self.model_layouts = model_layouts(config)
-        self.handles = [
-            WorkerHandle(
-                slot,
-                SPAWN.RawArray("d", self.layout.size),
-                model_metrics={
-                    name: SPAWN.RawArray("d", layout.size)
-                    for name, layout in self.model_layouts.items()
-                },
-                running=RunningBatch(SPAWN, max_requests=config.max_batch_size),
-            )
-            for slot in self.slots
-        ]
+        self.handles = self._new_handles()
         #: What happened to workers, in order: (kind, slot, pid); kind is "crash" (an exit
         #: code other than 0), "recycle" (drained and exited 0 at the memory watchdog's
         #: request) or "exit" (exited 0 unasked).
@@ -98,16 +96,54 @@ class Supervisor:
 
     def start(self) -> None:
         """Check Redis's settings, start the metrics endpoint if the config asks for one,
-        then spawn every worker (they load and warm up in parallel). Raises
-        RedisSettingsError on a Redis that would lose requests, ConfigError when the
-        endpoint cannot listen."""
+        measure the layout (``workers = "auto"`` on the CPU), then spawn every worker (they
+        load and warm up in parallel). Raises RedisSettingsError on a Redis that would lose
+        requests, ConfigError when the endpoint cannot listen."""
         self.check_redis()
         if self.config.metrics_port >= 0 and self.metrics_server is None:
             self.serve_metrics()
+        if self._not_measured is None:
+            self.measure_layout()
+        elif self._not_measured:
+            log.info("workers = auto: %s", self._not_measured)
+        self._not_measured = ""  # once
+        if self._draining.is_set():  # a signal while measuring: nothing to start
+            return
         what = f"models of {self.config.model_repo}" if self.config.model_repo else "model"
         log.info("%s %s: %s", what, self.config.name, describe_slots(self.slots))
         for handle in self.handles:
             self._spawn(handle)
+
+    def measure_layout(self) -> None:
+        """Measure the layouts of this machine on the model and take the fastest (see
+        :mod:`workers.probe`). If they cannot be measured, say why and keep the default:
+        the workers then meet the same failure and report it as they always do."""
+        try:
+            choice = choose(self.config, stop=self._draining)
+        except ProbeError as e:
+            if self._draining.is_set():
+                return
+            log.warning(
+                "workers = auto: could not measure the layouts (%s); starting the default"
+                " layout, %s", e, describe_slots(self.slots),
+            )  # fmt: skip
+            return
+        self.slots = choice.layout.slots(self.config.inter_op_threads or 1)
+        self.handles = self._new_handles()  # nothing runs in the default's handles yet
+
+    def _new_handles(self) -> list[WorkerHandle]:
+        return [
+            WorkerHandle(
+                slot,
+                SPAWN.RawArray("d", self.layout.size),
+                model_metrics={
+                    name: SPAWN.RawArray("d", layout.size)
+                    for name, layout in self.model_layouts.items()
+                },
+                running=RunningBatch(SPAWN, max_requests=self.config.max_batch_size),
+            )
+            for slot in self.slots
+        ]
 
     def serve_metrics(self, port: int | None = None) -> int:
         """Start the HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) on ``port``

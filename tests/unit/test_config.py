@@ -26,7 +26,7 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
     assert config.buckets == [1, 8, 24]
     assert config.max_latency_ms == 7.5
     assert config.devices == ["0", "1"]
-    assert config.workers == 0
+    assert config.workers == "auto"
 
 
 def test_every_option_is_documented_in_the_example_config() -> None:
@@ -47,7 +47,9 @@ def test_example_config_loads() -> None:
         ({}, "model is required"),
         ({"model": "m.keras", "max_batch_size": 0}, "max_batch_size must be >= 1"),
         ({"model": "m.keras", "max_latency_ms": -1}, "max_latency_ms must be >= 0"),
-        ({"model": "m.keras", "workers": "two"}, "not a valid int"),
+        ({"model": "m.keras", "workers": "two"}, "workers must be 'auto' or a number"),
+        ({"model": "m.keras", "workers": -1}, "workers must be 'auto' or a number"),
+        ({"model": "m.keras", "workers": 1.5}, "not a valid"),
         ({"model": "m.keras", "bogus": 1}, r"unknown options: \['bogus'\]"),
         ({"model": "m.keras", "buckets": [1, 2]}, "must be >= 1 and reach"),
         ({"model": "m.keras", "name": "a:b"}, "may not contain"),
@@ -68,6 +70,35 @@ def test_cpu_placement_divides_the_cores() -> None:
     three = PoolConfig(model="m.keras", workers=3)
     assert [s.intra_op_threads for s in plan(three, gpus=[], cores=8)] == [2, 2, 2]
     assert default_cpu_workers(1) == 1
+
+
+def test_workers_auto_or_a_number_from_toml_the_environment_and_the_command_line(
+    tmp_path: Path,
+) -> None:
+    from workers.cli import _parser
+
+    toml = tmp_path / "pool.toml"
+    toml.write_text('model = "m.keras"\nworkers = "auto"\n')
+    assert PoolConfig.load(config_file=str(toml), env={}).workers == "auto"
+    toml.write_text('model = "m.keras"\nworkers = 3\n')
+    assert PoolConfig.load(config_file=str(toml), env={}).workers == 3
+    assert (
+        PoolConfig.load(env={"TFPOOL_WORKERS": "AUTO"}, overrides={"model": "m"}).workers == "auto"
+    )
+    assert PoolConfig.load(env={"TFPOOL_WORKERS": "2"}, overrides={"model": "m"}).workers == 2
+    for given, expected in (("auto", "auto"), ("4", 4)):
+        args = _parser().parse_args(["serve", "--model", "m.keras", "--workers", given])
+        assert (
+            PoolConfig.load(env={}, overrides={"model": "m", "workers": args.workers}).workers
+            == expected
+        )
+
+
+def test_workers_auto_with_intra_op_threads_fills_the_cores_with_such_workers() -> None:
+    config = PoolConfig(model="m.keras", intra_op_threads=2)
+    assert plan(config, gpus=[], cores=8) == [Slot(i, None, 2, 1) for i in range(4)]
+    fixed = PoolConfig(model="m.keras", intra_op_threads=2, workers=0)  # as before auto
+    assert plan(fixed, gpus=[], cores=8) == [Slot(i, None, 2, 1) for i in range(2)]
 
 
 def test_gpu_placement_one_worker_per_device_or_more() -> None:

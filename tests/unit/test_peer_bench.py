@@ -25,6 +25,8 @@ def bare(rows_per_s: float = 100_000.0) -> Figures:
         scenario="mlp-threads-64",
         model="mlp",
         load="closed",
+        layout="1x2",
+        bare_layout="2x1",
         bare_rows_per_s=rows_per_s,
         bare_best_batch=128,
         bare_one_row_ms=0.2,
@@ -63,6 +65,7 @@ def test_a_producers_result_becomes_the_figures_tfpool_bench_prints() -> None:
     assert f.cpu_us_per_request == pytest.approx(3500)
     assert f.ratio == 0.5  # of the bare model's rows/s, measured in the same run
     assert (f.bare_rows_per_s, f.bare_best_batch) == (500.0, 128)
+    assert (f.layout, f.bare_layout) == ("1x2", "2x1")  # tfpool's, and the best bare one
 
 
 def test_no_answers_in_the_window_is_a_row_of_zeros_not_an_error() -> None:

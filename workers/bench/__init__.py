@@ -14,18 +14,18 @@ reports its rows/s as a fraction of the baseline's.
 
 Figures: requests/s and rows/s, latency percentiles, mean batch size (from the workers'
 counters), CPU time per request summed over every process involved (producers, workers,
-redis-server, the gateway), and the bare model's best rows/s (a tight ``model(batch)``
-loop in a process with the worker's thread settings, on an otherwise idle machine) with
-the ratio.
+redis-server, the gateway), and the bare model's best rows/s with the ratio: tight
+``model(batch)`` loops in fresh processes placed as workers are, in every candidate layout
+of processes x intra-op threads of the machine (the layouts ``workers = "auto"`` tries), on
+an otherwise idle machine; the best layout is the one compared with, named in the table.
 
-Read in this order: :mod:`.driver` (the whole run: per model, build it, measure it bare,
-start a pool, run its scenarios), :mod:`.models` (the models, by name), :mod:`.bare` (the
-bare model's figures), :mod:`.scenarios` (one scenario's measurement and figures),
+Read in this order: :mod:`.driver` (the whole run: per model, build it, measure it bare
+with :mod:`workers.probe`, start a pool, run its scenarios), :mod:`.models` (the models, by
+name), :mod:`.scenarios` (one scenario's measurement and figures),
 :mod:`.producers` (the producer processes' loops), :mod:`.gateway` (the gateway process
 and the gRPC producers' loop).
 """
 
-from workers.bench.bare import measure_bare
 from workers.bench.driver import render, run, to_json
 from workers.bench.models import MODELS, build_model
 from workers.bench.scenarios import SCENARIOS, Figures, Scenario, process_cpu, redis_cpu
@@ -36,7 +36,6 @@ __all__ = [
     "Figures",
     "Scenario",
     "build_model",
-    "measure_bare",
     "process_cpu",
     "redis_cpu",
     "render",

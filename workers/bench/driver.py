@@ -1,4 +1,5 @@
-"""The whole benchmark run: for each model, build it, measure it bare, then for each of its
+"""The whole benchmark run: for each model, build it, measure it bare in every candidate
+layout of the machine (as ``workers = "auto"`` does at start), then for each of its
 scenarios start a pool and measure ``runs`` runs; keep the median run. And the table."""
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
 from workers.batcher import default_buckets
-from workers.bench.bare import measure_bare
 from workers.bench.gateway import GatewayProcess
 from workers.bench.models import build_model
 from workers.bench.scenarios import SCENARIOS, Figures, Scenario, run_scenario
-from workers.config import PoolConfig
-from workers.placement import Slot, cpu_count
+from workers.config import AUTO, PoolConfig
+from workers.layouts import LayoutFigures, WorkerLayout, candidate_layouts, choose_layout
+from workers.placement import cpu_count
+from workers.probe import measure_layouts
 from workers.supervisor import Supervisor
 
 
@@ -23,7 +25,7 @@ def run(
     *,
     redis_url: str,
     runs: int = 1,
-    workers: int = 1,
+    workers: int | str = AUTO,
     intra_op_threads: int = 0,
     model_dir: str | None = None,
     metrics: bool = True,
@@ -33,13 +35,16 @@ def run(
 ) -> list[Figures]:
     """Run the named scenarios ``runs`` times each; return the median run of each (by
     rows/s, and by p50 for the lone-request scenario). A scenario compared with a
-    baseline (the gateway's with the direct client's) brings its baseline along.
+    baseline (the gateway's with the direct client's) brings its baseline along. Every
+    scenario is compared with the model's best bare layout among the machine's candidates
+    (measured in this run); ``workers = "auto"`` serves with that layout (as a pool would
+    choose it at start), a number with that many workers of ``intra_op_threads`` (default:
+    the cores divided among them).
     ``metrics``: the workers record metrics (the default, as in production); off
     measures what recording costs. ``seconds``: measure each scenario that long instead
-    of its own duration (and warm up, and measure each bare batch size, at most that
-    long): a quick look, not figures. ``shards``: of each pool's queue."""
-    threads = intra_op_threads or max(1, cpu_count() // workers)
-    slots = [Slot(i, None, threads, 1) for i in range(workers)]
+    of its own duration (and warm up at most that long, and measure each bare batch size
+    in each layout a quarter of it, at most 1.5 s): a quick look, not figures.
+    ``shards``: of each pool's queue."""
     by_model: dict[str, list[Scenario]] = {}
     for name in with_baselines(names):
         scenario = SCENARIOS[name]
@@ -52,12 +57,15 @@ def run(
         for model, scenarios in by_model.items():
             path = build_model(model, model_dir or tmp)
             max_batch = max(s.max_batch_size for s in scenarios)
-            bare = _measure_bare(model, path, slots, max_batch, min(seconds or 1.5, 1.5), log)
+            bare_s = 1.5 if seconds is None else min(seconds / 4, 1.5)
+            bare = _measure_bare(model, path, max_batch, bare_s, log)
+            layout = _pool_layout(workers, intra_op_threads, bare.layout)
+            log(f"[{model}] pool: {layout}")
             for scenario in scenarios:
                 figures = _median_of_runs(
                     scenario,
                     path,
-                    slots,
+                    layout,
                     bare,
                     medians,
                     redis_url=redis_url,
@@ -87,30 +95,38 @@ def with_baselines(names: Sequence[str]) -> list[str]:
 
 
 def _measure_bare(
-    model: str,
-    path: str,
-    slots: list[Slot],
-    max_batch: int,
-    seconds: float,
-    log: Callable[[str], None],
-) -> dict[str, float]:
-    log(
-        f"[{model}] measuring the bare model ({len(slots)} process(es),"
-        f" {slots[0].intra_op_threads} intra-op threads each)"
+    model: str, path: str, max_batch: int, seconds: float, log: Callable[[str], None]
+) -> LayoutFigures:
+    """The bare model in every candidate layout of this machine; the best one."""
+    layouts = candidate_layouts(cpu_count())
+    log(f"[{model}] measuring the bare model in layouts {', '.join(map(str, layouts))}")
+    measured = measure_layouts(
+        PoolConfig(model=path), layouts, default_buckets(max_batch), seconds=seconds, one_row=True
     )
-    bare = measure_bare(path, slots, default_buckets(max_batch), seconds=seconds)
-    log(
-        f"[{model}] bare: {bare['rows_per_s']:,.0f} rows/s at batch {bare['best_batch']},"
-        f" one row {bare['one_row_ms']:.3f} ms"
-    )
-    return bare
+    for figures in measured:
+        log(f"[{model}] bare {figures.describe()}; one row {figures.one_row_ms:.3f} ms")
+    best, why = choose_layout(measured)
+    log(f"[{model}] best bare layout {best.layout}: {why}")
+    return best
+
+
+def _pool_layout(workers: int | str, intra_op_threads: int, best: WorkerLayout) -> WorkerLayout:
+    """The pool's layout: the best bare one for "auto" (unless ``intra_op_threads`` says the
+    threads), else ``workers`` processes sharing the cores."""
+    cores = cpu_count()
+    if workers == AUTO:
+        if not intra_op_threads:
+            return best
+        return WorkerLayout(max(1, cores // intra_op_threads), intra_op_threads)
+    processes = int(workers)
+    return WorkerLayout(processes, intra_op_threads or max(1, cores // processes))
 
 
 def _median_of_runs(
     scenario: Scenario,
     path: str,
-    slots: list[Slot],
-    bare: dict[str, float],
+    layout: WorkerLayout,
+    bare: LayoutFigures,
     earlier: list[Figures],
     *,
     redis_url: str,
@@ -138,7 +154,7 @@ def _median_of_runs(
          if f.model == scenario.model and f.load == "closed" and f.scenario.endswith("closed")),
         default=0.0,
     )  # fmt: skip
-    supervisor = Supervisor(config, slots=slots)
+    supervisor = Supervisor(config, slots=layout.slots())
     supervisor.start()
     gateway = None
     try:
@@ -150,6 +166,7 @@ def _median_of_runs(
         for i in range(runs):
             f = run_scenario(scenario, redis_url=redis_url, supervisor=supervisor, bare=bare,
                              saturated_rate=saturated, gateway=gateway)  # fmt: skip
+            f.layout = str(layout)
             log(
                 f"[{scenario.name}] run {i + 1}: {f.requests_per_s:,.0f} req/s,"
                 f" p50 {f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms,"
@@ -178,6 +195,7 @@ def render(figures: Sequence[Figures]) -> str:
     """The table ``tfpool bench`` prints."""
     header = (
         "scenario",
+        "layout",
         "req/s",
         "rows/s",
         "p50 ms",
@@ -187,11 +205,13 @@ def render(figures: Sequence[Figures]) -> str:
         "batch",
         "CPU us/req",
         "bare rows/s",
+        "bare layout",
         "pool/bare",
     )
     rows = [
         (
             f.scenario,
+            f.layout,
             f"{f.requests_per_s:,.0f}",
             f"{f.rows_per_s:,.0f}",
             f"{f.p50_ms:.2f}",
@@ -201,6 +221,7 @@ def render(figures: Sequence[Figures]) -> str:
             f"{f.mean_batch:.1f}",
             f"{f.cpu_us_per_request:.0f}",
             f"{f.bare_rows_per_s:,.0f}",
+            f"{f.bare_layout} b{f.bare_best_batch}",
             f"{f.ratio:.3f}",
         )
         for f in figures

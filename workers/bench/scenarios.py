@@ -17,6 +17,7 @@ from queueing import connection
 from workers.bench.gateway import GatewayProcess
 from workers.bench.models import MODELS
 from workers.bench.producers import ProducerJob, run_producer
+from workers.layouts import LayoutFigures
 from workers.supervisor import Supervisor
 
 _SPAWN = multiprocessing.get_context("spawn")
@@ -73,6 +74,11 @@ class Figures:
     mean_batch: float = 0.0
     cpu_us_per_request: float = 0.0
     cpu_split_us: dict[str, float] = field(default_factory=dict)
+    #: The pool's layout (processes x intra-op threads).
+    layout: str = ""
+    #: The bare model's best layout among the machine's candidates, measured in this run,
+    #: its rows/s at its best batch size, and its one-row call time.
+    bare_layout: str = ""
     bare_rows_per_s: float = 0.0
     bare_best_batch: int = 0
     bare_one_row_ms: float = 0.0
@@ -146,7 +152,7 @@ def run_scenario(
     *,
     redis_url: str,
     supervisor: Supervisor,
-    bare: dict[str, float],
+    bare: LayoutFigures,
     saturated_rate: float = 0.0,
     gateway: GatewayProcess | None = None,
 ) -> Figures:
@@ -226,10 +232,11 @@ def run_scenario(
     if gateway is not None:
         figures.cpu_split_us["gateway"] = 1e6 * (after[3] - before[3]) / count
     figures.cpu_us_per_request = sum(figures.cpu_split_us.values())
-    figures.bare_rows_per_s = bare["rows_per_s"]
-    figures.bare_best_batch = int(bare["best_batch"])
-    figures.bare_one_row_ms = bare["one_row_ms"]
-    figures.ratio = figures.rows_per_s / bare["rows_per_s"]
+    figures.bare_layout = str(bare.layout)
+    figures.bare_rows_per_s = bare.best_rows_per_s
+    figures.bare_best_batch = bare.best_batch
+    figures.bare_one_row_ms = bare.one_row_ms
+    figures.ratio = figures.rows_per_s / bare.best_rows_per_s
     return figures
 
 
