@@ -35,6 +35,7 @@ class Enqueuer:
         self.reply_key = reply_key
         self._shards = enqueue.ShardTable()
         self._with_epoch = not connection.clustered(conn)
+        self._numkeys = len(enqueue.script_keys("", self._with_epoch))  # any model: 2 or 3
 
     def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> Queued:
         """Queue ``bodies`` (request ``ids``) on ``model``'s queue: their entry ids, 0 for
@@ -94,7 +95,7 @@ class Enqueuer:
         tries = enqueue.ScriptTries(script)
         while True:
             pipe, replicas = connection.durable_pipeline(self._redis, calls[0][0])
-            fill_scripts(pipe, sha, calls, replicas, tries.body)
+            fill_scripts(pipe, sha, calls, self._numkeys, replicas, tries.body)
             try:
                 return replies_of(pipe.execute(), replicas)
             except redis.ResponseError as e:
@@ -112,6 +113,7 @@ class AsyncEnqueuer:
         self.reply_key = reply_key
         self._shards = enqueue.ShardTable()
         self._with_epoch = not connection.clustered(conn)
+        self._numkeys = len(enqueue.script_keys("", self._with_epoch))  # any model: 2 or 3
 
     async def enqueue(self, model: str, ids: Sequence[str], bodies: Sequence[bytes]) -> Queued:
         """As :meth:`Enqueuer.enqueue`."""
@@ -161,7 +163,7 @@ class AsyncEnqueuer:
         tries = enqueue.ScriptTries(script)
         while True:
             pipe, replicas = self._nodes.pipeline(self._redis, calls[0][0])
-            fill_scripts(pipe, sha, calls, replicas, tries.body)
+            fill_scripts(pipe, sha, calls, self._numkeys, replicas, tries.body)
             try:
                 return replies_of(await pipe.execute(), replicas)
             except redis.ResponseError as e:
@@ -170,15 +172,19 @@ class AsyncEnqueuer:
 
 
 def fill_scripts(
-    pipe: Any, sha: str, calls: list[list[Any]], replicas: int, body: str | None = None
+    pipe: Any,
+    sha: str,
+    calls: list[list[Any]],
+    numkeys: int,
+    replicas: int,
+    body: str | None = None,
 ) -> None:
-    """EVALSHA of a script once per call (``[*keys, *args]``; the keys: every argument
-    that names one, see :func:`queueing.enqueue.script_keys`). EVALSHA
-    directly: redis-py's pipelined scripts ask SCRIPT EXISTS first, a second round trip
-    each time. ``body``: the script's text, to EVAL instead (Redis lacked it). ``replicas``:
-    on a cluster, a WAIT at the end for that many replicas (see :func:`replies_of`)."""
+    """EVALSHA of a script once per call (``[*keys, *args]``, its first ``numkeys`` the
+    keys: :func:`queueing.enqueue.script_keys`). EVALSHA directly: redis-py's pipelined
+    scripts ask SCRIPT EXISTS first, a second round trip each time. ``body``: the script's
+    text, to EVAL instead (Redis lacked it). ``replicas``: on a cluster, a WAIT at the end
+    for that many replicas (see :func:`replies_of`)."""
     for call in calls:
-        numkeys = 3 if call[2] == keys.EPOCH else 2
         if body is None:
             pipe.evalsha(sha, numkeys, *call)
         else:

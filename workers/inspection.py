@@ -20,19 +20,12 @@ EXAMPLE_FREE = 8
 
 def inspect_model(config: PoolConfig) -> str:
     """The report, as ``tfpool inspect`` prints it."""
-    from workers.model import load_model
+    from workers.model import load_configured
     from workers.process import preload
     from workers.rows import RowsNotIndependent, check_independent
 
     preload(config.preload)
-    model = load_model(
-        config.model,
-        signature=config.signature,
-        checkpoint=config.checkpoint,
-        input_signature=config.input_signature,
-        graph_inputs=config.graph_inputs,
-        graph_outputs=config.graph_outputs,
-    )
+    model = load_configured(config)
     limit = model.batch_limit
     buckets = [limit] if limit else default_buckets(config.max_batch_size)
     try:

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +24,9 @@ from queueing import wire
 from workers.errors import ModelLoadError, first_line
 from workers.rows import check_output_rows
 from workers.spec import TensorSpec
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,19 @@ def configure_tensorflow(
 
 #: ``package.module:callable``: a builder, not a path.
 BUILDER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def load_configured(config: PoolConfig) -> LoadedModel:
+    """:func:`load_model` of ``config.model`` with the config's loading options: what a
+    worker, ``tfpool inspect`` and the layout measuring all load."""
+    return load_model(
+        config.model,
+        signature=config.signature,
+        checkpoint=config.checkpoint,
+        input_signature=config.input_signature,
+        graph_inputs=config.graph_inputs,
+        graph_outputs=config.graph_outputs,
+    )
 
 
 def load_model(

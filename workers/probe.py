@@ -288,16 +288,9 @@ def _measure(
                 intra_op_threads=slot.intra_op_threads or None,
                 inter_op_threads=slot.inter_op_threads or None,
             )
-        from workers.model import load_model
+        from workers.model import load_configured
 
-        model = load_model(
-            config.model,
-            signature=config.signature,
-            checkpoint=config.checkpoint,
-            input_signature=config.input_signature,
-            graph_inputs=config.graph_inputs,
-            graph_outputs=config.graph_outputs,
-        )
+        model = load_configured(config)
         if model.batch_limit is not None:  # as workers.runner.batcher_for
             buckets = [model.batch_limit]
         elif config.batching == "off":

@@ -86,18 +86,11 @@ def load(
     the batch or batching is off); warm it up on every bucket and check that its rows are
     independent; set up its pre- and post-processing. ``on_warming``: called once loaded,
     as warming up starts."""
-    from workers.model import load_model
+    from workers.model import load_configured
     from workers.rows import check_independent
 
     started = time.monotonic()
-    model = load_model(
-        config.model,
-        signature=config.signature,
-        checkpoint=config.checkpoint,
-        input_signature=config.input_signature,
-        graph_inputs=config.graph_inputs,
-        graph_outputs=config.graph_outputs,
-    )
+    model = load_configured(config)
     batcher = batcher_for(config, model.batch_limit, batcher)
     if on_warming is not None:
         on_warming()
