@@ -38,6 +38,7 @@ from queueing.errors import RequestError
 from queueing.frames import frames_in_order
 from queueing.outbox import Outgoing
 from queueing.senders import SenderThread
+from queueing.waiter import CallWaiter
 from queueing.wire import Outputs, Sendable
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,11 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         self.queued_in: str | None = redis_state.SENDING
 
 
-class Client(ClientBase[RequestFuture]):
+#: What the client waits on: a ``submit()``'s future, or a ``predict()`` call's waiter.
+Waitable = RequestFuture | CallWaiter
+
+
+class Client(ClientBase[Waitable]):
     """A producer's connection to the pool.
 
     ``Client(redis_url, *, result_ttl_s=3600, socket_timeout_s=10.0, cluster=None)``
@@ -117,8 +122,9 @@ class Client(ClientBase[RequestFuture]):
         it fails with :class:`DeadlineExceeded` and is never run. ``timeout``: how long to
         wait here before :class:`RequestTimeout`.
         """
-        future = self.submit(model, inputs, deadline=deadline)
-        return self.wait(future, timeout=timeout)
+        waiter = CallWaiter(self._new_id(), model)
+        self._hand_over(model, inputs, waiter, deadline=deadline, keep=False, keep_ttl_s=None)
+        return self.wait(waiter, timeout=timeout)
 
     def submit(
         self,
@@ -145,8 +151,25 @@ class Client(ClientBase[RequestFuture]):
         model's requests are accepted, ``submit()`` returns without waiting, and a later
         refusal fails the future instead (``future.result()`` raises it).
         """
-        self._check_usable()
         future = RequestFuture(self._new_id(), model)
+        self._hand_over(model, inputs, future, deadline=deadline, keep=keep,
+                        keep_ttl_s=keep_ttl_s)  # fmt: skip
+        return future
+
+    def _hand_over(
+        self,
+        model: str,
+        inputs: Sendable,
+        future: Waitable,
+        *,
+        deadline: float | None,
+        keep: bool,
+        keep_ttl_s: int | None,
+    ) -> None:
+        """``submit()``'s work, for a future or a ``predict()`` call's waiter: encode, hand
+        to the sender, and wait for the send when the model is not flowing (raising its
+        refusal here)."""
+        self._check_usable()
         item = self._outgoing(
             model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
         )
@@ -159,10 +182,10 @@ class Client(ClientBase[RequestFuture]):
             raise RuntimeError("client is closed")
         if not flowing:
             sent.wait()  # the sender always sets it, or close() does
-            if future.done() and not future.cancelled() and future.exception() is not None:
+            error = future.exception() if future.done() and not future.cancelled() else None
+            if error is not None:
                 self._forget(future.request_id)
-                raise future.exception()  # type: ignore[misc]
-        return future
+                raise error
 
     def submit_many(
         self,
@@ -243,7 +266,7 @@ class Client(ClientBase[RequestFuture]):
             raise self._unavailable(e) from e
         return None if data is None else wire.decode_result(cast(bytes, data)).version
 
-    def wait(self, future: RequestFuture, *, timeout: float = 30.0) -> Outputs:
+    def wait(self, future: Waitable, *, timeout: float = 30.0) -> Outputs:
         """The outputs of ``future``, or its error; :class:`RequestTimeout` after ``timeout``
         seconds (the request is then forgotten: a late result is dropped)."""
         try:
@@ -292,13 +315,13 @@ class Client(ClientBase[RequestFuture]):
             raise RuntimeError("a Client cannot be used across fork; create one per process")
 
     def _enqueue_all(
-        self, model: str, futures: Sequence[RequestFuture], bodies: Sequence[bytes]
+        self, model: str, futures: Sequence[Waitable], bodies: Sequence[bytes]
     ) -> None:
         with self._typed_errors(model):
             queued = self._enqueuer.enqueue(model, [f.request_id for f in futures], bodies)
         self._settle(model, futures, queued)
 
-    def _send(self, items: list[Outgoing[RequestFuture]]) -> None:
+    def _send(self, items: list[Outgoing[Waitable]]) -> None:
         """The sender thread's work: one round trip per model for ``items``."""
         for model, futures, bodies in self._live_groups(items):
             try:

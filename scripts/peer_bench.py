@@ -361,6 +361,12 @@ def render(comparisons: Sequence[Comparison]) -> str:
         f" ({c.ours.requests_per_s:,.0f} / {c.theirs.requests_per_s:,.0f}; per pair of runs"
         f" {', '.join(_times(r) for r in c.per_run)}); of bare: tfpool {c.ours.ratio:.3f},"
         f" {PEER} {c.theirs.ratio:.3f}"
+        + (
+            f"; the calls alone (no Redis, no model) reach {c.ours.floor_requests_per_s:,.0f}"
+            f" req/s: {_times(c.ours.floor_requests_per_s / c.theirs.requests_per_s)} {PEER}"
+            if c.ours.floor_requests_per_s and c.theirs.requests_per_s
+            else ""
+        )
         for c in comparisons
     ]
     return "\n".join([table, "", *lines])

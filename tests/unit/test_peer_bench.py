@@ -98,6 +98,23 @@ def test_the_table_gives_tfpool_over_service_streamer_per_model() -> None:
         f"mlp: tfpool / {PEER} = 20.00x req/s (40,000 / 2,000; per pair of runs 19.00x,"
         f" 20.00x, -); of bare: tfpool 0.400, {PEER} 0.020"
     ) in table
+    assert "calls alone" not in table  # no floor measured
+
+
+def test_the_table_gives_the_floor_of_the_calls_against_service_streamer() -> None:
+    theirs = figures_of(
+        f"{PEER} mlp-threads-64",
+        "mlp",
+        {"latencies": [0.03] * 8000, "errors": 0, "cpu": 1.0},
+        window=4.0,
+        cpu={},
+        batches=(8000, 125),
+        bare=bare(),
+    )
+    mine = ours(10_000.0)
+    mine.floor_requests_per_s = 30_000.0
+    table = render([Comparison(mine, theirs, [5.0])])
+    assert f"the calls alone (no Redis, no model) reach 30,000 req/s: 15.00x {PEER}" in table
 
 
 def test_a_peer_that_answered_nothing_has_no_ratio_in_the_table_or_the_json() -> None:

@@ -9,9 +9,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
+import numpy as np
+
 from workers.batcher import default_buckets
+from workers.bench import floor
 from workers.bench.gateway import GatewayProcess
-from workers.bench.models import build_model
+from workers.bench.models import MODELS, build_model
 from workers.bench.scenarios import SCENARIOS, Figures, Scenario, run_scenario
 from workers.config import AUTO, PoolConfig
 from workers.layouts import LayoutFigures, WorkerLayout, candidate_layouts, choose_layout
@@ -79,7 +82,41 @@ def run(
     for f in medians:
         if f.baseline and by_name[f.baseline].rows_per_s:
             f.vs_baseline = f.rows_per_s / by_name[f.baseline].rows_per_s
+    _add_floors(medians, 2.0 if seconds is None else min(seconds, 2.0), log)
     return medians
+
+
+def _add_floors(medians: list[Figures], seconds: float, log: Callable[[str], None]) -> None:
+    """Each closed-loop client scenario's floor (:mod:`.floor`: its calls alone, no Redis,
+    no model), and for the calls users write, their rate and ceiling as a fraction of the
+    model's ``submit_many`` scenario (``<model>-closed``) in this run."""
+    floors: dict[tuple[str, int, str], floor.Floor] = {}
+    for f in medians:
+        scenario = SCENARIOS[f.scenario]
+        if scenario.via != "client" or scenario.load != "closed":
+            continue
+        key = (scenario.call, scenario.concurrency, scenario.model)
+        if key not in floors:
+            row = np.zeros(MODELS[scenario.model].shape, np.float32)
+            floors[key] = floor.measure_in_process(*key[:2], seconds, row)
+            log(f"[{f.scenario}] calls alone: {floors[key].requests_per_s:,.0f} req/s,"
+                f" {floors[key].cpu_us_per_request:.1f} us CPU/req")  # fmt: skip
+        f.floor_requests_per_s = floors[key].requests_per_s
+        f.floor_cpu_us = floors[key].cpu_us_per_request
+    by_name = {f.scenario: f for f in medians}
+    for f in medians:
+        many = by_name.get(f"{f.model}-closed")
+        call = SCENARIOS[f.scenario].call
+        if many is None or many is f or call == "many" or not f.floor_cpu_us:
+            continue
+        many_key = ("many", SCENARIOS[many.scenario].concurrency, f.model)
+        if many.rows_per_s and many_key in floors:
+            f.of_many = f.rows_per_s / many.rows_per_s
+            f.ceiling_of_many = floor.ceiling(
+                many.cpu_us_per_request,
+                floors[many_key],
+                floors[(call, SCENARIOS[f.scenario].concurrency, f.model)],
+            )
 
 
 def with_baselines(names: Sequence[str]) -> list[str]:
@@ -240,6 +277,18 @@ def render(figures: Sequence[Figures]) -> str:
         + (f"; offered {f.rate:,.0f} req/s" if f.load == "open" else "")
         + (f"; {f.errors} errors" if f.errors else "")
         + (f"; {f.vs_baseline:.2f}x the rows/s of {f.baseline} in this run" if f.baseline else "")
+        + (
+            f"; calls alone (no Redis, no model) {f.floor_requests_per_s:,.0f} req/s at"
+            f" {f.floor_cpu_us:.1f} us CPU/req"
+            if f.floor_cpu_us
+            else ""
+        )
+        + (
+            f"; {f.of_many:.2f} of {f.model}-closed (ceiling on these cores"
+            f" {f.ceiling_of_many:.2f})"
+            if f.of_many
+            else ""
+        )
         for f in figures
     ]
     return "\n".join([*lines, "", *notes])

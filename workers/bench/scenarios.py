@@ -87,6 +87,13 @@ class Figures:
     baseline: str = ""
     #: rows/s over the baseline scenario's rows/s, in the same bench run.
     vs_baseline: float = 0.0
+    #: Its calls alone (workers.bench.floor): requests/s and CPU us per request.
+    floor_requests_per_s: float = 0.0
+    floor_cpu_us: float = 0.0
+    #: A natural call's rows/s over ``<model>-closed``'s (``submit_many``) in this run, and
+    #: the most it can reach of that on these cores (workers.bench.floor.ceiling).
+    of_many: float = 0.0
+    ceiling_of_many: float = 0.0
 
 
 SCENARIOS: dict[str, Scenario] = {
