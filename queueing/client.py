@@ -75,6 +75,10 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         self.queued_in: str | None = redis_state.SENDING
 
 
+#: The signal of a send already done (a request its caller sent itself).
+_SENT = threading.Event()
+_SENT.set()
+
 #: What the client waits on: a ``submit()``'s future, or a ``predict()`` call's waiter.
 Waitable = RequestFuture | CallWaiter
 
@@ -123,7 +127,8 @@ class Client(ClientBase[Waitable]):
         wait here before :class:`RequestTimeout`.
         """
         waiter = CallWaiter(self._new_id(), model)
-        self._hand_over(model, inputs, waiter, deadline=deadline, keep=False, keep_ttl_s=None)
+        self._hand_over(model, inputs, waiter, deadline=deadline, keep=False, keep_ttl_s=None,
+                        inline=True)  # fmt: skip
         return self.wait(waiter, timeout=timeout)
 
     def submit(
@@ -165,10 +170,13 @@ class Client(ClientBase[Waitable]):
         deadline: float | None,
         keep: bool,
         keep_ttl_s: int | None,
+        inline: bool = False,
     ) -> None:
         """``submit()``'s work, for a future or a ``predict()`` call's waiter: encode, hand
         to the sender, and wait for the send when the model is not flowing (raising its
-        refusal here)."""
+        refusal here). ``inline``: the caller waits for its answer anyway, so it sends the
+        request itself when the sender has nothing else to send (see
+        ``SenderThread.send_inline``)."""
         self._check_usable()
         item = self._outgoing(
             model, inputs, future, deadline=deadline, keep=keep, keep_ttl_s=keep_ttl_s
@@ -176,7 +184,10 @@ class Client(ClientBase[Waitable]):
         self._track([future])
         self._ensure_reader()
         flowing = model in self._flowing
-        sent = self._sender.put(item)
+        if inline and self._sender.send_inline(item):
+            sent: threading.Event | None = _SENT
+        else:
+            sent = self._sender.put(item)
         if sent is None:  # closed since _check_usable: nobody would send it
             self._forget(future.request_id)
             raise RuntimeError("client is closed")

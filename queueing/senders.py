@@ -33,6 +33,8 @@ class SenderThread(Generic[F]):
         self._outbox: Outbox[F, threading.Event] = Outbox(threading.Event)
         self._wake = threading.Condition(threading.Lock())
         self._closed = False
+        # A send is under way, on the thread or on a caller's (see send_inline).
+        self._busy = False
         self._thread: threading.Thread | None = None
 
     def __len__(self) -> int:
@@ -56,6 +58,27 @@ class SenderThread(Generic[F]):
             self._wake.notify()
             return sent
 
+    def send_inline(self, item: Outgoing[F]) -> bool:
+        """Send ``item`` on the caller's thread, if nothing waits and no send is under way
+        (a caller that blocks for its answer anyway: a lone ``predict()`` then skips the
+        hand-over to the thread); False, doing nothing, otherwise. What callers hand over
+        meanwhile waits for the thread, which starts once this send is done."""
+        with self._wake:
+            if self._closed or self._busy or self._outbox:
+                return False
+            self._busy = True
+        try:
+            self._send([item])
+        except Exception as e:  # as in the thread: a bug must not strand the caller
+            log.exception("sender: sending 1 request failed")
+            self._fail([item], e)
+        finally:
+            with self._wake:
+                self._busy = False
+                if self._outbox:
+                    self._wake.notify()
+        return True
+
     def stop(self, timeout: float) -> threading.Event | None:
         """Stop taking (after this, :meth:`put` takes nothing), wait up to ``timeout`` for a
         send under way; the Event of what was left unsent, for the caller to set once it
@@ -72,17 +95,20 @@ class SenderThread(Generic[F]):
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._outbox and not self._closed:
+                while (not self._outbox or self._busy) and not self._closed:
                     self._wake.wait()
                 if self._closed:
                     return  # stop()'s caller fails what is left
                 items, sent = self._outbox.take()
+                self._busy = True
             try:
                 self._send(items)
             except Exception as e:  # a bug here must not strand every later request
                 log.exception("sender: sending %d requests failed", len(items))
                 self._fail(items, e)
             finally:
+                with self._wake:
+                    self._busy = False
                 if sent is not None:
                     sent.set()
 
