@@ -96,6 +96,12 @@ class BatchDesk:
                 self._cond.notify_all()  # room for the reader
             return batch, expired
 
+    def quiet(self) -> bool:
+        """Nothing held, and the reader's last read found the queue empty: no batch will
+        be due before the reader brings more."""
+        with self._cond:
+            return not self.batcher and self.batcher.queue_empty
+
     def is_empty(self) -> bool:
         with self._cond:
             return not self.batcher

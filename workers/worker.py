@@ -15,7 +15,9 @@ Four threads (more readers with ``shards``), so that the model never waits on Re
   per shard of the model's queue, each with its own stream and claims, handing over to
   the intake one at a time (``accept_lock``), as one reader would;
 * the main thread (:meth:`Worker.serve`): a due batch -> the runner -> the writer;
-* the writer: replies, then ``XACK`` + ``XDEL``, in one MULTI/EXEC per round;
+* the writer: replies, then ``XACK`` + ``XDEL``, in one MULTI/EXEC per round (when the
+  queue is dry and the writer has nothing to post, the main thread posts a batch's
+  answers itself: a lone request does not wait for the writer to wake);
 * the heartbeat: publishes the worker's state and renews its claim on what it holds, so
   that correctness depends on it (a long batch would otherwise be taken over).
 
@@ -280,6 +282,10 @@ class Worker:
             if alone:
                 # The next batch may be the request that killed the last worker: these
                 # answers must not die with it.
+                self.writer.post_now(answers)
+            elif self.desk.quiet() and self.writer.idle():
+                # Nothing else to run, nothing else to post: post on this thread rather
+                # than wake the writer's (what a lone request would wait for).
                 self.writer.post_now(answers)
             else:
                 self.writer.submit(answers)

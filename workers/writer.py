@@ -179,6 +179,11 @@ class Writer:
         with self._settled:
             return self._settled.wait_for(lambda: self._unstored == 0, timeout=timeout)
 
+    def idle(self) -> bool:
+        """Nothing submitted waits to be stored (the writer thread has nothing to do)."""
+        with self._settled:
+            return self._unstored == 0
+
     def post_now(self, answers: list[Answer]) -> None:
         """Post ``answers`` before returning, on the caller's thread: for answers that must
         not wait for the next batch (which may kill the worker, and them with it). If Redis
